@@ -1,0 +1,124 @@
+"""Device mesh, the one logical-axis rules table, and helpers that shard arrays by logical names.
+
+Parameters and activations name their dimensions logically ("batch", "embed", "heads", ...); the
+table below maps those names to the mesh axes ("data", "fsdp", "tensor"). A new parallelism layout
+is therefore a mesh-shape change, never a model change.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes. Batch splits over data and fsdp (data parallel + ZeRO-3 style weight
+# sharding), weights split over fsdp on their embed dimension and Megatron-style over tensor.
+LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "vocab": ("tensor",),
+    "length": (),
+    "head_dim": (),
+    "norm": (),
+}
+
+LogicalAxes = Sequence[str | None]
+
+
+class MeshError(ValueError):
+  """A mesh shape that does not fit the devices, with the fix."""
+
+
+def resolve_mesh_shape(shape: dict[str, int], num_devices: int) -> tuple[int, int, int]:
+  """Sizes for (data, fsdp, tensor); one entry may be -1 and takes the remaining devices."""
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise MeshError(f"mesh: unknown axis {sorted(unknown)}; the axes are {MESH_AXES}.")
+  sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise MeshError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}.")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise MeshError(f"mesh: axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}.")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise MeshError(
+          f"mesh: the fixed axes {dict(zip(MESH_AXES, sizes))} multiply to {known}, which does not divide "
+          f"the {num_devices} devices; make their product a divisor of {num_devices}.")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise MeshError(
+        f"mesh: data×fsdp×tensor = {'×'.join(map(str, sizes))} = {math.prod(sizes)} but there are "
+        f"{num_devices} devices; make the product {num_devices} or set one axis to -1.")
+  return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ("data", "fsdp", "tensor") mesh with Auto axis types over `devices` (default: all)."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = resolve_mesh_shape({"data": data, "fsdp": fsdp, "tensor": tensor}, len(devices))
+  if len(devices) == len(jax.devices()):
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def logical_to_spec(logical_axes: LogicalAxes, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+  """PartitionSpec for an array of `shape`; a mesh axis that does not divide its dimension is dropped.
+
+  Replicating such a dimension lets one rules table serve every model and batch: 4 KV heads on a
+  tensor axis of 8 stay replicated (as Megatron does for GQA), and a single chat prompt runs on any
+  mesh. Query heads must still divide the tensor axis; the model config checks that.
+  """
+  if len(logical_axes) != len(shape):
+    raise ValueError(f"logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}")
+  spec, used = [], set()
+  for name, dim in zip(logical_axes, shape):
+    if name is None:
+      spec.append(None)
+      continue
+    if name not in LOGICAL_AXIS_RULES:
+      raise ValueError(f"unknown logical axis {name!r}; known: {sorted(LOGICAL_AXIS_RULES)}")
+    kept = []
+    for axis in LOGICAL_AXIS_RULES[name]:
+      size = mesh.shape[axis]
+      if size > 1 and axis not in used and dim % (math.prod(mesh.shape[a] for a in kept) * size) == 0:
+        kept.append(axis)
+    used.update(kept)
+    spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+  return PartitionSpec(*spec)
+
+
+def named_sharding(mesh: Mesh, logical_axes: LogicalAxes, shape: Sequence[int]) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh))
+
+
+def constrain(x: jax.Array, mesh: Mesh | None, logical_axes: LogicalAxes) -> jax.Array:
+  """Activation sharding constraint by logical names; a no-op only when there is no mesh at all."""
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, named_sharding(mesh, logical_axes, x.shape))
+
+
+def maybe_initialize_distributed() -> bool:
+  """Calls jax.distributed.initialize() when this process is one of several (TPU pod, multi-GPU).
+
+  Detection is by the environment the launchers set; single-host runs are left alone.
+  """
+  multi_host = (
+      "JAX_COORDINATOR_ADDRESS" in os.environ
+      or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+      or int(os.environ.get("SLURM_NTASKS", "1")) > 1)
+  if multi_host and not jax.distributed.is_initialized():
+    jax.distributed.initialize()
+    logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+  return multi_host

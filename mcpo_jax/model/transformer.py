@@ -1,0 +1,256 @@
+"""Flax NNX decoder for the Llama, Qwen2 and Qwen3 families, with a functional KV cache.
+
+One forward serves training and sampling. Without a cache it is a teacher-forced pass over
+[B, T] tokens. With a cache it writes the new keys/values at slots [cache.index, cache.index + T)
+and attends to every filled slot at or before each query's slot: prefill is a call with the
+(left-padded) prompt, decode is a call with one token per row. Positions come from the attention
+mask (count of real tokens so far), so left padding never shifts RoPE.
+
+Shapes: B batch, T new tokens, S cache slots, E hidden, H query heads, K KV heads, D head dim,
+F MLP width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from mcpo_jax.mesh import constrain
+from mcpo_jax.model.config import ModelConfig, inverse_frequencies
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Preallocated keys and values of every layer; a pytree the sampler carries through its loop."""
+
+  keys: tuple[jax.Array, ...]  # per layer [B, S, K, D]
+  values: tuple[jax.Array, ...]  # per layer [B, S, K, D]
+  key_mask: jax.Array  # [B, S] bool: the slot holds a real (non-padding) token
+  index: jax.Array  # [] int32: the next slot to write
+
+  @property
+  def max_length(self) -> int:
+    return self.key_mask.shape[1]
+
+
+@flax.struct.dataclass
+class ModelOutput:
+  logits: jax.Array | None  # [B, T, V] float32, None when return_logits=False
+  hidden: jax.Array  # [B, T, E] final normed hidden state (the LM head's input)
+  cache: KVCache | None
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype: Any,
+           init: str = "normal") -> nnx.Param:
+  """A parameter that carries its logical axis names (mcpo_jax.mesh maps them to mesh axes)."""
+  if init == "ones":
+    value = jnp.ones(shape, dtype)
+  elif init == "zeros":
+    value = jnp.zeros(shape, dtype)
+  else:
+    value = (0.02 * jax.random.normal(rngs.params(), shape)).astype(dtype)
+  return nnx.Param(value, logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, eps: float, *, param_dtype: Any, rngs: nnx.Rngs):
+    self.scale = _param(rngs, (dim,), ("norm",), param_dtype, init="ones")
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    # Normalise in float32 and cast back before scaling, as the HF implementations do.
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rotate_half_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """HF-style rotate-half RoPE. x: [B, T, N, D]; cos, sin: [B, T, D]."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return (x * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  def __init__(self, config: ModelConfig, *, dtype: Any, param_dtype: Any, mesh: Mesh | None, rngs: nnx.Rngs):
+    e, h, k, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    self.q_proj = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), param_dtype)
+    self.k_proj = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), param_dtype)
+    self.v_proj = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), param_dtype)
+    self.o_proj = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), param_dtype)
+    if config.attention_bias:
+      self.q_bias = _param(rngs, (h, d), ("heads", "head_dim"), param_dtype, init="zeros")
+      self.k_bias = _param(rngs, (k, d), ("kv_heads", "head_dim"), param_dtype, init="zeros")
+      self.v_bias = _param(rngs, (k, d), ("kv_heads", "head_dim"), param_dtype, init="zeros")
+    if config.qk_norm:
+      self.q_norm = RMSNorm(d, config.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+      self.k_norm = RMSNorm(d, config.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+    self.config, self.dtype, self.mesh = config, dtype, mesh
+
+  def _project(self, x: jax.Array, name: str) -> jax.Array:
+    out = jnp.einsum("bte,end->btnd", x, getattr(self, f"{name}_proj")[...].astype(self.dtype))
+    if self.config.attention_bias:
+      out = out + getattr(self, f"{name}_bias")[...].astype(self.dtype)
+    return out
+
+  def __call__(self, x, cos, sin, query_slots, key_mask, layer_keys, layer_values, write_index):
+    """x: [B, T, E]; query_slots: [T]; key_mask: [B, S]; layer_keys/values: [B, S, K, D] or None.
+
+    Returns the attention output [B, T, E] and the layer's updated keys and values [B, S, K, D].
+    """
+    cfg = self.config
+    q = self._project(x, "q")  # [B, T, H, D]
+    k = self._project(x, "k")  # [B, T, K, D]
+    v = self._project(x, "v")  # [B, T, K, D]
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = rotate_half_rope(q, cos, sin)
+    k = rotate_half_rope(k, cos, sin)
+    if layer_keys is not None:  # write this call's keys/values into the cache slots
+      k = jax.lax.dynamic_update_slice_in_dim(layer_keys, k.astype(layer_keys.dtype), write_index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(layer_values, v.astype(layer_values.dtype), write_index, axis=1)
+      k = constrain(k, self.mesh, ("batch", "length", "kv_heads", "head_dim"))
+      v = constrain(v, self.mesh, ("batch", "length", "kv_heads", "head_dim"))
+    new_keys, new_values = k, v
+
+    b, t, h, d = q.shape
+    groups = h // cfg.num_kv_heads
+    q = q.reshape(b, t, cfg.num_kv_heads, groups, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(self.dtype),
+                        preferred_element_type=jnp.float32) * (d ** -0.5)  # [B, K, G, T, S]
+    key_slots = jnp.arange(k.shape[1])
+    allowed = (key_slots[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :]  # [B, T, S]
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype)).reshape(b, t, h, d)
+    out = constrain(out, self.mesh, ("batch", "length", "heads", "head_dim"))
+    return jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(self.dtype)), new_keys, new_values
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, config: ModelConfig, *, dtype: Any, param_dtype: Any, mesh: Mesh | None, rngs: nnx.Rngs):
+    e, f = config.hidden_size, config.intermediate_size
+    self.gate_proj = _param(rngs, (e, f), ("embed", "mlp"), param_dtype)
+    self.up_proj = _param(rngs, (e, f), ("embed", "mlp"), param_dtype)
+    self.down_proj = _param(rngs, (f, e), ("mlp", "embed"), param_dtype)
+    self.dtype, self.mesh = dtype, mesh
+
+  def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, E] -> [B, T, E]
+    gate = x @ self.gate_proj[...].astype(self.dtype)
+    up = x @ self.up_proj[...].astype(self.dtype)
+    inner = constrain(jax.nn.silu(gate) * up, self.mesh, ("batch", "length", "mlp"))  # [B, T, F]
+    return inner @ self.down_proj[...].astype(self.dtype)
+
+
+class Block(nnx.Module):
+  def __init__(self, config: ModelConfig, *, dtype: Any, param_dtype: Any, mesh: Mesh | None, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, mesh=mesh, rngs=rngs)
+    self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+    self.attn = Attention(config, **kw)
+    self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+    self.mlp = MLP(config, **kw)
+    self.mesh = mesh
+
+  def __call__(self, x, cos, sin, query_slots, key_mask, layer_keys, layer_values, write_index):
+    attn_out, new_keys, new_values = self.attn(
+        self.input_norm(x), cos, sin, query_slots, key_mask, layer_keys, layer_values, write_index)
+    x = constrain(x + attn_out, self.mesh, ("batch", "length", None))
+    x = constrain(x + self.mlp(self.post_attention_norm(x)), self.mesh, ("batch", "length", None))
+    return x, new_keys, new_values
+
+
+class Transformer(nnx.Module):
+  """Decoder-only LM. `model(input_ids, attention_mask)` -> ModelOutput(logits, hidden, cache)."""
+
+  def __init__(self, config: ModelConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+               remat: str = "none", mesh: Mesh | None = None, rngs: nnx.Rngs):
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={remat!r}; choose one of {sorted(REMAT_POLICIES)}.")
+    kw = dict(dtype=dtype, param_dtype=param_dtype, mesh=mesh, rngs=rngs)
+    self.embed = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), param_dtype)
+    self.layers = nnx.List([Block(config, **kw) for _ in range(config.num_layers)])
+    self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+    if not config.tie_word_embeddings:
+      self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), param_dtype)
+    self.config, self.dtype, self.remat, self.mesh = config, jnp.dtype(dtype), remat, mesh
+
+  def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
+    """An empty cache of `max_length` slots (dtype defaults to the compute dtype)."""
+    cfg = self.config
+    shape = (batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+    zeros = lambda: constrain(jnp.zeros(shape, dtype or self.dtype), self.mesh,
+                              ("batch", "length", "kv_heads", "head_dim"))
+    return KVCache(
+        keys=tuple(zeros() for _ in range(cfg.num_layers)),
+        values=tuple(zeros() for _ in range(cfg.num_layers)),
+        key_mask=jnp.zeros((batch_size, max_length), bool),
+        index=jnp.zeros((), jnp.int32))
+
+  def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+    """LM head in float32: [B, T, E] -> [B, T, V]. Separate so a trainer can chunk over T."""
+    head = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+    logits = jnp.einsum("bte,ev->btv", hidden, head.astype(self.dtype), preferred_element_type=jnp.float32)
+    return constrain(logits, self.mesh, ("batch", "length", "vocab"))
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+               cache: KVCache | None = None, return_logits: bool = True) -> ModelOutput:
+    """input_ids, attention_mask: int [B, T] (mask 1 = real token, 0 = padding)."""
+    b, t = input_ids.shape
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, t), jnp.int32)
+    attention_mask = attention_mask.astype(bool)
+    if cache is None:
+      write_index, key_mask, tokens_before = jnp.zeros((), jnp.int32), attention_mask, 0
+    else:
+      write_index = cache.index
+      key_mask = jax.lax.dynamic_update_slice_in_dim(cache.key_mask, attention_mask, write_index, axis=1)
+      tokens_before = jnp.sum(cache.key_mask, axis=1, keepdims=True)  # [B, 1]
+    # A token's position is the number of real tokens before it in its row.
+    positions = tokens_before + jnp.cumsum(attention_mask, axis=1) - 1  # [B, T]
+    inv_freq = inverse_frequencies(self.config)  # [D/2] float32, a compile-time constant
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)  # [B, T, D]
+    cos, sin = jnp.cos(angles).astype(self.dtype), jnp.sin(angles).astype(self.dtype)
+    query_slots = write_index + jnp.arange(t)  # [T]
+
+    x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)  # [B, T, E]
+    x = constrain(x, self.mesh, ("batch", "length", None))
+    new_keys, new_values = [], []
+    for i, layer in enumerate(self.layers):
+      layer_keys = None if cache is None else cache.keys[i]
+      layer_values = None if cache is None else cache.values[i]
+      x, k, v = self._apply_layer(layer, x, cos, sin, query_slots, key_mask, layer_keys, layer_values, write_index)
+      new_keys.append(k)
+      new_values.append(v)
+    hidden = self.final_norm(x)  # [B, T, E]
+
+    new_cache = None if cache is None else KVCache(
+        keys=tuple(new_keys), values=tuple(new_values), key_mask=key_mask, index=write_index + t)
+    logits = self.logits_from_hidden(hidden) if return_logits else None
+    return ModelOutput(logits=logits, hidden=hidden, cache=new_cache)
+
+  def _apply_layer(self, layer: Block, *args):
+    if self.remat == "none":
+      return layer(*args)
+    return nnx.remat(Block.__call__, policy=REMAT_POLICIES[self.remat])(layer, *args)
+
+
+def init_model(config: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None, **kwargs) -> Transformer:
+  """A randomly initialised model, its parameters sharded on `mesh` (tests and benchmarks)."""
+  from mcpo_jax.model.weights import shard_model  # weights imports this module
+  model = Transformer(config, mesh=mesh, rngs=nnx.Rngs(seed), **kwargs)
+  return shard_model(model, mesh) if mesh is not None else model
+

@@ -1,0 +1,283 @@
+"""Hugging Face safetensors checkpoints in and out of the sharded NNX decoder.
+
+Loading reads one tensor at a time (local files through `safetensors`, gs:// through byte-range
+reads of the same format) and places each straight into its sharded jax.Array: every device gets
+only its slice, and the host never holds more than one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import safetensors
+import safetensors.numpy
+from etils import epath
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from mcpo_jax.mesh import named_sharding
+from mcpo_jax.model.config import ModelConfig
+from mcpo_jax.model.transformer import Transformer
+
+SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+MAX_SHARD_BYTES = 4 * 1024**3
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be loaded as asked, naming the file or tensor and the fix."""
+
+
+def _is_remote(path: str | os.PathLike) -> bool:
+  return str(path).startswith(("gs://", "s3://"))
+
+
+def read_config(directory: str | os.PathLike) -> ModelConfig:
+  directory = epath.Path(directory)
+  if not directory.exists():
+    raise CheckpointError(f"checkpoint directory {directory} does not exist; pass an HF checkpoint directory "
+                          "(config.json + *.safetensors), a .gguf file, or 'smollm2-135m-instruct'.")
+  config_file = directory / "config.json"
+  if not config_file.exists():
+    raise CheckpointError(f"{config_file} is missing; an HF checkpoint directory needs config.json beside its "
+                          "*.safetensors files (save one with transformers' save_pretrained).")
+  return ModelConfig.from_hf_dict(json.loads(config_file.read_text()), source=str(config_file))
+
+
+# ----------------------------------------------------------------------------------------------
+# Name and layout map: our parameter path <-> HF tensor name, HF shape, and whether HF stores the
+# transpose (torch Linear keeps [out, in]; we keep [in, ...out] so einsums read left to right).
+
+
+def hf_tensor_specs(config: ModelConfig) -> dict[tuple, tuple[str, tuple[int, ...], bool]]:
+  """Our param path -> (HF tensor name, HF shape, transposed)."""
+  e, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+  q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+  specs = {
+      ("embed",): ("model.embed_tokens.weight", (v, e), False),
+      ("final_norm", "scale"): ("model.norm.weight", (e,), False),
+  }
+  if not config.tie_word_embeddings:
+    specs[("lm_head",)] = ("lm_head.weight", (v, e), True)
+  for i in range(config.num_layers):
+    hf = f"model.layers.{i}."
+    ours = ("layers", i)
+    specs[ours + ("input_norm", "scale")] = (hf + "input_layernorm.weight", (e,), False)
+    specs[ours + ("post_attention_norm", "scale")] = (hf + "post_attention_layernorm.weight", (e,), False)
+    for name, out in (("q", q), ("k", kv), ("v", kv)):
+      specs[ours + ("attn", f"{name}_proj")] = (hf + f"self_attn.{name}_proj.weight", (out, e), True)
+      if config.attention_bias:
+        specs[ours + ("attn", f"{name}_bias")] = (hf + f"self_attn.{name}_proj.bias", (out,), False)
+    specs[ours + ("attn", "o_proj")] = (hf + "self_attn.o_proj.weight", (e, q), True)
+    if config.qk_norm:
+      specs[ours + ("attn", "q_norm", "scale")] = (hf + "self_attn.q_norm.weight", (config.head_dim,), False)
+      specs[ours + ("attn", "k_norm", "scale")] = (hf + "self_attn.k_norm.weight", (config.head_dim,), False)
+    specs[ours + ("mlp", "gate_proj")] = (hf + "mlp.gate_proj.weight", (f, e), True)
+    specs[ours + ("mlp", "up_proj")] = (hf + "mlp.up_proj.weight", (f, e), True)
+    specs[ours + ("mlp", "down_proj")] = (hf + "mlp.down_proj.weight", (e, f), True)
+  return specs
+
+
+def _hf_to_ours(tensor: np.ndarray, our_shape: tuple[int, ...], transposed: bool) -> np.ndarray:
+  return (tensor.T if transposed else tensor).reshape(our_shape)
+
+
+def _ours_to_hf(array: np.ndarray, hf_shape: tuple[int, ...], transposed: bool) -> np.ndarray:
+  return array.reshape(hf_shape[::-1]).T if transposed else array.reshape(hf_shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+class _RemoteSafetensorsFile:
+  """Byte-range reads of a .safetensors file on gs:// (the safetensors library needs a local path).
+
+  The format is an 8-byte little-endian header length, a JSON header of dtype/shape/offsets, then
+  the raw little-endian tensor bytes.
+  """
+
+  def __init__(self, path: epath.Path):
+    self.path = path
+    with path.open("rb") as f:
+      (header_len,) = struct.unpack("<Q", f.read(8))
+      self.header = {k: v for k, v in json.loads(f.read(header_len)).items() if k != "__metadata__"}
+    self.data_start = 8 + header_len
+
+  def keys(self) -> list[str]:
+    return list(self.header)
+
+  def get_tensor(self, name: str) -> np.ndarray:
+    info = self.header[name]
+    start, end = info["data_offsets"]
+    with self.path.open("rb") as f:
+      f.seek(self.data_start + start)
+      raw = f.read(end - start)
+    return np.frombuffer(raw, dtype=SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+class _LocalSafetensorsFile:
+  """safetensors' memory-mapped reader; the 'flax' framework because numpy has no bfloat16."""
+
+  def __init__(self, path: epath.Path):
+    self.path = path
+    self._handle = safetensors.safe_open(str(path), framework="flax")
+
+  def keys(self) -> list[str]:
+    return list(self._handle.keys())
+
+  def get_tensor(self, name: str) -> np.ndarray:
+    with jax.default_device(jax.devices("cpu")[0]):
+      return np.asarray(self._handle.get_tensor(name))
+
+
+class SafetensorsCheckpoint:
+  """Tensor name -> file over a single model.safetensors or a sharded model.safetensors.index.json."""
+
+  def __init__(self, directory: str | os.PathLike):
+    self.directory = epath.Path(directory)
+    index_file = self.directory / "model.safetensors.index.json"
+    if index_file.exists():
+      weight_map = json.loads(index_file.read_text())["weight_map"]
+      files = sorted(set(weight_map.values()))
+    else:
+      files = sorted(p.name for p in self.directory.glob("*.safetensors"))
+      weight_map = None
+    if not files:
+      raise CheckpointError(f"{self.directory} holds no *.safetensors files; export the checkpoint with "
+                            "transformers' save_pretrained(..., safe_serialization=True).")
+    opener = _RemoteSafetensorsFile if _is_remote(self.directory) else _LocalSafetensorsFile
+    self._files = {name: opener(self.directory / name) for name in files}
+    self.weight_map = weight_map or {k: name for name, f in self._files.items() for k in f.keys()}
+
+  def get(self, name: str, expected_shape: tuple[int, ...]) -> np.ndarray:
+    if name not in self.weight_map:
+      raise CheckpointError(
+          f"tensor {name!r} is missing from {self.directory} ({len(self.weight_map)} tensors in "
+          f"{', '.join(self._files)}); the checkpoint does not match its config.json.")
+    file_name = self.weight_map[name]
+    tensor = self._files[file_name].get_tensor(name)
+    if tuple(tensor.shape) != tuple(expected_shape):
+      raise CheckpointError(
+          f"tensor {name!r} in {self.directory / file_name} has shape {tuple(tensor.shape)} but config.json "
+          f"implies {tuple(expected_shape)}; the config and the weights disagree (wrong config.json?).")
+    return tensor
+
+
+def _abstract_model(config: ModelConfig, mesh: Mesh | None, **model_kwargs) -> Transformer:
+  return nnx.eval_shape(lambda: Transformer(config, mesh=mesh, rngs=nnx.Rngs(0), **model_kwargs))
+
+
+def _place(value: np.ndarray, logical_axes, mesh: Mesh | None, dtype) -> jax.Array:
+  """Host array -> jax.Array; with a mesh each device receives only its slice."""
+  if mesh is None:
+    return jnp.asarray(value, dtype)
+  sharding = named_sharding(mesh, logical_axes, value.shape)
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: np.asarray(value[index], dtype))
+
+
+def load_hf_checkpoint(directory: str | os.PathLike, *, mesh: Mesh | None = None, dtype: Any = jnp.float32,
+                       param_dtype: Any = jnp.float32, remat: str = "none") -> Transformer:
+  """An HF checkpoint directory (local or gs://) -> a Transformer with sharded parameters."""
+  config = read_config(directory)
+  checkpoint = SafetensorsCheckpoint(directory)
+  model = _abstract_model(config, mesh, dtype=dtype, param_dtype=param_dtype, remat=remat)
+  graphdef, state = nnx.split(model)
+  specs = hf_tensor_specs(config)
+  flat = []
+  for path, variable in nnx.to_flat_state(state):
+    hf_name, hf_shape, transposed = specs[path]
+    tensor = _hf_to_ours(checkpoint.get(hf_name, hf_shape), variable.shape, transposed)
+    flat.append((path, variable.replace(_place(tensor, variable.logical_axes, mesh, param_dtype))))
+  unused = set(checkpoint.weight_map) - {name for name, _, _ in specs.values()}
+  if unused - {"lm_head.weight"}:
+    logging.warning("%s: %d tensors not used by the model, e.g. %s", directory, len(unused), sorted(unused)[:3])
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def shard_model(model: Transformer, mesh: Mesh) -> Transformer:
+  """Re-places every parameter of `model` on `mesh` according to its logical axes."""
+  graphdef, state = nnx.split(model)
+  flat = [(path, v.replace(jax.device_put(v[...], named_sharding(mesh, v.logical_axes, v.shape))))
+          for path, v in nnx.to_flat_state(state)]
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def _host_tensors(model: Transformer, dtype: Any) -> Iterator[tuple[str, np.ndarray]]:
+  """(HF name, host array) pairs, one at a time; gathers shards across hosts when needed."""
+  specs = hf_tensor_specs(model.config)
+  for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    value = variable[...]
+    if not value.is_fully_addressable:
+      value = multihost_utils.process_allgather(value, tiled=True)
+    hf_name, hf_shape, transposed = specs[path]
+    yield hf_name, np.ascontiguousarray(_ours_to_hf(np.asarray(value).astype(dtype), hf_shape, transposed))
+
+
+def save_hf_checkpoint(model: Transformer, directory: str | os.PathLike, *, tokenizer=None,
+                       dtype: Any = np.float32, max_shard_bytes: int = MAX_SHARD_BYTES) -> epath.Path:
+  """Writes config.json + safetensors (sharded with an index above `max_shard_bytes`) + tokenizer.
+
+  Tensors stream to disk a shard at a time. Only process 0 writes; every process must call this
+  (the cross-host gather is collective).
+  """
+  directory = epath.Path(directory)
+  writer = jax.process_index() == 0
+  if writer:
+    directory.mkdir(parents=True, exist_ok=True)
+  shard: dict[str, np.ndarray] = {}
+  written: list[tuple[epath.Path, list[str]]] = []
+
+  def flush():
+    if writer and shard:
+      path = directory / f"model-part-{len(written):05d}.safetensors"
+      path.write_bytes(safetensors.numpy.save(shard, metadata={"format": "pt"}))
+      written.append((path, list(shard)))
+    shard.clear()
+
+  total = 0
+  for name, tensor in _host_tensors(model, dtype):
+    if shard and sum(t.nbytes for t in shard.values()) + tensor.nbytes > max_shard_bytes:
+      flush()
+    shard[name] = tensor
+    total += tensor.nbytes
+  flush()
+  if not writer:
+    return directory
+  if len(written) == 1:
+    written[0][0].rename(directory / "model.safetensors")
+  else:
+    weight_map = {}
+    for i, (path, names) in enumerate(written):
+      final = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+      path.rename(directory / final)
+      weight_map.update(dict.fromkeys(names, final))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+  hf_config = model.config.to_hf_dict() | {"torch_dtype": np.dtype(dtype).name}
+  (directory / "config.json").write_text(json.dumps(hf_config, indent=2))
+  if tokenizer is not None:
+    tokenizer.save_pretrained(str(directory))
+  return directory
+
+
+def num_params(model: Transformer) -> int:
+  return sum(math.prod(v.shape) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+
