@@ -44,16 +44,21 @@ take_common_opt() {
 
 # Exits with the script's usage when the slice is not named. $1: the usage text.
 require_slice() {
-  local missing=()
-  if [[ -z "$TPU_NAME" ]]; then missing+=("--name (or TPU_NAME)"); fi
-  if [[ -z "$ZONE" ]]; then missing+=("--zone (or ZONE)"); fi
-  if ((${#missing[@]})); then
+  local missing=""
+  if [[ -z "$TPU_NAME" ]]; then missing="--name (or TPU_NAME)"; fi
+  if [[ -z "$ZONE" ]]; then missing="${missing:+$missing and }--zone (or ZONE)"; fi
+  if [[ -n "$missing" ]]; then
     printf '%s\n\n' "$1" >&2
-    printf 'error: missing %s\n' "${missing[*]}" >&2
+    printf 'error: missing %s\n' "$missing" >&2
     exit 2
   fi
   LOCATION_FLAGS=(--zone="$ZONE")
   if [[ -n "$PROJECT" ]]; then LOCATION_FLAGS+=(--project="$PROJECT"); fi
+}
+
+# heredoc VAR <<'END' ... END: stores the text in VAR (unlike $(cat <<...), safe in bash 3.2).
+heredoc() {
+  IFS= read -r -d '' "$1" || true
 }
 
 # Runs (or, with --dry-run, prints) one gcloud command.
@@ -88,18 +93,24 @@ as_remote_command() {
   printf 'bash -c %q' "$1"
 }
 
-# Remote prelude: strict mode, ~ expansion for the two directories, and the worker's index in the
-# slice (from the TPU VM metadata server; 0 where there is none).
-REMOTE_PRELUDE=$(cat <<'PRELUDE'
+# Remote prelude: strict mode, the two directories made absolute (relative ones are under $HOME),
+# and the worker's index in the slice (from the TPU VM metadata server; 0 where there is none).
+heredoc REMOTE_PRELUDE <<'PRELUDE'
 set -euo pipefail
 cd "$HOME"
-expand_home() { case "$1" in "~") printf '%s' "$HOME" ;; "~/"*) printf '%s/%s' "$HOME" "${1#"~/"}" ;; *) printf '%s' "$1" ;; esac; }
-REMOTE_DIR="$(expand_home "$REMOTE_DIR")"
-LOG_DIR="$(expand_home "$LOG_DIR")"
+absolute() {
+  case "$1" in
+    "~") printf '%s' "$HOME" ;;
+    "~/"*) printf '%s/%s' "$HOME" "${1#"~/"}" ;;
+    /*) printf '%s' "$1" ;;
+    *) printf '%s/%s' "$HOME" "$1" ;;
+  esac
+}
+REMOTE_DIR="$(absolute "$REMOTE_DIR")"
+LOG_DIR="$(absolute "$LOG_DIR")"
 WORKER="$(curl -sf --max-time 5 -H 'Metadata-Flavor: Google' \
   http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number \
   2>/dev/null || echo 0)"
 say() { printf '[worker %s] %s\n' "$WORKER" "$*"; }
 fail() { printf '[worker %s] error: %s\n' "$WORKER" "$*" >&2; exit 1; }
 PRELUDE
-)

@@ -74,7 +74,7 @@ if [[ -z "$REPO_URL" ]]; then
     ${TPU_SSH_EXTRA[@]+"${TPU_SSH_EXTRA[@]}"}
 fi
 
-REMOTE_BODY=$(cat <<'BODY'
+heredoc REMOTE_BODY <<'BODY'
 if [[ -n "$REPO_URL" ]]; then
   command -v git >/dev/null || fail "git is not installed"
   if [[ -d "$REMOTE_DIR/.git" ]]; then
@@ -141,7 +141,6 @@ names = ("jax", "jaxlib", "libtpu", "libtpu-nightly", "flax", "orbax-checkpoint"
 print(", ".join(f"{n} {v}" for n in names if (v := version(n))))
 ')"
 BODY
-)
 
 SCRIPT="$(export_vars REMOTE_DIR LOG_DIR REPO_URL REPO_REF TARBALL PYTHON_VERSION SYSTEM_PACKAGES \
   JAX_PIN_ERE LIBTPU_FIND_LINKS)

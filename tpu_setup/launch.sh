@@ -56,7 +56,7 @@ done
 
 if [[ "$ACTION" == stop ]]; then
   ((${#RUN_ARGS[@]} == 0)) || die "--stop takes no run.py arguments (got: ${RUN_ARGS[*]})"
-  STOP_BODY=$(cat <<'BODY'
+  heredoc STOP_BODY <<'BODY'
 PID_FILE="$LOG_DIR/run.pid"
 if [[ ! -f "$PID_FILE" ]] || ! kill -0 "$(cat "$PID_FILE")" 2>/dev/null; then
   say "no run to stop"
@@ -73,7 +73,6 @@ say "pid $pid ignored SIGTERM for 60 s; sending SIGKILL"
 kill -KILL "$pid" 2>/dev/null || true
 rm -f "$PID_FILE"
 BODY
-  )
   tpu_ssh all "$(as_remote_command "$(export_vars REMOTE_DIR LOG_DIR)
 $REMOTE_PRELUDE
 $STOP_BODY")"
@@ -98,7 +97,7 @@ for assignment in ${ENV_ASSIGNMENTS[@]+"${ENV_ASSIGNMENTS[@]}"}; do
 done
 remote_arrays+=" )"
 
-START_BODY=$(cat <<'BODY'
+heredoc START_BODY <<'BODY'
 mkdir -p "$LOG_DIR"
 PID_FILE="$LOG_DIR/run.pid"
 if [[ -f "$PID_FILE" ]] && kill -0 "$(cat "$PID_FILE")" 2>/dev/null; then
@@ -120,7 +119,6 @@ nohup env ${ENV_ASSIGNMENTS[@]+"${ENV_ASSIGNMENTS[@]}"} PYTHONUNBUFFERED=1 \
 echo "$!" >"$PID_FILE"
 say "started pid $! on $(hostname), log $LOG"
 BODY
-)
 
 SCRIPT="$(export_vars REMOTE_DIR LOG_DIR RUN_TAG)
 $remote_arrays

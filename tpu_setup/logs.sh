@@ -39,7 +39,7 @@ require_slice "$USAGE"
 [[ "$WORKER_INDEX" =~ ^[0-9]+$ ]] || die "--worker wants one worker index (0, 1, ...), got '$WORKER_INDEX'"
 [[ "$LINES" =~ ^[0-9]+$ ]] || die "--lines wants a number, got '$LINES'"
 
-BODY=$(cat <<'BODY'
+heredoc BODY <<'BODY'
 LOG="$LOG_DIR/$LOG_FILE"
 [[ -e "$LOG" ]] || fail "no $LOG yet (has tpu_setup/launch.sh run on this slice?)"
 if [[ "$FOLLOW" == 1 ]]; then
@@ -47,7 +47,6 @@ if [[ "$FOLLOW" == 1 ]]; then
 fi
 exec tail -n "$LINES" "$LOG"
 BODY
-)
 
 # A terminal lets Ctrl-C reach the remote tail instead of leaving it behind.
 if [[ "$FOLLOW" == 1 && -t 0 && -t 1 ]]; then TPU_SSH_EXTRA+=(--ssh-flag=-t); fi

