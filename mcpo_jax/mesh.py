@@ -59,7 +59,7 @@ def resolve_mesh_shape(shape: dict[str, int], num_devices: int) -> tuple[int, in
   if math.prod(sizes) != num_devices:
     raise MeshError(
         f"mesh: data×fsdp×tensor = {'×'.join(map(str, sizes))} = {math.prod(sizes)} but there are "
-        f"{num_devices} devices; make the product {num_devices} or set one axis to -1.")
+        f"{num_devices} devices; set --config.mesh.data/fsdp/tensor so the product is {num_devices}, or one of them to -1.")
   return tuple(sizes)  # type: ignore[return-value]
 
 

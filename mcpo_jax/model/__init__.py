@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
+from etils import epath
 from jax.sharding import Mesh
 
 from mcpo_jax.model.config import ModelConfig, ModelConfigError
@@ -59,12 +61,25 @@ def save_pretrained(model: Transformer, directory: str | os.PathLike, tokenizer=
   return save_hf_checkpoint(model, directory, tokenizer=tokenizer, dtype=jnp.dtype(dtype))
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json")
+
+
+def _local_tokenizer_copy(remote_dir: str) -> str:
+  """transformers reads tokenizers from local paths only: copy the few small tokenizer files."""
+  local = Path(tempfile.mkdtemp(prefix="mcpo_jax_tokenizer_"))
+  for name in TOKENIZER_FILES:
+    source = epath.Path(remote_dir) / name
+    if source.exists():
+      (local / name).write_bytes(source.read_bytes())
+  return str(local)
+
+
 def load_tokenizer(path_or_name: str | os.PathLike):
   """transformers tokenizer (with chat template, left padding) for a checkpoint or zoo name."""
   directory = resolve_checkpoint(path_or_name)
-  if str(directory).startswith("gs://"):
-    raise CheckpointError(f"load_tokenizer({directory}): copy the tokenizer files to a local directory first "
-                          "(transformers reads tokenizers from local paths only).")
+  if str(directory).startswith(("gs://", "s3://")):
+    directory = _local_tokenizer_copy(directory)
   if not Path(directory).is_dir():
     raise CheckpointError(f"tokenizer directory {directory} does not exist; pass an HF checkpoint directory, "
                           "a .gguf file or 'smollm2-135m-instruct'.")

@@ -1,0 +1,182 @@
+"""Grouped rollout sampler: prefill each prompt once, copy its KV cache G times, decode in one loop.
+
+The whole generation is one jitted program: prefill, the G-fold cache copy, and a `lax.while_loop`
+that samples a token per row, feeds it back through the model, and exits as soon as every row has
+stopped. The cache is created inside the program, so XLA updates it in place; only the current
+step's [N, V] logits ever exist. Prompt and generation lengths are bucketed to powers of two so the
+compiled programs are few and reused (`compile_count()` tells how many were built).
+
+Shapes: B prompts, G rollouts per prompt, N = B·G rows, P prompt length, T new tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mcpo_jax.mesh import constrain, named_sharding
+from mcpo_jax.model.transformer import Transformer
+
+MAX_STOP_TOKENS = 8  # stop ids are padded to this length so their number never triggers a recompile
+MIN_PROMPT_BUCKET = 16
+_compiles = 0
+
+
+@flax.struct.dataclass
+class Rollouts:
+  """Rows of one prompt are consecutive: row r belongs to prompt r // G."""
+
+  tokens: jax.Array  # [N, T] int32 response tokens; pad id after a row stopped
+  logprobs: jax.Array  # [N, T] float32 log-softmax(logits / temperature) at the sampled token; 0 where masked
+  response_mask: jax.Array  # [N, T] int32, 1 up to and including the stop token
+  lengths: jax.Array  # [N] int32 response lengths (sum of the mask)
+  truncated: jax.Array  # [N] bool, the row hit max_new_tokens without a stop token
+  prompt_ids: jax.Array  # [N, P] int32 left-padded prompt of each row
+  prompt_mask: jax.Array  # [N, P] int32
+
+
+def compile_count() -> int:
+  """How many sampling programs have been traced and compiled in this process."""
+  return _compiles
+
+
+def next_power_of_two(n: int, minimum: int = 1) -> int:
+  return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def filter_logits(logits: jax.Array, top_k: int, top_p: jax.Array | float | None) -> jax.Array:
+  """Sets logits outside the top-k / top-p (nucleus) set to -inf. logits: [..., V] (already / T).
+
+  top-k keeps every logit >= the k-th largest; top-p keeps every logit >= the smallest logit of the
+  shortest descending prefix whose probability mass reaches top_p (ties at a threshold are kept).
+  """
+  neg_inf = jnp.asarray(-jnp.inf, logits.dtype)
+  if top_k > 0:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits >= kth, logits, neg_inf)
+  if top_p is not None:
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly larger logits
+    kept = mass_before < top_p
+    threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits >= threshold, logits, neg_inf)
+  return logits
+
+
+def _sample_program(graphdef, state, prompt_ids, prompt_mask, key, max_new_tokens, temperature, top_p, stop_ids,
+                    *, group_size: int, length_bucket: int, greedy: bool, top_k: int, use_top_p: bool,
+                    pad_id: int, cache_dtype):
+  """The jitted generation. prompt_ids, prompt_mask: [B, P]; returns Rollouts with T = length_bucket."""
+  global _compiles
+  _compiles += 1  # runs once per trace, i.e. once per compiled program
+  model: Transformer = nnx.merge(graphdef, state)
+  mesh = model.mesh
+  b, p = prompt_ids.shape
+  n = b * group_size
+
+  # Prefill once per prompt, then give each of the G rows its own copy of the prompt's cache.
+  cache = model.init_cache(b, p + length_bucket, cache_dtype)
+  prefill = model(prompt_ids, prompt_mask, cache=cache, return_logits=False)
+  repeat = lambda x: jnp.repeat(x, group_size, axis=0) if x.ndim else x
+  cache = jax.tree.map(repeat, prefill.cache)
+  logits = repeat(model.logits_from_hidden(prefill.hidden[:, -1:])[:, 0])  # [N, V]
+
+  row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(n))  # [N] keys
+  batch_axes = ("batch", "length")
+  state0 = dict(
+      t=jnp.zeros((), jnp.int32), cache=cache, logits=constrain(logits, mesh, ("batch", "vocab")),
+      tokens=constrain(jnp.full((n, length_bucket), pad_id, jnp.int32), mesh, batch_axes),
+      logprobs=constrain(jnp.zeros((n, length_bucket), jnp.float32), mesh, batch_axes),
+      mask=constrain(jnp.zeros((n, length_bucket), jnp.int32), mesh, batch_axes),
+      done=jnp.zeros((n,), bool), stopped=jnp.zeros((n,), bool))
+
+  def keep_going(s):
+    return (s["t"] < max_new_tokens) & ~jnp.all(s["done"])
+
+  def step(s):
+    t = s["t"]
+    scaled = s["logits"] / temperature  # [N, V] float32
+    if greedy:
+      token = jnp.argmax(scaled, axis=-1)
+    else:
+      filtered = filter_logits(scaled, top_k, top_p if use_top_p else None)
+      step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(row_keys)
+      token = jax.vmap(jax.random.categorical)(step_keys, filtered)
+    token = token.astype(jnp.int32)
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None], axis=-1)[:, 0]
+    active = ~s["done"]
+    token = jnp.where(active, token, pad_id)
+    hit_stop = active & jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
+    out = dict(
+        t=t + 1,
+        tokens=s["tokens"].at[:, t].set(token),
+        logprobs=s["logprobs"].at[:, t].set(jnp.where(active, logprob, 0.0)),
+        mask=s["mask"].at[:, t].set(active.astype(jnp.int32)),
+        stopped=s["stopped"] | hit_stop,
+        done=s["done"] | hit_stop | (t + 1 >= max_new_tokens))
+    # Feed the token back; the final iteration's forward is wasted but keeps the loop branch-free.
+    fed = model(token[:, None], jnp.ones((n, 1), jnp.int32), cache=s["cache"], return_logits=False)
+    out["cache"] = fed.cache
+    out["logits"] = constrain(model.logits_from_hidden(fed.hidden)[:, 0], mesh, ("batch", "vocab"))
+    return out
+
+  final = jax.lax.while_loop(keep_going, step, state0)
+  lengths = jnp.sum(final["mask"], axis=-1)
+  return Rollouts(
+      tokens=final["tokens"], logprobs=final["logprobs"], response_mask=final["mask"], lengths=lengths,
+      truncated=~final["stopped"] & (lengths >= max_new_tokens),
+      prompt_ids=repeat(prompt_ids), prompt_mask=repeat(prompt_mask))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(group_size, length_bucket, greedy, top_k, use_top_p, pad_id, cache_dtype):
+  return jax.jit(functools.partial(
+      _sample_program, group_size=group_size, length_bucket=length_bucket, greedy=greedy, top_k=top_k,
+      use_top_p=use_top_p, pad_id=pad_id, cache_dtype=cache_dtype), static_argnums=0)
+
+
+def generate(model: Transformer, prompt_ids, prompt_mask, *, group_size: int = 1, max_new_tokens: int,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             stop_token_ids: Sequence[int] = (), key: jax.Array, step: int = 0, pad_id: int = 0,
+             cache_dtype=None) -> Rollouts:
+  """Samples `group_size` responses for each left-padded prompt.
+
+  prompt_ids, prompt_mask: [B, P] (left padding). temperature=0 is greedy. The key is folded with
+  `step` and then with each row index, so a new training step draws new samples and every row its
+  own. Returns Rollouts with T = max_new_tokens.
+  """
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens}; it must be at least 1.")
+  if len(stop_token_ids) > MAX_STOP_TOKENS:
+    raise ValueError(f"{len(stop_token_ids)} stop tokens; at most {MAX_STOP_TOKENS} are supported.")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p={top_p}; it must be in (0, 1].")
+  prompt_ids = np.asarray(prompt_ids, np.int32)
+  prompt_mask = np.asarray(prompt_mask, np.int32)
+  b, p = prompt_ids.shape
+  bucket = next_power_of_two(p, MIN_PROMPT_BUCKET)
+  if bucket > p:  # extra left padding: positions come from the mask, so outputs are unchanged
+    prompt_ids = np.pad(prompt_ids, ((0, 0), (bucket - p, 0)), constant_values=pad_id)
+    prompt_mask = np.pad(prompt_mask, ((0, 0), (bucket - p, 0)))
+  if model.mesh is not None:
+    sharding = named_sharding(model.mesh, ("batch", "length"), prompt_ids.shape)
+    prompt_ids, prompt_mask = jax.device_put((prompt_ids, prompt_mask), sharding)
+  stop_ids = np.full((MAX_STOP_TOKENS,), -1, np.int32)
+  stop_ids[:len(stop_token_ids)] = list(stop_token_ids)
+  greedy = temperature == 0
+  program = _jitted(group_size, next_power_of_two(max_new_tokens), greedy, int(top_k), top_p < 1.0, int(pad_id),
+                    None if cache_dtype is None else jnp.dtype(cache_dtype))
+  graphdef, state = nnx.split(model)
+  key = jax.random.fold_in(key, step)
+  rollouts = program(graphdef, state, prompt_ids, prompt_mask, key, jnp.int32(max_new_tokens),
+                     jnp.float32(1.0 if greedy else temperature), jnp.float32(top_p), stop_ids)
+  trim = lambda x: x[:, :max_new_tokens]
+  return rollouts.replace(tokens=trim(rollouts.tokens), logprobs=trim(rollouts.logprobs),
+                          response_mask=trim(rollouts.response_mask))

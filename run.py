@@ -1,0 +1,84 @@
+"""mcpo_jax entry point: `python run.py --config=configs/multi_domain.py [--config.<field>=<value> ...]`.
+
+At this stage the run loads the configured checkpoint onto the device mesh and answers the chat
+prompt with the jitted sampler; the RL loop plugs in here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from mcpo_jax import config as config_lib
+from mcpo_jax.mesh import MeshError, make_mesh, maybe_initialize_distributed
+from mcpo_jax.model import CheckpointError, ModelConfigError, from_pretrained, load_tokenizer
+from mcpo_jax.sampling import generate
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/multi_domain.py", "Run config file[:preset].")
+
+
+def chat(model, tokenizer, config) -> str:
+  """Answers config.chat.prompt with the model's chat template."""
+  messages = [{"role": "user", "content": config.chat.prompt}]
+  encoded = tokenizer.apply_chat_template([messages], add_generation_prompt=True, padding=True, return_dict=True)
+  stop_ids = sorted({tokenizer.eos_token_id, *[i for i in [tokenizer.convert_tokens_to_ids(t) for t in
+                                                            ("<|im_end|>", "<|eot_id|>", "<|endoftext|>")]
+                                                if i is not None and i != tokenizer.unk_token_id]} - {None})
+  rollouts = generate(
+      model, encoded["input_ids"], encoded["attention_mask"], group_size=1,
+      max_new_tokens=config.chat.max_new_tokens, temperature=config.chat.temperature, top_p=config.chat.top_p,
+      top_k=config.chat.top_k, stop_token_ids=stop_ids, key=jax.random.key(config.seed),
+      pad_id=tokenizer.pad_token_id)
+  tokens = np.asarray(rollouts.tokens[0])[np.asarray(rollouts.response_mask[0]).astype(bool)]
+  return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+USER_ERRORS = (config_lib.ConfigError, MeshError, CheckpointError, ModelConfigError, FileNotFoundError)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl parsing, with a config typo or bad value reported in one line instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
+    message = str(error).replace("\\'", "'").replace("\\n", " ").replace("\n", " ").strip("'\" ")
+    sys.exit(f"config error: {message}")
+
+
+def main(argv) -> None:
+  del argv
+  logging.getLogger("absl").setLevel(logging.INFO)
+  try:
+    run(config_lib.validate(_CONFIG.value))
+  except USER_ERRORS as error:
+    sys.exit(f"error: {error}")
+
+
+def run(config) -> None:
+  maybe_initialize_distributed()
+  mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  print(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s)")
+
+  start = time.perf_counter()
+  model = from_pretrained(config.model.name, mesh=mesh, dtype=config.model.dtype,
+                          param_dtype=config.model.param_dtype or None, remat=config.model.remat)
+  tokenizer = load_tokenizer(config.model.tokenizer or config.model.name)
+  print(f"loaded {config.model.name}: {model.config.num_params / 1e6:.1f}M params, "
+        f"{model.config.num_layers} layers, in {time.perf_counter() - start:.1f}s")
+
+  start = time.perf_counter()
+  reply = chat(model, tokenizer, config)
+  print(f"user: {config.chat.prompt}\nassistant: {reply}\n({time.perf_counter() - start:.1f}s incl. compile)")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)
