@@ -50,7 +50,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
-    message = str(error).replace("\\'", "'").replace("\\n", " ").replace("\n", " ").strip("'\" ")
+    message = str(error)
+    if message[:1] == message[-1:] == "'":  # KeyError/AttributeError repr quoting
+      message = message[1:-1]
+    message = message.replace("\\'", "'").replace("\\n", " ").replace("\n", " ")
     sys.exit(f"config error: {message}")
 
 
