@@ -1,0 +1,165 @@
+"""The decoder against transformers' PyTorch models: logits, hidden states, meshes, KV cache, export."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import left_padded_batch, write_tiny_checkpoint
+
+from mcpo_jax.mesh import make_mesh
+from mcpo_jax.model import CheckpointError, ModelConfigError, from_pretrained, save_pretrained
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+MESHES = {"1 device": (1, 1, 1), "2x4 fsdp x tensor": (1, 2, 4), "8x1 fsdp": (1, 8, 1)}
+PARITY_TOL = 1e-4  # float32, max abs over real (non-padding) positions
+
+
+def _mesh(shape):
+  devices = jax.devices()[:int(np.prod(shape))]
+  return make_mesh(*shape, devices=devices)
+
+
+def _torch_reference(hf_model, ids, mask):
+  """transformers' forward with positions counted from the left padding, as generate() does."""
+  positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+  with torch.no_grad():
+    out = hf_model(torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions),
+                   output_hidden_states=True)
+  return out.logits.numpy(), out.hidden_states[-1].numpy()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mesh_name", MESHES)
+def test_logits_and_hidden_match_transformers(tiny_checkpoints, family, mesh_name):
+  directory, hf_model = tiny_checkpoints[family]
+  ids, mask = left_padded_batch(np.random.default_rng(0), 8, 24, hf_model.config.vocab_size)
+  want_logits, want_hidden = _torch_reference(hf_model, ids, mask)
+
+  model = from_pretrained(directory, mesh=_mesh(MESHES[mesh_name]))
+  out = jax.jit(lambda m, i, a: m(i, a))(model, ids, mask)
+  real = mask.astype(bool)
+  assert out.logits.shape == (8, 24, hf_model.config.vocab_size)
+  np.testing.assert_allclose(np.asarray(out.logits)[real], want_logits[real], atol=PARITY_TOL, rtol=0)
+  np.testing.assert_allclose(np.asarray(out.hidden)[real], want_hidden[real], atol=PARITY_TOL, rtol=0)
+
+
+def test_parameters_really_are_sharded(tiny_checkpoints):
+  model = from_pretrained(tiny_checkpoints["llama"][0], mesh=_mesh((1, 2, 4)))
+  q_proj = model.layers[0].attn.q_proj[...]  # [E, H, D] = ("embed", "heads", "head_dim") -> (fsdp, tensor, -)
+  assert q_proj.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+  assert q_proj.addressable_shards[0].data.shape == (128 // 2, 8 // 4, 16)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_then_decode_matches_full_forward(tiny_checkpoints, family):
+  """The KV-cache interface: a left-padded prefill plus one-token decodes gives the full pass's logits."""
+  directory, hf_model = tiny_checkpoints[family]
+  model = from_pretrained(directory, mesh=_mesh((1, 2, 4)))
+  ids, mask = left_padded_batch(np.random.default_rng(1), 4, 12, hf_model.config.vocab_size)
+  full = model(ids, mask).logits  # [B, 12, V]
+
+  prompt_len = 8
+  cache = model.init_cache(4, 16)
+  out = model(ids[:, :prompt_len], mask[:, :prompt_len], cache=cache)
+  real = mask[:, :prompt_len].astype(bool)  # padding positions attend to nothing: their logits are arbitrary
+  np.testing.assert_allclose(np.asarray(out.logits)[real], np.asarray(full)[:, :prompt_len][real], atol=1e-5)
+  decode = jax.jit(lambda m, token, c: m(token, jnp.ones_like(token), cache=c))
+  cache = out.cache
+  for t in range(prompt_len, 12):
+    out = decode(model, ids[:, t:t + 1], cache)
+    cache = out.cache
+    np.testing.assert_allclose(out.logits[:, 0], np.asarray(full)[:, t], atol=1e-5)
+  assert int(cache.index) == 12
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_pretrained_round_trips_through_transformers(tiny_checkpoints, tmp_path, family):
+  directory, hf_model = tiny_checkpoints[family]
+  model = from_pretrained(directory, mesh=_mesh((1, 2, 4)))
+  save_pretrained(model, tmp_path / "export")
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "export")).eval()
+  assert type(reloaded) is type(hf_model)
+  ids, mask = left_padded_batch(np.random.default_rng(2), 4, 16, hf_model.config.vocab_size)
+  want, _ = _torch_reference(hf_model, ids, mask)
+  got, _ = _torch_reference(reloaded, ids, mask)
+  np.testing.assert_array_equal(got, want)  # the same float32 weights, bit for bit
+
+
+def test_save_pretrained_shards_large_exports(tiny_checkpoints, tmp_path):
+  model = from_pretrained(tiny_checkpoints["qwen3"][0])
+  from mcpo_jax.model.weights import save_hf_checkpoint
+  save_hf_checkpoint(model, tmp_path, max_shard_bytes=200_000)
+  index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+  assert len(set(index["weight_map"].values())) > 1
+  reloaded = from_pretrained(tmp_path)
+  ids = np.arange(20).reshape(2, 10)
+  np.testing.assert_array_equal(reloaded(ids).logits, model(ids).logits)
+
+
+def test_bfloat16_compute_stays_close(tiny_checkpoints):
+  directory, hf_model = tiny_checkpoints["llama"]
+  ids, mask = left_padded_batch(np.random.default_rng(3), 4, 16, hf_model.config.vocab_size)
+  want, _ = _torch_reference(hf_model, ids, mask)
+  got = from_pretrained(directory, dtype="bfloat16")(ids, mask).logits
+  assert got.dtype == jnp.float32  # the LM head accumulates in float32
+  real = mask.astype(bool)
+  assert np.abs(np.asarray(got)[real] - want[real]).max() < 0.1  # bf16 has ~3 significant digits
+
+
+def test_remat_gives_the_same_gradients(tiny_checkpoints):
+  from flax import nnx
+  directory, _ = tiny_checkpoints["qwen2"]
+  ids = np.random.default_rng(4).integers(0, 256, (2, 10))
+
+  def loss(model):
+    return jnp.mean(jax.nn.log_softmax(model(ids).logits)[..., 0])
+
+  plain = nnx.grad(loss)(from_pretrained(directory))
+  remat = nnx.grad(loss)(from_pretrained(directory, remat="full"))
+  for (path, a), (_, b) in zip(nnx.to_flat_state(plain), nnx.to_flat_state(remat)):
+    np.testing.assert_allclose(a[...], b[...], atol=1e-6, err_msg=str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one clear message naming the thing and the fix.
+
+
+def test_missing_directory_is_a_clear_error(tmp_path):
+  with pytest.raises(CheckpointError, match=r"does not exist.*HF checkpoint directory"):
+    from_pretrained(tmp_path / "nope")
+
+
+def test_unsupported_model_type_lists_the_supported_ones(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10}))
+  with pytest.raises(ModelConfigError, match=r"model_type='gpt2'.*llama, qwen2, qwen3"):
+    from_pretrained(tmp_path)
+
+
+def test_wrong_tensor_shape_names_tensor_and_both_shapes(tmp_path):
+  write_tiny_checkpoint("llama", tmp_path)
+  config = json.loads((tmp_path / "config.json").read_text())
+  config["intermediate_size"] = 512
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.\w+_proj\.weight.* has shape \((128, 256|256, 128)\) but config\.json implies \((128, 512|512, 128)\)"):
+    from_pretrained(tmp_path)
+
+
+def test_missing_tensor_is_named(tmp_path):
+  import safetensors.numpy
+  write_tiny_checkpoint("qwen3", tmp_path)
+  tensors = safetensors.numpy.load_file(str(tmp_path / "model.safetensors"))
+  del tensors["model.layers.1.self_attn.k_norm.weight"]
+  safetensors.numpy.save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+  with pytest.raises(CheckpointError, match=r"'model\.layers\.1\.self_attn\.k_norm\.weight' is missing"):
+    from_pretrained(tmp_path)
+
+
+def test_missing_config_json_is_named(tmp_path):
+  write_tiny_checkpoint("qwen2", tmp_path)
+  (tmp_path / "config.json").unlink()
+  with pytest.raises(CheckpointError, match=r"config\.json is missing"):
+    from_pretrained(tmp_path)
