@@ -163,3 +163,16 @@ def test_missing_config_json_is_named(tmp_path):
   (tmp_path / "config.json").unlink()
   with pytest.raises(CheckpointError, match=r"config\.json is missing"):
     from_pretrained(tmp_path)
+
+
+def test_byte_range_reader_used_for_gs_paths_reads_the_same_tensors(tiny_checkpoints, monkeypatch):
+  """gs:// checkpoints go through byte-range reads (safetensors' reader needs a local path): same model."""
+  from mcpo_jax.model import weights
+  directory, _ = tiny_checkpoints["qwen2"]
+  local = from_pretrained(directory)
+  monkeypatch.setattr(weights, "_is_remote", lambda path: True)
+  checkpoint = weights.SafetensorsCheckpoint(directory)
+  assert all(isinstance(f, weights._RemoteSafetensorsFile) for f in checkpoint._files.values())
+  remote = from_pretrained(directory)
+  ids = np.arange(24).reshape(2, 12)
+  np.testing.assert_array_equal(remote(ids).logits, local(ids).logits)
