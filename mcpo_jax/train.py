@@ -1,0 +1,263 @@
+"""Train state and the jitted, sharded MCPO update step.
+
+One teacher-forced forward over prompt + response gives both the log-probs (LM head applied in
+sequence chunks under remat, so [N, T, V] logits never exist) and the pooled hidden states for the
+contrastive head. With micro-batches, the batch-global contrastive term is evaluated once on all
+pooled representations and its gradient is fed back per micro-batch (gradient caching), so 1 and
+M micro-batches give the same update.
+
+Shapes: N rows, P prompt length, T response length, E hidden width, P_z projection width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mcpo_jax.mesh import named_sharding
+from mcpo_jax.model.transformer import Transformer
+from mcpo_jax.objectives import ObjectiveConfig, contrastive_term, policy_term, pool_response
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  learning_rate: float = 1e-6
+  head_learning_rate: float = 1e-4  # the contrastive head starts from scratch: it needs a larger step
+  weight_decay: float = 0.01
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  max_grad_norm: float = 1.0
+  warmup_steps: int = 0
+  schedule: str = "constant"  # "constant" | "cosine" (after warm-up)
+  total_steps: int = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateConfig:
+  objective: ObjectiveConfig = ObjectiveConfig()
+  temperature: float = 1.0  # the sampler's: log-probs are of logits / temperature
+  micro_batches: int = 1
+  logit_chunk: int = 64  # response positions per LM-head chunk
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # [] int32
+  params: dict[str, Any]  # {"lm": nnx.State of the Transformer's params, "head": [E, P_z] contrastive head}
+  opt_state: Any
+  nonfinite_streak: jax.Array  # [] int32: consecutive skipped (non-finite) updates
+
+
+def _schedule(peak: float, config: OptimConfig) -> optax.Schedule:
+  if config.schedule not in ("constant", "cosine"):
+    raise ValueError(f"optim.schedule={config.schedule!r}; choose 'constant' or 'cosine'.")
+  after = (optax.constant_schedule(peak) if config.schedule == "constant" else
+           optax.cosine_decay_schedule(peak, max(1, config.total_steps - config.warmup_steps)))
+  if config.warmup_steps <= 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, config.warmup_steps), after],
+                              [config.warmup_steps])
+
+
+def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
+  """Global-norm clip, then AdamW with its own learning rate for the LLM and for the contrastive head."""
+  adamw = lambda lr: optax.adamw(_schedule(lr, config), b1=config.b1, b2=config.b2, eps=config.eps,
+                                 weight_decay=config.weight_decay)
+  labels = lambda params: {"lm": jax.tree.map(lambda _: "lm", params["lm"]), "head": "head"}
+  return optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
+                     optax.multi_transform({"lm": adamw(config.learning_rate),
+                                            "head": adamw(config.head_learning_rate)}, labels))
+
+
+def init_train_state(model: Transformer, optimizer: optax.GradientTransformation, *, proj_dim: int = 256,
+                     seed: int = 0) -> tuple[nnx.GraphDef, TrainState]:
+  """Splits the model into (graphdef, params) and adds a replicated contrastive head [E, proj_dim]."""
+  graphdef, lm_params = nnx.split(model, nnx.Param)
+  hidden = model.config.hidden_size
+  head = jax.random.normal(jax.random.key(seed), (hidden, proj_dim), jnp.float32) / jnp.sqrt(hidden)
+  if model.mesh is not None:
+    head = jax.device_put(head, named_sharding(model.mesh, (None, None), head.shape))
+  params = {"lm": lm_params, "head": head}
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                     nonfinite_streak=jnp.zeros((), jnp.int32))
+  if model.mesh is not None:  # counters and other unsharded leaves: replicate them on the mesh
+    replicated = NamedSharding(model.mesh, PartitionSpec())
+    on_mesh = lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated)
+    state = jax.tree.map(on_mesh, state)
+  return graphdef, state
+
+
+# ---------------------------------------------------------------------------------------------
+# Teacher-forced log-probs
+
+
+def token_logprobs(model: Transformer, hidden: jax.Array, tokens: jax.Array, temperature: float,
+                   chunk: int) -> tuple[jax.Array, jax.Array]:
+  """log softmax(head(h) / temperature) at `tokens`, and the entropy, chunked over positions.
+
+  hidden: [N, T, E] states that predict tokens [N, T]. Each chunk's [N, C, V] logits are
+  recomputed in the backward pass instead of stored, so memory is linear in T with a small slope.
+  """
+  n, t, e = hidden.shape
+  chunk = min(chunk, t)
+  pad = -t % chunk
+  hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(n, -1, chunk, e).swapaxes(0, 1)
+  tokens = jnp.pad(tokens, ((0, 0), (0, pad))).reshape(n, -1, chunk).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one_chunk(args):
+    h, tok = args  # [N, C, E], [N, C]
+    logits = model.logits_from_hidden(h) / temperature  # [N, C, V] float32
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    logp = jnp.take_along_axis(logits, tok[..., None], axis=-1)[..., 0] - lse
+    probs = jax.lax.stop_gradient(jax.nn.softmax(logits, axis=-1))
+    entropy = jax.lax.stop_gradient(lse - jnp.sum(probs * logits, axis=-1))
+    return logp, entropy
+
+  logp, entropy = jax.lax.map(one_chunk, (hidden, tokens))  # [T/C, N, C]
+  unchunk = lambda x: x.swapaxes(0, 1).reshape(n, -1)[:, :t]
+  return unchunk(logp), unchunk(entropy)
+
+
+def forward_rollouts(model: Transformer, batch: dict[str, jax.Array], temperature: float, chunk: int):
+  """One forward over prompt + response -> (logp [N, T], entropy [N, T], pooled response hidden [N, E])."""
+  prompt_len = batch["prompt_tokens"].shape[1]
+  response_len = batch["tokens"].shape[1]
+  ids = jnp.concatenate([batch["prompt_tokens"], batch["tokens"]], axis=1)  # [N, P + T]
+  mask = jnp.concatenate([batch["prompt_mask"], batch["mask"]], axis=1)
+  hidden = model(ids, mask, return_logits=False).hidden  # [N, P + T, E]
+  predicting = hidden[:, prompt_len - 1:prompt_len + response_len - 1]  # the states that predict the response
+  logp, entropy = token_logprobs(model, predicting, batch["tokens"], temperature, chunk)
+  pooled = pool_response(hidden[:, prompt_len:], batch["mask"])
+  return logp, entropy, pooled
+
+
+def sequence_logprobs(graphdef: nnx.GraphDef, lm_params, batch: dict[str, jax.Array], *, temperature: float,
+                      chunk: int = 64) -> jax.Array:
+  """Log-probs [N, T] of the rollouts under `lm_params` (the frozen reference, or π_old recomputed)."""
+  model = nnx.merge(graphdef, lm_params)
+  return forward_rollouts(model, batch, temperature, chunk)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The update
+
+
+def _split_micro(x: jax.Array, micro: int) -> jax.Array:
+  """[N, ...] -> [M, N/M, ...], micro-batch m holding rows m, m+M, m+2M, ...
+
+  Strided, so every micro-batch draws rows from every batch shard and the scan over micro-batches
+  needs no resharding.
+  """
+  if x.shape[0] % micro:
+    raise ValueError(f"{x.shape[0]} rows do not split into {micro} micro-batches; make micro_batches divide "
+                     "the rows per update.")
+  return x.reshape(x.shape[0] // micro, micro, *x.shape[1:]).swapaxes(0, 1)
+
+
+def _merge_micro(x: jax.Array) -> jax.Array:
+  """Inverse of _split_micro: [M, N/M, ...] -> [N, ...]."""
+  return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def loss_and_grads(graphdef, params, batch, transfer, config: UpdateConfig):
+  objective = config.objective
+  num_tokens = jnp.sum(batch["mask"])
+  num_rows = batch["mask"].shape[0]
+  use_head = objective.algorithm == "mcpo"
+
+  def lm_forward(lm_params, mb):
+    return forward_rollouts(nnx.merge(graphdef, lm_params), mb, config.temperature, config.logit_chunk)
+
+  if config.micro_batches == 1:
+    def loss_fn(params):
+      logp, entropy, pooled = lm_forward(params["lm"], batch)
+      contrastive, advantages, metrics = jnp.zeros(()), batch["advantages"], {}
+      if use_head:
+        contrastive, (advantages, metrics) = contrastive_term(pooled, params["head"], batch, transfer, objective)
+      policy, policy_metrics = policy_term(logp, batch, advantages, objective)
+      entropy_mean = jnp.sum(jnp.where(batch["mask"] > 0, entropy, 0.0)) / jnp.maximum(num_tokens, 1)
+      return policy + contrastive, dict(metrics, **policy_metrics, entropy=entropy_mean)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, metrics, grads
+
+  split = lambda x: _split_micro(x, config.micro_batches)
+  micro = jax.tree.map(split, batch)
+  contrastive, advantages, metrics = jnp.zeros(()), batch["advantages"], {}
+  head_grad = jnp.zeros_like(params["head"])
+  pooled_grad = jnp.zeros((num_rows, 1), jnp.float32)
+  if use_head:  # pass 1: every pooled representation, then the contrastive gradient w.r.t. them
+    pooled = jax.lax.stop_gradient(_merge_micro(jax.lax.map(lambda mb: lm_forward(params["lm"], mb)[2], micro)))
+    (contrastive, (advantages, metrics)), (pooled_grad, head_grad) = jax.value_and_grad(
+        contrastive_term, argnums=(0, 1), has_aux=True)(pooled, params["head"], batch, transfer, objective)
+  micro = dict(micro, advantages=split(advantages), pooled_grad=split(jnp.broadcast_to(pooled_grad, (num_rows,) +
+                                                                                           pooled_grad.shape[1:])))
+
+  def micro_loss(lm_params, mb):
+    logp, entropy, pooled = lm_forward(lm_params, mb)
+    policy, policy_metrics = policy_term(logp, mb, mb["advantages"], objective, num_tokens=num_tokens,
+                                         num_rows=num_rows)
+    # Σ (∂L_contrastive/∂pooled) · pooled has the contrastive term's exact gradient w.r.t. lm_params.
+    surrogate = jnp.sum(mb["pooled_grad"] * pooled) if use_head else 0.0
+    entropy_sum = jnp.sum(jnp.where(mb["mask"] > 0, entropy, 0.0))
+    return policy + surrogate, (policy, policy_metrics, entropy_sum)
+
+  def accumulate(carry, mb):
+    grads_sum, policy_sum = carry
+    (_, (policy, policy_metrics, entropy_sum)), grads = jax.value_and_grad(micro_loss, has_aux=True)(
+        params["lm"], mb)
+    return (jax.tree.map(jnp.add, grads_sum, grads), policy_sum + policy), (policy_metrics, entropy_sum)
+
+  zeros = jax.tree.map(jnp.zeros_like, params["lm"])
+  (lm_grads, policy), (policy_metrics, entropy_sums) = jax.lax.scan(accumulate, (zeros, jnp.zeros(())), micro)
+  # Per-micro-batch token means, weighted by tokens, are the batch's token means.
+  weights = jnp.sum(micro["mask"], axis=(1, 2)) / jnp.maximum(num_tokens, 1)  # [M]
+  # pg_loss and kl already carry the global normalisers: their micro-batch parts add up.
+  combine = lambda name, m: jnp.sum(m) if name in ("pg_loss", "kl") else jnp.sum(m * weights)
+  metrics = dict(metrics, **{name: combine(name, m) for name, m in policy_metrics.items()},
+                 entropy=jnp.sum(entropy_sums) / jnp.maximum(num_tokens, 1))
+  return policy + contrastive, metrics, {"lm": lm_grads, "head": head_grad}
+
+
+def update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, config: UpdateConfig,
+                state: TrainState, batch: dict[str, jax.Array], transfer: jax.Array) -> tuple[TrainState, dict]:
+  """One optimizer step on a batch of scored rollouts; skipped (state kept) if anything is non-finite.
+
+  batch: prompt_tokens, prompt_mask [N, P]; tokens, mask, old_logp, ref_logp [N, T]; advantages,
+  rewards, prompt_ids, domain_ids, correct [N]. transfer: [D, D].
+  """
+  loss, metrics, grads = loss_and_grads(graphdef, state.params, batch, transfer, config)
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  new_state = TrainState(step=state.step + finite.astype(jnp.int32), params=keep(params, state.params),
+                         opt_state=keep(opt_state, state.opt_state),
+                         nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1))
+  return new_state, dict(metrics, loss=loss, grad_norm=grad_norm, skipped=(~finite).astype(jnp.float32))
+
+
+def shard_batch(batch: dict[str, Any], mesh: Mesh | None) -> dict[str, jax.Array]:
+  """Rows over (data, fsdp); everything else replicated."""
+  def place(x):
+    x = jnp.asarray(x)
+    if mesh is None:
+      return x
+    return jax.device_put(x, named_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1), x.shape))
+  return {k: place(v) for k, v in batch.items()}
+
+
+def jit_update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, config: UpdateConfig,
+                    state: TrainState):
+  """update_step jitted with the state donated and its shardings pinned (params never drift)."""
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  step = lambda state, batch, transfer: update_step(graphdef, optimizer, config, state, batch, transfer)
+  return jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, None))
