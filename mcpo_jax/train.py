@@ -234,7 +234,7 @@ def update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
   rewards, prompt_ids, domain_ids, correct [N]. transfer: [D, D].
   """
   loss, metrics, grads = loss_and_grads(graphdef, state.params, batch, transfer, config)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -7,7 +7,7 @@ a stable log-sum-exp over the listed denominator set, and explicit anchor counti
 
 Every function computes scalar by scalar. With float64 NumPy inputs it is the NumPy reference; the
 very same loops run on float64 torch tensors (rows are unbound into 0-d tensors), so torch autograd
-of these formulas gives reference gradients. Stop-gradients are `float(x)` / `.detach()`.
+of these formulas gives reference gradients. Stop-gradients are `_value(x)` / `.detach()`.
 """
 
 from __future__ import annotations
@@ -52,6 +52,11 @@ def _clip(x, low, high):
   if x > high:
     return high
   return x
+
+
+def _value(x) -> float:
+  """A plain float, the stop-gradient of a scalar."""
+  return float(x.detach()) if _is_torch(x) else float(x)
 
 
 def _stop(x):
@@ -151,9 +156,9 @@ def policy_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.2, dua
       values.append(value)
       if mask[i, t]:
         count += 1
-        clipped_count += int(float(clipped) > float(unclipped))
+        clipped_count += int(_value(clipped) > _value(unclipped))
         lower_count += int(dual_binds)
-        kl_sum += -float(log_ratio)
+        kl_sum += -_value(log_ratio)
     per_token.append(values)
   loss = aggregate(per_token, mask, agg, num_tokens, num_rows)
   denominator = max(count, 1)
@@ -284,25 +289,25 @@ def contrastive_loss(z, prompt_ids, domain_ids, correct, transfer, tau=0.05, cro
     candidates = [j for j in range(n) if cross[i][j]]
     in_positives = [j for j in range(n) if in_domain[i][j]]
     negative_set = [j for j in range(n) if negatives[i][j]]
-    kept = top_k(candidates, {j: float(sim(i, j)) for j in candidates}, cross_topk)  # stop-gradient ranking
+    kept = top_k(candidates, {j: _value(sim(i, j)) for j in candidates}, cross_topk)  # stop-gradient ranking
     kept_cross[i] = kept
     denominator = sorted(set(kept) | set(in_positives) | set(negative_set))
     has_negative = bool(negative_set) or not require_negative
     if not denominator:
       continue
-    shift = max(float(sim(i, k)) for k in denominator)  # a constant: log-sum-exp is shift invariant
+    shift = max(_value(sim(i, k)) for k in denominator)  # a constant: log-sum-exp is shift invariant
     lse = shift + _log(sum((_exp(sim(i, k) - shift) for k in denominator), 0.0))
     if kept and has_negative:
       counted_cross[i] = True
       per_cross[i] = -sum((sim(i, j) - lse for j in kept), 0.0) / len(kept)
-      pos_cos += [float(cosine(i, j)) for j in kept]
+      pos_cos += [_value(cosine(i, j)) for j in kept]
       cross_positive_total += len(kept)
     if in_positives and has_negative:
       counted_in[i] = True
       per_in[i] = -sum((sim(i, j) - lse for j in in_positives), 0.0) / len(in_positives)
-      pos_cos += [float(cosine(i, j)) for j in in_positives]
+      pos_cos += [_value(cosine(i, j)) for j in in_positives]
     if counted_cross[i] or counted_in[i]:
-      neg_cos += [float(cosine(i, j)) for j in negative_set]
+      neg_cos += [_value(cosine(i, j)) for j in negative_set]
   n_cross, n_in = sum(counted_cross), sum(counted_in)
   l_cross = sum((per_cross[i] for i in range(n) if counted_cross[i]), 0.0) / max(n_cross, 1)
   l_in = sum((per_in[i] for i in range(n) if counted_in[i]), 0.0) / max(n_in, 1)
@@ -345,7 +350,7 @@ def mcpo_loss(logp, pooled, head, batch, transfer, config, num_tokens=None, num_
       correct = _ints(batch["correct"])
       bonus = []
       for i, value in enumerate(per_anchor):
-        bonus.append(max(-float(value), config.reward_bonus_min) if correct[i] else 0.0)
+        bonus.append(max(-_value(value), config.reward_bonus_min) if correct[i] else 0.0)
       rewards = [float(r) + b for r, b in zip(np.asarray(batch["rewards"], np.float64), bonus)]
       advantages = grpo_advantages(rewards, config.group_size, config.normalize_std)
       metrics["reward_bonus"] = sum(bonus) / len(bonus)

@@ -9,7 +9,7 @@ Layers, outermost first:
   temporary directory as cwd and HOME; stdout/stderr go to files that RLIMIT_FSIZE caps.
 - interpreter: `sandbox_boot.py` installs an audit hook before the program runs that refuses
   sockets, new processes, signals, ctypes, writes and deletions outside the work directory, reading
-  /proc and /sys (where the parent's environment is), and frame / gc introspection.
+  /proc and /sys (where the parent's environment is).
 
 Where `unshare` is unavailable, the audit hook alone blocks the network. The audit hook guards against
 accidents and reward hacks, not a determined attacker (interpreter bugs can bypass it). The kernel does
@@ -41,7 +41,7 @@ class Limits:
   cpu_s: int = 5           # RLIMIT_CPU
   memory_mb: int = 1024    # RLIMIT_AS
   file_mb: int = 16        # RLIMIT_FSIZE: any file written, stdout and stderr included
-  processes: int = 1       # RLIMIT_NPROC: no child processes
+  processes: int = 8       # RLIMIT_NPROC (threads count too)
   open_files: int = 64     # RLIMIT_NOFILE
 
 
@@ -100,8 +100,7 @@ def run_python(sources: list[tuple[str, str]], *, stdin: str = "", limits: Limit
       except ProcessLookupError:
         pass
       process.wait()
-    read_cap = limits.file_mb * 1024 * 1024
-    stdout = (Path(root) / "stdout").open("rb").read(read_cap).decode("utf-8", "replace")
-    stderr = (Path(root) / "stderr").open("rb").read(read_cap).decode("utf-8", "replace")
+    stdout = (Path(root) / "stdout").read_bytes().decode("utf-8", "replace")  # RLIMIT_FSIZE caps the size
+    stderr = (Path(root) / "stderr").read_bytes().decode("utf-8", "replace")
   finished = not timed_out and process.returncode == 0 and f"\n{marker}\n" in stdout
   return RunResult(process.returncode, stdout.replace(f"\n{marker}\n", ""), stderr[-4000:], timed_out, finished)

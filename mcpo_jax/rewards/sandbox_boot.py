@@ -2,10 +2,10 @@
 
 It reads the job (source files to run in one namespace, and an end marker), deletes the job file,
 installs an audit hook, runs the sources, and only if every one of them finished writes the end
-marker to stdout. The marker is a per-run secret: a program that exits early (`sys.exit(0)`,
-`os._exit(0)`) or prints a fake success line cannot produce it, and the hook refuses the
-introspection (frames, gc, tracing) that would reveal it. Standard library only, no imports of this
-package: it runs with site-packages disabled.
+marker to stdout. The marker is a per-run secret, so a program that exits early (`sys.exit(0)`,
+`os._exit(0)`) or prints a fake success line, the reward hacks seen in practice, does not pass. It is
+not hidden from a program that walks the interpreter's frames: refusing `sys._getframe` would break
+namedtuple, typing and enum. Standard library only: it runs with site-packages disabled.
 """
 
 import json
@@ -16,9 +16,6 @@ DENIED_EVENTS = {
     # processes and signals
     "os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "os.system", "os.startfile",
     "subprocess.Popen", "pty.spawn", "os.kill", "os.killpg", "signal.pthread_kill",
-    # introspection that reaches the marker
-    "sys._getframe", "sys._current_frames", "sys.settrace", "sys.setprofile", "object.__getattr__",
-    "gc.get_objects", "gc.get_referrers", "gc.get_referents",
 }
 DENIED_PREFIXES = ("socket.", "ctypes.")
 DENIED_IMPORTS = {"_posixsubprocess", "_ctypes", "ctypes"}

@@ -1,0 +1,144 @@
+"""The update step: chunked log-probs, micro-batch and mesh invariance, gradient routing, NaN guard."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mcpo_jax.mesh import make_mesh
+from mcpo_jax.model import init_model
+from mcpo_jax.model.config import ModelConfig
+from mcpo_jax.objectives import ObjectiveConfig, grpo_advantages
+from mcpo_jax.sampling import generate
+from mcpo_jax.train import (OptimConfig, UpdateConfig, init_train_state, jit_update_step, loss_and_grads,
+                            make_optimizer, sequence_logprobs, shard_batch)
+
+CONFIG = ModelConfig("qwen2", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                     num_kv_heads=4, head_dim=16, attention_bias=True, tie_word_embeddings=True)
+N, P, T, G = 16, 8, 12, 4
+
+
+def _mesh(shape):
+  return make_mesh(*shape, devices=jax.devices()[:int(np.prod(shape))])
+
+
+def _batch(seed=0):
+  """16 scored rollouts: 4 prompts × 4, 3 domains, ragged response lengths (one empty)."""
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(1, T + 1, N)
+  lengths[5] = 0
+  rewards = np.array([1, 0, 1, 0, 0, 1, 1, 1, 0, 1, 0, 0, 1, 1, 0, 1], np.float32)
+  batch = dict(
+      prompt_tokens=rng.integers(0, 256, (N, P)), prompt_mask=np.ones((N, P), np.int32),
+      tokens=rng.integers(0, 256, (N, T)), mask=(np.arange(T)[None] < lengths[:, None]).astype(np.int32),
+      old_logp=(-5 * rng.random((N, T))).astype(np.float32), ref_logp=(-5 * rng.random((N, T))).astype(np.float32),
+      rewards=rewards, correct=rewards.astype(np.int32), prompt_ids=np.repeat(np.arange(N // G), G),
+      domain_ids=np.repeat(np.array([0, 1, 2, 0]), G))
+  batch["prompt_mask"][3, :3] = 0  # some left padding
+  batch["advantages"] = np.asarray(grpo_advantages(jnp.asarray(rewards), G))
+  return batch
+
+
+TRANSFER = jnp.array([[1, 1, 0], [1, 1, 1], [0, 1, 1]], jnp.float32)
+
+
+def _grads(mesh_shape=(1, 1, 1), **update_kwargs):
+  mesh = _mesh(mesh_shape)
+  model = init_model(CONFIG, mesh=mesh, seed=1)
+  graphdef, state = init_train_state(model, make_optimizer(OptimConfig()), proj_dim=32)
+  objective = ObjectiveConfig(group_size=G, lambda_cross=1.0, lambda_in=1.0,
+                              **update_kwargs.pop("objective", {}))
+  config = UpdateConfig(objective=objective, logit_chunk=5, **update_kwargs)
+  fn = jax.jit(lambda params, batch: loss_and_grads(graphdef, params, batch, TRANSFER, config))
+  loss, metrics, grads = fn(state.params, shard_batch(_batch(), mesh))
+  return float(loss), jax.tree.map(float, metrics), jax.tree.map(np.asarray, grads)
+
+
+def _max_diff(a, b):
+  return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b)))
+
+
+def test_chunked_logprobs_equal_full_log_softmax():
+  model = init_model(CONFIG, seed=2)
+  batch = _batch()
+  graphdef, params = nnx.split(model, nnx.Param)
+  got = sequence_logprobs(graphdef, params, batch, temperature=0.7, chunk=5)  # 12 = 5 + 5 + 2 (padded chunk)
+  ids = np.concatenate([batch["prompt_tokens"], batch["tokens"]], 1)
+  mask = np.concatenate([batch["prompt_mask"], batch["mask"]], 1)
+  logits = np.asarray(model(ids, mask).logits, np.float64)[:, P - 1:P + T - 1] / 0.7
+  logits -= logits.max(-1, keepdims=True)
+  want = np.take_along_axis(logits, batch["tokens"][..., None], -1)[..., 0] - np.log(np.exp(logits).sum(-1))
+  real = batch["mask"].astype(bool)
+  np.testing.assert_allclose(np.asarray(got)[real], want[real], atol=2e-5)
+
+
+def test_trainer_logprobs_equal_sampler_logprobs():
+  """π_old from the sampler and π from the trainer's forward agree (same temperature), so ρ = 1 on-policy."""
+  model = init_model(CONFIG, seed=3)
+  prompts = np.random.default_rng(0).integers(0, 256, (2, 6))
+  rollouts = generate(model, prompts, np.ones_like(prompts), group_size=3, max_new_tokens=10, temperature=0.8,
+                      key=jax.random.key(0))
+  batch = dict(prompt_tokens=rollouts.prompt_ids, prompt_mask=rollouts.prompt_mask, tokens=rollouts.tokens,
+               mask=rollouts.response_mask)
+  graphdef, params = nnx.split(model, nnx.Param)
+  logp = sequence_logprobs(graphdef, params, batch, temperature=0.8)
+  mask = np.asarray(rollouts.response_mask).astype(bool)
+  np.testing.assert_allclose(np.asarray(logp)[mask], np.asarray(rollouts.logprobs)[mask], atol=1e-5)
+
+
+@pytest.mark.parametrize("objective", [{}, {"coupling": "reward", "agg": "seq-mean-token-mean"}])
+def test_one_and_four_micro_batches_give_the_same_gradients(objective):
+  loss_1, metrics_1, grads_1 = _grads(micro_batches=1, objective=objective)
+  loss_4, metrics_4, grads_4 = _grads(micro_batches=4, objective=objective)
+  assert abs(loss_1 - loss_4) < 1e-5
+  for name in ("pg_loss", "kl", "pg_clipfrac", "ppo_kl", "entropy"):
+    assert abs(metrics_1[name] - metrics_4[name]) < 1e-5, name
+  # Exact up to float32 summation order: ≤ 5e-6 relative to the largest gradient entry.
+  scale = max(np.abs(g).max() for g in jax.tree.leaves(grads_1))
+  assert _max_diff(grads_1, grads_4) <= 5e-6 * max(scale, 1.0)
+
+
+def test_one_device_and_2x4_mesh_give_the_same_gradients_and_update():
+  loss_1, _, grads_1 = _grads((1, 1, 1), micro_batches=2)
+  loss_8, _, grads_8 = _grads((1, 2, 4), micro_batches=2)
+  assert abs(loss_1 - loss_8) < 1e-5
+  scale = max(np.abs(g).max() for g in jax.tree.leaves(grads_1))
+  assert _max_diff(grads_1, grads_8) <= 1e-5 * max(scale, 1.0)
+
+  def updated(mesh_shape):
+    mesh = _mesh(mesh_shape)
+    optimizer = make_optimizer(OptimConfig())  # lr 1e-6: Adam's first step is ~lr·sign(g)
+    graphdef, state = init_train_state(init_model(CONFIG, mesh=mesh, seed=1), optimizer, proj_dim=32)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    config = UpdateConfig(objective=ObjectiveConfig(group_size=G), micro_batches=2, logit_chunk=5)
+    state, metrics = jit_update_step(graphdef, optimizer, config, state)(state, shard_batch(_batch(), mesh), TRANSFER)
+    assert float(metrics["skipped"]) == 0 and int(state.step) == 1
+    assert jax.tree.map(lambda x: x.sharding, state) == shardings  # the update keeps every sharding
+    return jax.tree.map(np.asarray, state.params)
+  assert _max_diff(updated((1, 1, 1)), updated((1, 2, 4))) <= 1e-5
+
+
+def test_head_only_representation_gradient_leaves_the_llm_alone():
+  """repr_grad="head": the LLM's gradient is exactly the GRPO gradient; the head still learns."""
+  _, _, mcpo_head = _grads(objective={"repr_grad": "head"})
+  _, _, grpo = _grads(objective={"algorithm": "grpo"})
+  assert _max_diff(mcpo_head["lm"], grpo["lm"]) == 0.0
+  assert np.abs(mcpo_head["head"]).max() > 0 and np.abs(grpo["head"]).max() == 0.0
+  _, _, mcpo_policy = _grads()
+  assert _max_diff(mcpo_policy["lm"], grpo["lm"]) > 0  # the default does reach the LLM
+
+
+def test_non_finite_update_is_skipped_and_counted():
+  model = init_model(CONFIG, seed=4)
+  optimizer = make_optimizer(OptimConfig(learning_rate=1e-3))
+  graphdef, state = init_train_state(model, optimizer, proj_dim=32)
+  before = jax.tree.map(np.asarray, state.params)
+  step = jit_update_step(graphdef, optimizer, UpdateConfig(objective=ObjectiveConfig(group_size=G)), state)
+  batch = _batch()
+  batch["old_logp"][0, 0] = np.nan
+  state, metrics = step(state, shard_batch(batch, None), TRANSFER)
+  assert float(metrics["skipped"]) == 1 and int(state.nonfinite_streak) == 1 and int(state.step) == 0
+  assert _max_diff(before, jax.tree.map(np.asarray, state.params)) == 0.0
+  state, metrics = step(state, shard_batch(_batch(), None), TRANSFER)
+  assert float(metrics["skipped"]) == 0 and int(state.nonfinite_streak) == 0 and int(state.step) == 1
