@@ -24,7 +24,7 @@ def chosen_letter(answer: str, choices: list[str]) -> str | None:
     texts = [normalize(choice) for choice in choices]
     letter = string.ascii_uppercase[texts.index(normalize(answer))] if normalize(answer) in texts else None
   valid = string.ascii_uppercase[:len(choices)] if choices else string.ascii_uppercase
-  return letter if letter in valid else None
+  return letter if letter is not None and letter in valid else None
 
 
 def score(completion: str, example: dict) -> float:

@@ -1,0 +1,87 @@
+"""Metric sinks: metrics.jsonl (always), TensorBoard event files, and a console progress line.
+
+Only process 0 writes. Values are plain floats by the time they arrive here (the loop gathers
+and converts device arrays first), so no sink ever touches a non-addressable array.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+from tensorboardX import SummaryWriter
+
+
+def _scalar(value: Any) -> float | None:
+  if isinstance(value, (int, float, np.number)) or (isinstance(value, np.ndarray) and value.ndim == 0):
+    return float(value)
+  return None
+
+
+class MetricsWriter:
+  """Writes each step's flat {name: value} dict to metrics.jsonl and TensorBoard (scalars + images)."""
+
+  def __init__(self, workdir: str | Path, *, tensorboard: bool = True):
+    self.enabled = jax.process_index() == 0
+    self.path = epath.Path(workdir) / "metrics.jsonl"
+    self._tb = None
+    if self.enabled:
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      if tensorboard:
+        self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
+
+  def write(self, step: int, metrics: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step)}
+    for name, value in metrics.items():
+      scalar = _scalar(value)
+      if scalar is not None:
+        record[name] = scalar if math.isfinite(scalar) else str(scalar)
+        if self._tb is not None:
+          self._tb.add_scalar(name, scalar, step)
+      elif isinstance(value, (list, np.ndarray)):  # e.g. the D×D gradient-cosine matrix
+        record[name] = np.asarray(value, float).round(6).tolist()
+    with self.path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+class Progress:
+  """One console line per step: step/total, rate, ETA, and a few chosen metrics."""
+
+  def __init__(self, total_steps: int, start_step: int = 0, stream=sys.stdout):
+    self.total, self.start_step, self.stream = total_steps, start_step, stream
+    self.started = time.perf_counter()
+    self.enabled = jax.process_index() == 0
+
+  def update(self, step: int, metrics: dict[str, Any], keys: tuple[str, ...]) -> None:
+    if not self.enabled:
+      return
+    done = step - self.start_step
+    elapsed = time.perf_counter() - self.started
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = (self.total - step) / rate if rate > 0 else float("inf")
+    shown = " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
+    print(f"step {step}/{self.total} | {rate * 60:.2f} steps/min | ETA {_duration(eta)} | {shown}",
+          file=self.stream, flush=True)
+
+
+def _duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  minutes, secs = divmod(int(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
