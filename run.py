@@ -1,7 +1,7 @@
 """mcpo_jax entry point: `python run.py --config=configs/multi_domain.py [--config.<field>=<value> ...]`.
 
-At this stage the run loads the configured checkpoint onto the device mesh and answers the chat
-prompt with the jitted sampler; the RL loop plugs in here.
+`--config.mode=train` (default) runs the RL loop (mcpo_jax/rl_loop.py); `--config.mode=chat`
+loads the checkpoint onto the mesh and answers `--config.chat.prompt`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from ml_collections import config_flags
 from mcpo_jax import config as config_lib
 from mcpo_jax.mesh import MeshError, make_mesh, maybe_initialize_distributed
 from mcpo_jax.model import CheckpointError, ModelConfigError, from_pretrained, load_tokenizer
+from mcpo_jax.data.errors import DataError
+from mcpo_jax.rl_loop import TrainingDiverged, stop_token_ids, train
 from mcpo_jax.sampling import generate
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/multi_domain.py", "Run config file[:preset].")
@@ -30,19 +32,17 @@ def chat(model, tokenizer, config) -> str:
   """Answers config.chat.prompt with the model's chat template."""
   messages = [{"role": "user", "content": config.chat.prompt}]
   encoded = tokenizer.apply_chat_template([messages], add_generation_prompt=True, padding=True, return_dict=True)
-  stop_ids = sorted({tokenizer.eos_token_id, *[i for i in [tokenizer.convert_tokens_to_ids(t) for t in
-                                                            ("<|im_end|>", "<|eot_id|>", "<|endoftext|>")]
-                                                if i is not None and i != tokenizer.unk_token_id]} - {None})
   rollouts = generate(
       model, encoded["input_ids"], encoded["attention_mask"], group_size=1,
       max_new_tokens=config.chat.max_new_tokens, temperature=config.chat.temperature, top_p=config.chat.top_p,
-      top_k=config.chat.top_k, stop_token_ids=stop_ids, key=jax.random.key(config.seed),
+      top_k=config.chat.top_k, stop_token_ids=stop_token_ids(tokenizer), key=jax.random.key(config.seed),
       pad_id=tokenizer.pad_token_id)
   tokens = np.asarray(rollouts.tokens[0])[np.asarray(rollouts.response_mask[0]).astype(bool)]
   return tokenizer.decode(tokens, skip_special_tokens=True)
 
 
-USER_ERRORS = (config_lib.ConfigError, MeshError, CheckpointError, ModelConfigError, FileNotFoundError)
+USER_ERRORS = (config_lib.ConfigError, MeshError, CheckpointError, ModelConfigError, DataError, FileNotFoundError,
+               TrainingDiverged)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -70,14 +70,15 @@ def run(config) -> None:
   maybe_initialize_distributed()
   mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   print(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s)")
-
+  if config.mode == "train":
+    train(config)
+    return
   start = time.perf_counter()
   model = from_pretrained(config.model.name, mesh=mesh, dtype=config.model.dtype,
                           param_dtype=config.model.param_dtype or None, remat=config.model.remat)
   tokenizer = load_tokenizer(config.model.tokenizer or config.model.name)
   print(f"loaded {config.model.name}: {model.config.num_params / 1e6:.1f}M params, "
         f"{model.config.num_layers} layers, in {time.perf_counter() - start:.1f}s")
-
   start = time.perf_counter()
   reply = chat(model, tokenizer, config)
   print(f"user: {config.chat.prompt}\nassistant: {reply}\n({time.perf_counter() - start:.1f}s incl. compile)")

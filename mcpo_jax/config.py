@@ -27,6 +27,9 @@ def _choice(config: ml_collections.ConfigDict, field: str, allowed) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks values that ml_collections' type checks cannot (choices, ranges); returns the config."""
+  _choice(config, "mode", ("train", "chat"))
+  _choice(config, "algorithm", ("mcpo", "grpo"))
+  _choice(config, "resume", ("auto", "none"))
   _choice(config, "model.dtype", DTYPES)
   if config.model.param_dtype:
     _choice(config, "model.param_dtype", DTYPES)

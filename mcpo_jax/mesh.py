@@ -109,6 +109,14 @@ def constrain(x: jax.Array, mesh: Mesh | None, logical_axes: LogicalAxes) -> jax
   return jax.lax.with_sharding_constraint(x, named_sharding(mesh, logical_axes, x.shape))
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+  """The full value of `x` on this host; gathers across processes when `x` is not fully addressable."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
 def maybe_initialize_distributed() -> bool:
   """Calls jax.distributed.initialize() when this process is one of several (TPU pod, multi-GPU).
 

@@ -5,8 +5,10 @@ from torch autograd (float64) running the same loops on tensors. JAX runs in flo
 are exactly representable in float32, so every difference below is float32 rounding of JAX alone.
 
 Tolerances (float32 JAX vs float64 reference):
-  VALUE_TOL = 1e-5   abs + rel, every loss, per-token value, per-anchor value, advantage and metric;
-  GRAD_ATOL = 1e-5 and GRAD_RTOL = 1e-4 (relative to the largest reference entry of that gradient);
+  VALUE_TOL = 1e-5   |jax − ref| ≤ 1e-5 + 1e-5·|ref| for every loss, per-token value, per-anchor value,
+                     advantage and metric (observed worst: 7e-7 relative to max(1, |ref|));
+  GRAD_TOL = 1e-5    |jax − torch| ≤ 1e-5 · max(1, max |torch gradient|), per gradient array
+                     (observed worst: 3e-7 of that scale);
   MICRO_TOL = 1e-6   sum of micro-batch partial losses vs the full-batch loss.
 """
 
@@ -24,8 +26,7 @@ import torch
 from mcpo_jax import objectives as obj
 
 VALUE_TOL = 1e-5
-GRAD_ATOL = 1e-5
-GRAD_RTOL = 1e-4
+GRAD_TOL = 1e-5
 MICRO_TOL = 1e-6
 LENGTH, WIDTH, PROJ = 8, 12, 8  # T, E, P: one set of shapes so eager JAX reuses its compiled ops
 
@@ -112,7 +113,7 @@ def close_metrics(jax_metrics: dict, ref_metrics: dict, keys, tol=VALUE_TOL):
 def close_grad(actual, expected, what=""):
   actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
   scale = max(1.0, float(np.max(np.abs(expected))))
-  np.testing.assert_allclose(actual, expected, rtol=0, atol=max(GRAD_ATOL, GRAD_RTOL * scale), err_msg=what)
+  np.testing.assert_allclose(actual, expected, rtol=0, atol=GRAD_TOL * scale, err_msg=what)
 
 
 def config(batch, **overrides) -> obj.ObjectiveConfig:
@@ -137,8 +138,8 @@ def test_grpo_advantages(spec, normalize_std):
   for values, group in [(rewards, 4), (rewards, 8), (rewards, 2), (odd, 5), (odd, 6)]:
     got = obj.grpo_advantages(j32(values), group, normalize_std=normalize_std)
     close(got, ref.grpo_advantages(values, group, normalize_std), what=f"advantages G={group}")
-    if group != 5:
-      assert np.all(np.asarray(got)[:8] == 0.0) or values is odd
+    if values is rewards:
+      assert np.all(np.asarray(got)[:8] == 0.0)
   assert np.all(np.asarray(obj.grpo_advantages(j32(rewards), 1)) == 0.0)  # group size 1 -> 0
 
 
@@ -505,7 +506,7 @@ def test_contrastive_gradient_wrt_z(spec):
 
 
 def _edge_batch(case: str):
-  """Variants of one random batch (3 domains × 2 prompts × G=4) for the edge cases."""
+  """Variants of one random batch (3 domains with 2, 3, 3 prompts, G = 4) for the edge cases."""
   batch = make_batch(*EDGE_SPEC)
   g = batch["group_size"]
   correct = batch["correct"].copy()
@@ -677,6 +678,30 @@ def test_micro_batches_sum_to_full_batch(agg):
                                agg=agg, num_tokens=num_tokens, num_rows=num_rows)[0] for c in chunks]
   close(sum(ref_parts), ref.policy_loss(batch["logp"], batch["old_logp"], batch["advantages"], mask, agg=agg)[0],
         tol=1e-12, what="reference micro-batches")
+
+
+@pytest.mark.parametrize("coupling", ["loss", "reward"])
+def test_split_terms_add_up(coupling):
+  """contrastive_term + policy_term (the pieces a micro-batching trainer uses) give mcpo_loss, and
+  policy_term over 4 row chunks with global counts adds up to its full-batch value."""
+  batch = make_batch(*BATCHES[1])
+  cfg = config(batch, coupling=coupling, lambda_cross=0.02, lambda_in=0.02)
+  jb, pooled, head = jax_batch(batch), j32(pooled_of(batch)), j32(batch["head"])
+  value, (advantages, _) = obj.contrastive_term(pooled, head, jb, jnp.asarray(batch["transfer"]), cfg)
+  policy, _ = obj.policy_term(j32(batch["logp"]), jb, advantages, cfg)
+  loss, metrics = obj.mcpo_loss(j32(batch["logp"]), pooled, head, jb, jnp.asarray(batch["transfer"]), cfg)
+  close(policy + value, loss, tol=1e-6, what="policy_term + contrastive_term")
+  _, ref_metrics = ref.mcpo_loss(batch["logp"], pooled_of(batch), batch["head"], batch, batch["transfer"], cfg)
+  close(advantages, ref_metrics["advantages"], what="advantages")
+  close(value, ref_metrics["contrastive"], what="contrastive_term")
+  n = len(batch["correct"])
+  num_tokens = int(batch["mask"].sum())
+  parts = []
+  for c in np.array_split(np.arange(n), 4):
+    part = {k: v[c] for k, v in jb.items()}
+    parts.append(obj.policy_term(j32(batch["logp"][c]), part, advantages[c], cfg, num_tokens=num_tokens,
+                                 num_rows=n)[0])
+  assert abs(float(sum(parts)) - float(policy)) <= MICRO_TOL
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -61,14 +61,14 @@ def test_hostile_code_is_contained(pool, tmp_path):
 
 def test_batch_scoring_counts_failures_and_reports_accuracy(pool):
   completions = [r"\boxed{4}", r"\boxed{5}", "<answer>B</answer>", "oops", r"\boxed{4}"]
-  examples = [{"answer": "4", "domain": "math"}, {"answer": "4", "domain": "math"},
+  examples = [{"answer": "4", "domain": "algebra"}, {"answer": "4", "domain": "algebra"},
               {"answer": "B", "choices": ["x", "y"], "domain": "science"}, {"domain": "science"},  # no answer
               {"answer": "4"}]
   names = ["math", "math", "choice", "choice", "math"]
   result = pool.score(completions, examples, names)
   assert result.rewards.dtype == np.float32 and result.rewards.tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
   assert result.correct.tolist() == [True, False, True, False, True]
-  assert result.accuracy == {"math": 0.5, "science": 0.5}  # the last row has no domain: grouped by verifier
+  assert result.accuracy == {"algebra": 0.5, "science": 0.5, "math": 1.0}  # the last row has no domain: grouped by verifier
   assert result.errors == 1 and "KeyError" in result.first_error
   with pytest.raises(ValueError, match="known verifiers"):
     pool.score(["x"], [{}], ["cod"])
@@ -84,8 +84,8 @@ def test_format_reward_is_a_separate_term():
 
 
 def test_a_stuck_batch_is_scored_zero_and_the_pool_replaced():
-  with rewards.RewardPool(processes=1, timeout_s=0.5) as pool:
-    slow = {"tests": "assert True", "time_limit_s": 3.0}
+  with rewards.RewardPool(processes=1, timeout_s=2.0) as pool:  # worker start-up takes ~1 s
+    slow = {"tests": "assert True", "time_limit_s": 5.0}
     result = pool.score([_code("while True:\n    pass")], [slow], ["code"])
     assert result.rewards.tolist() == [0.0] and result.errors == 1 and "deadline" in result.first_error
     assert pool.score(["(A)"], [{"answer": "A"}], ["choice"]).rewards.tolist() == [1.0]

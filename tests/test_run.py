@@ -17,7 +17,7 @@ def run_py(*overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def test_default_run_answers_the_chat_prompt_on_an_8_device_mesh():
-  result = run_py("--config.chat.max_new_tokens=24")
+  result = run_py("--config.mode=chat", "--config.chat.max_new_tokens=24")
   assert result.returncode == 0, result.stderr[-2000:]
   assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in result.stdout
   assert "134.5M params" in result.stdout

@@ -83,6 +83,8 @@ def _plain(value: Any) -> Any:
     return value.decode("utf-8")
   if isinstance(value, np.ndarray):
     return [_plain(item) for item in value.tolist()] if value.ndim else _plain(value.item())
+  if isinstance(value, (list, tuple)):
+    return [_plain(item) for item in value]
   if isinstance(value, np.generic):
     return value.item()
   if isinstance(value, Mapping):

@@ -1,0 +1,250 @@
+"""The RL loop: rollout → rewards → advantages → μ epochs × minibatches of updates, with eval,
+metrics, checkpoints, resume and preemption. Every numeric step is a jitted pure function from
+sampling.py, objectives.py and train.py; this file only orchestrates them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+from flax import nnx
+
+from mcpo_jax.checkpointing import Checkpointer, PreemptionGuard, abstract_like
+from mcpo_jax.data.batches import PromptIterator
+from mcpo_jax.data.domains import Domain, parse_domains
+from mcpo_jax.diagnostics import domain_gradient_cosines
+from mcpo_jax.evaluation import build_eval_set, evaluate, format_table, write_eval
+from mcpo_jax.mesh import make_mesh, to_host
+from mcpo_jax.metrics import MetricsWriter, Progress
+from mcpo_jax.model import from_pretrained, load_tokenizer, save_pretrained
+from mcpo_jax.objectives import ObjectiveConfig, grpo_advantages
+from mcpo_jax.rewards import RewardPool
+from mcpo_jax.sampling import generate
+from mcpo_jax.train import (OptimConfig, UpdateConfig, init_train_state, jit_update_step, make_optimizer,
+                            sequence_logprobs, shard_batch)
+
+PROGRESS_KEYS = ("reward", "accuracy", "loss", "contrastive", "kl", "response_length", "step_s")
+
+
+class TrainingDiverged(RuntimeError):
+  pass
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+  """End-of-turn tokens of the usual chat templates that exist in this vocabulary, plus EOS."""
+  ids = {tokenizer.eos_token_id}
+  for token in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>"):
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is not None and token_id != tokenizer.unk_token_id:
+      ids.add(token_id)
+  return sorted(i for i in ids if i is not None)
+
+
+def transfer_matrix(domains: Sequence[Domain], allowed: dict[str, Sequence[str]]) -> np.ndarray:
+  """T [D, D]: T[a, b] = 1 if correct rollouts of domain b may be positives for anchors of domain a.
+
+  `allowed` maps an anchor domain to the domains it may take positives from; an anchor domain not
+  listed takes them from every domain (the default: all ones).
+  """
+  names = [d.name for d in domains]
+  matrix = np.ones((len(names), len(names)), np.float32)
+  for anchor, sources in allowed.items():
+    for name in [anchor, *sources]:
+      if name not in names:
+        raise ValueError(f"config.objective.transfer names domain {name!r}; known domains: {', '.join(names)}.")
+    matrix[names.index(anchor)] = [float(n in sources) for n in names]
+  return matrix
+
+
+def objective_config(config: ml_collections.ConfigDict) -> ObjectiveConfig:
+  fields = {k: v for k, v in config.objective.to_dict().items() if k not in ("transfer", "proj_dim")}
+  return ObjectiveConfig(algorithm=config.algorithm, group_size=config.rollout.group_size, **fields)
+
+
+def _decode(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
+  return [tokenizer.decode(row[keep.astype(bool)], skip_special_tokens=True) for row, keep in zip(tokens, mask)]
+
+
+def rollout_metrics(names: Sequence[str], domain_ids: np.ndarray, rewards: np.ndarray, correct: np.ndarray,
+                    lengths: np.ndarray, truncated: np.ndarray, group_size: int) -> dict[str, float]:
+  """Per-domain and overall rollout statistics; all inputs are host arrays of N = B·G rows."""
+  zero_variance = np.repeat(rewards.reshape(-1, group_size).std(axis=1) == 0, group_size)
+  metrics = {}
+  for prefix, rows in [("", np.ones_like(correct, bool))] + [
+      (f"{name}/", domain_ids == d) for d, name in enumerate(names)]:
+    if not rows.any():
+      continue
+    metrics.update({
+        f"{prefix}reward": float(rewards[rows].mean()), f"{prefix}accuracy": float(correct[rows].mean()),
+        f"{prefix}response_length": float(lengths[rows].mean()), f"{prefix}response_length_max": float(lengths[rows].max()),
+        f"{prefix}truncated_frac": float(truncated[rows].mean()),
+        f"{prefix}zero_variance_group_frac": float(zero_variance[rows].mean())})
+  return metrics
+
+
+def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Runs config.train.steps RL steps (resuming when asked); returns the final evaluation summary."""
+  workdir = config.workdir
+  mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  model = from_pretrained(config.model.name, mesh=mesh, dtype=config.model.dtype,
+                          param_dtype=config.model.param_dtype or None, remat=config.model.remat)
+  tokenizer = load_tokenizer(config.model.tokenizer or config.model.name)
+  stops = stop_token_ids(tokenizer)
+  domains = parse_domains(config.data.domains)
+  names = [d.name for d in domains]
+  transfer = jnp.asarray(transfer_matrix(domains, config.objective.transfer.to_dict()))
+  iterator = PromptIterator(domains, tokenizer, batch_size=config.data.prompts_per_step, seed=config.seed,
+                            max_prompt_tokens=config.data.max_prompt_tokens)
+  eval_set = build_eval_set(domains, tokenizer, prompts_per_domain=config.eval.prompts_per_domain,
+                            split=config.eval.split, max_prompt_tokens=config.data.max_prompt_tokens)
+
+  group = config.rollout.group_size
+  objective = objective_config(config)
+  optimizer = make_optimizer(OptimConfig(**config.optim.to_dict(), total_steps=config.train.steps))
+  update_config = UpdateConfig(objective=objective, temperature=config.rollout.temperature,
+                               micro_batches=config.train.micro_batches, logit_chunk=config.train.logit_chunk)
+  graphdef, state = init_train_state(model, optimizer, proj_dim=config.objective.proj_dim, seed=config.seed)
+  del model  # the train state owns the parameters from here on
+  reference = jax.tree.map(jnp.copy, state.params["lm"]) if objective.kl_coef > 0 else None
+  update = jit_update_step(graphdef, optimizer, update_config, state)
+  logprobs = jax.jit(functools.partial(sequence_logprobs, graphdef, temperature=config.rollout.temperature,
+                                       chunk=config.train.logit_chunk))
+
+  checkpointer = Checkpointer(f"{workdir}/checkpoints", keep_last=config.checkpoint.keep_last,
+                              keep_best=config.checkpoint.keep_best, best_metric=config.checkpoint.best_metric)
+  start_step = 0
+  if config.resume == "auto":
+    restored = checkpointer.restore_latest(abstract_like(state))
+    if restored is not None:
+      start_step, state, extra = restored
+      iterator.set_state(extra["data"])
+      print(f"resumed from {workdir}/checkpoints at step {start_step}")
+  elif config.resume != "none":
+    raise ValueError(f"--config.resume={config.resume!r}; use 'auto' (continue from the newest checkpoint) or "
+                     "'none' (start fresh).")
+
+  writer = MetricsWriter(workdir)
+  progress = Progress(config.train.steps, start_step)
+  key = jax.random.key(config.seed)
+  evaluations: dict[str, dict[str, float]] = {}
+  with RewardPool(config.rewards.processes, timeout_s=config.rewards.timeout_s,
+                  format_weight=config.rewards.format_weight) as pool, PreemptionGuard() as preemption:
+
+    def run_eval(label: str, step: int) -> dict[str, float]:
+      policy = nnx.merge(graphdef, state.params["lm"])
+      summary = evaluate(policy, tokenizer, eval_set, pool, max_new_tokens=config.eval.max_new_tokens,
+                         k=config.eval.k, temperature=config.rollout.temperature, stop_token_ids=stops,
+                         key=jax.random.fold_in(key, 1_000_003))
+      write_eval(workdir, step, summary)
+      writer.write(step, summary)
+      evaluations[label] = summary
+      return summary
+
+    if config.eval.at_start and start_step == 0:
+      run_eval("start", 0)
+    last_diag_rewards: dict[str, float] = {}
+    for step in range(start_step, config.train.steps):
+      started = time.perf_counter()
+      prompts = next(iterator)
+      policy = nnx.merge(graphdef, state.params["lm"])
+      rollouts = generate(policy, prompts.prompt_ids, prompts.prompt_mask, group_size=group,
+                          max_new_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,
+                          top_p=config.rollout.top_p, top_k=config.rollout.top_k, stop_token_ids=stops, key=key,
+                          step=step, pad_id=tokenizer.pad_token_id)
+      tokens, response_mask = to_host(rollouts.tokens), to_host(rollouts.response_mask)
+      rolled = time.perf_counter()
+
+      examples = [example for example in prompts.examples for _ in range(group)]
+      scored = pool.score(_decode(tokenizer, tokens, response_mask), examples, [e["verifier"] for e in examples])
+      rewards = scored.rewards.astype(np.float32)
+      scored_at = time.perf_counter()
+
+      domain_ids = np.repeat(prompts.domain_id, group)
+      batch = dict(prompt_tokens=rollouts.prompt_ids, prompt_mask=rollouts.prompt_mask, tokens=rollouts.tokens,
+                   mask=rollouts.response_mask, old_logp=rollouts.logprobs, rewards=rewards,
+                   correct=scored.correct.astype(np.int32), prompt_ids=np.repeat(prompts.prompt_id, group),
+                   domain_ids=domain_ids,
+                   advantages=np.asarray(grpo_advantages(jnp.asarray(rewards), group,
+                                                         normalize_std=objective.normalize_std)))
+      batch = shard_batch(batch, mesh)
+      batch["ref_logp"] = logprobs(reference, batch) if reference is not None else batch["old_logp"]
+      update_metrics = []
+      for _ in range(config.train.epochs):
+        for minibatch in _minibatches(batch, config.train.minibatches, group):
+          state, metrics = update(state, minibatch, transfer)
+          update_metrics.append(metrics)
+      update_metrics = jax.tree.map(lambda *xs: float(np.mean([to_host(x) for x in xs])), *update_metrics)
+      updated = time.perf_counter()
+
+      step_metrics = rollout_metrics(names, domain_ids, rewards, scored.correct, to_host(rollouts.lengths),
+                                     to_host(rollouts.truncated), group)
+      step_metrics.update(update_metrics, verifier_errors=float(scored.errors), rollout_s=rolled - started,
+                          reward_s=scored_at - rolled, update_s=updated - scored_at, step_s=updated - started)
+      if config.diag_every and (step + 1) % config.diag_every == 0:
+        cosines = domain_gradient_cosines(graphdef, state.params, batch, transfer, update_config, len(domains))
+        step_metrics["diag/grad_cosine"] = cosines
+        for name in names:
+          reward = step_metrics.get(f"{name}/reward")
+          if reward is not None and name in last_diag_rewards:
+            step_metrics[f"diag/{name}/reward_delta"] = reward - last_diag_rewards[name]
+        last_diag_rewards = {n: step_metrics[f"{n}/reward"] for n in names if f"{n}/reward" in step_metrics}
+      if scored.errors:
+        logging.warning("step %d: %d verifier errors, e.g. %s", step + 1, scored.errors, scored.first_error)
+      writer.write(step + 1, step_metrics)
+      progress.update(step + 1, step_metrics, PROGRESS_KEYS)
+
+      if int(to_host(state.nonfinite_streak)) >= config.train.max_nonfinite_steps:
+        checkpointer.close()
+        raise TrainingDiverged(f"{config.train.max_nonfinite_steps} consecutive updates had a non-finite loss or "
+                               "gradient; lower the learning rate or check the data (see metrics.jsonl).")
+      eval_metrics = None
+      if config.eval.every and (step + 1) % config.eval.every == 0 and step + 1 < config.train.steps:
+        eval_metrics = run_eval(f"step {step + 1}", step + 1)
+      final = step + 1 == config.train.steps
+      periodic = config.checkpoint.every and (step + 1) % config.checkpoint.every == 0
+      if preemption.requested or (periodic and not final):  # the final one is saved after the last eval
+        checkpointer.save(step + 1, state, {"data": iterator.get_state(), "config": config.to_json()},
+                          metrics=eval_metrics)
+      if preemption.requested:
+        checkpointer.close()
+        raise SystemExit(f"preempted: checkpoint of step {step + 1} saved in {workdir}/checkpoints")
+
+    summary = run_eval("end", config.train.steps) if config.eval.at_end else None
+    if config.train.steps not in checkpointer.steps():
+      checkpointer.save(config.train.steps, state, {"data": iterator.get_state(), "config": config.to_json()},
+                        metrics=summary)
+  checkpointer.close()
+  writer.close()
+  if evaluations and jax.process_index() == 0:
+    print(format_table(evaluations, "pass@1"))
+    if config.eval.k > 0:
+      print(format_table(evaluations, f"mean@{config.eval.k}"))
+  if config.export_hf:
+    save_pretrained(nnx.merge(graphdef, state.params["lm"]), f"{workdir}/hf_export", tokenizer)
+  if jax.process_index() == 0:
+    (epath.Path(workdir) / "evaluations.json").write_text(json.dumps(evaluations, indent=2))
+  return evaluations
+
+
+def _minibatches(batch: dict[str, jax.Array], count: int, group: int):
+  """Consecutive blocks of whole prompt groups (the contrastive term and the reward coupling need groups)."""
+  rows = batch["mask"].shape[0]
+  if count == 1:
+    yield batch
+    return
+  if rows % (count * group):
+    raise ValueError(f"{rows // group} prompts per step do not split into {count} minibatches of whole groups; "
+                     "make config.train.minibatches divide config.data.prompts_per_step.")
+  size = rows // count
+  for start in range(0, rows, size):
+    yield {k: v[start:start + size] for k, v in batch.items()}
