@@ -181,6 +181,9 @@ def contrastive_loss(z: jax.Array, prompt_ids: jax.Array, domain_ids: jax.Array,
   denominator X'_i ∪ I_i ∪ N_i. An anchor counts for a term when it has a positive for that term
   (and a negative, if require_negative). Returns (l_cross, l_in, per_anchor [N], metrics), where
   l_* are means over counted anchors (0 when none) and per_anchor = λ_cross·L_cross_i + λ_in·L_in_i.
+  Metrics: pos_sim / neg_sim are mean cosines over the positive / negative pairs of counted anchors,
+  anchors counts anchors counted for either term, cross_pos_per_anchor is |X'_i| averaged over the
+  anchors counted for the cross term.
   """
   z = z.astype(jnp.float32)
   sim = (z @ z.T) / tau  # [N, N]
@@ -242,6 +245,9 @@ class ObjectiveConfig:
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
         raise ValueError(f"objective.{name}={getattr(self, name)!r}; choose one of {list(allowed)}.")
+    if self.coupling == "reward" and self.algorithm == "mcpo" and self.group_size < 2:
+      raise ValueError(f"objective.group_size={self.group_size}: coupling='reward' recomputes group advantages, so "
+                       "set group_size to the rollouts per prompt (>= 2).")
 
 
 def contrastive_term(pooled: jax.Array, head: jax.Array, batch: dict[str, jax.Array], transfer: jax.Array,

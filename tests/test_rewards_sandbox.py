@@ -43,6 +43,7 @@ def test_hostile_code_is_contained(pool, tmp_path):
                      f"{SECRET!r} in open(f'/proc/{{os.getppid()}}/environ').read()"),
       "kill parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)",
       "kill tester": f"import os, signal\nos.kill({os.getpid()}, signal.SIGTERM)",
+      "raise limits": "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))\nbytearray(10 * 2**30)",
   }
   examples = [{"tests": "assert True", "time_limit_s": 1.0, "domain": name} for name in attacks]
   started = time.monotonic()

@@ -67,7 +67,7 @@ def network_isolation() -> tuple[str, ...]:
 
 
 def _set_limits(limits: Limits) -> None:
-  """preexec_fn: runs in the child between fork and exec."""
+  """preexec_fn: runs in the child between fork and exec (safe: reward workers are single-threaded)."""
   megabyte = 1024 * 1024
   for kind, value in ((resource.RLIMIT_CPU, limits.cpu_s), (resource.RLIMIT_AS, limits.memory_mb * megabyte),
                       (resource.RLIMIT_FSIZE, limits.file_mb * megabyte), (resource.RLIMIT_NPROC, limits.processes),

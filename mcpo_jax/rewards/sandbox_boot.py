@@ -16,6 +16,8 @@ DENIED_EVENTS = {
     # processes and signals
     "os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "os.system", "os.startfile",
     "subprocess.Popen", "pty.spawn", "os.kill", "os.killpg", "signal.pthread_kill",
+    # raising the limits again (root may)
+    "resource.setrlimit", "resource.prlimit",
 }
 DENIED_PREFIXES = ("socket.", "ctypes.")
 DENIED_IMPORTS = {"_posixsubprocess", "_ctypes", "ctypes"}
