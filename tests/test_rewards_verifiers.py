@@ -15,6 +15,7 @@ def test_extraction_prefers_tag_then_last_box_then_answer_phrase():
   assert final_answer(r"<answer>\boxed{7}</answer> then \boxed{9}") == "7"
   assert final_answer("Let me think.\nThe answer is 12.\nThat was easy") == "12"
   assert final_answer("work\n\n  B.  ") == "B"
+  assert final_answer("2 + 0 = 2") == "2" and final_answer("So, 6 + 8 =") is None
   assert last_code_block("x\n```python\nprint(1)\n```\nand\n```py\nprint(2)\n```") == "print(2)\n"
 
 

@@ -1,9 +1,9 @@
 """Finding the final answer in a completion: the first step shared by the text verifiers.
 
 Order: the last `<answer>…</answer>` (a `\\boxed{}` inside it is unwrapped), else the last `\\boxed{}`,
-else a lenient fallback (the last "answer is …" / "answer: …" phrase, or the last non-empty line), so
-that a small model that ignores the requested format can still be right; the separate format reward
-(`formats.py`) is what teaches the format.
+else a lenient fallback (the last "answer is …" / "answer: …" phrase, or the last non-empty line, and
+of an equation "2 + 3 = 5" its right side), so that a small model that ignores the requested format
+can still be right; the separate format reward (`formats.py`) is what teaches the format.
 """
 
 from __future__ import annotations
@@ -43,11 +43,12 @@ def strict_answer(text: str) -> str | None:
 
 
 def fallback_answer(text: str) -> str | None:
-  """The last "answer is X" / "answer: X" phrase, else the last non-empty line; trailing period dropped."""
+  """The last "answer is X" / "answer: X" phrase, else the last non-empty line; of an equation its right
+  side; trailing period dropped."""
   phrases = ANSWER_PHRASE.findall(text)
   lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-  candidate = phrases[-1].strip() if phrases else (lines[-1] if lines else "")
-  candidate = candidate.rstrip(".").strip()
+  candidate = phrases[-1] if phrases else (lines[-1] if lines else "")
+  candidate = candidate.rsplit("=", 1)[-1].strip().rstrip(".").strip()
   return candidate or None
 
 
