@@ -128,7 +128,8 @@ def test_restoring_state_yields_exactly_the_following_batches(tokenizer):
 
 def test_domain_config_errors_list_what_is_allowed():
   gym = {"source": {"kind": "reasoning_gym", "dataset": "basic_arithmetic"}, "verifier": "gym"}
-  with pytest.raises(DataError, match=r"domains\.a\.verifier: unknown verifier 'gim' \(did you mean 'gym'\?\); known verifiers: math, choice"):
+  known = r"domains\.a\.verifier: unknown verifier 'gim' \(did you mean 'gym'\?\); known verifiers: math, choice"
+  with pytest.raises(DataError, match=known):
     parse_domains({"a": {**gym, "verifier": "gim"}})
   with pytest.raises(DataError, match=r"domains\.a\.wieght is not a domain setting \(did you mean 'weight'\?\)"):
     parse_domains({"a": {**gym, "wieght": 2}})

@@ -53,12 +53,14 @@ def test_code_sets_mbpp_and_taco_run_their_reference_solutions():
   import json
   mbpp = open_source(jsonl("mbpp.jsonl", {"prompt": "text", "tests": "test_list"}), "train", "code")
   assert mbpp[0]["tests"].count("assert") == 3
+  code_score = rewards.get("code")
   reference = [json.loads(line)["code"] for line in (FIXTURES / "mbpp.jsonl").read_text().splitlines()]
-  assert [rewards.get("code")(f"```python\n{code}\n```", example) for code, example in zip(reference, mbpp)] == [1, 1]
+  assert [code_score(f"```python\n{code}\n```", example) for code, example in zip(reference, mbpp)] == [1, 1]
   taco = open_source(jsonl("taco.jsonl", {"prompt": "question", "tests": "input_output"}), "train", "code")
   assert taco[0]["tests"]["inputs"] == ["1 2\n", "10 -3\n"] and taco[1]["tests"]["fn_name"] == "double_all"
-  solutions = [json.loads(json.loads(line)["solutions"])[0] for line in (FIXTURES / "taco.jsonl").read_text().splitlines()]
-  assert [rewards.get("code")(f"```python\n{code}\n```", example) for code, example in zip(solutions, taco)] == [1, 1]
+  lines = (FIXTURES / "taco.jsonl").read_text().splitlines()
+  solutions = [json.loads(json.loads(line)["solutions"])[0] for line in lines]
+  assert [code_score(f"```python\n{code}\n```", example) for code, example in zip(solutions, taco)] == [1, 1]
 
 
 def test_parquet_deepscaler_style(tmp_path):
@@ -66,12 +68,13 @@ def test_parquet_deepscaler_style(tmp_path):
           {"problem": "What is 6 * 7?", "answer": "42", "solution": "..."}]
   pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
   pq.write_table(pa.Table.from_pylist(rows[:1]), tmp_path / "test.parquet")
-  spec = {"kind": "parquet", "path": str(tmp_path / "{split}.parquet"), "fields": {"prompt": "problem", "answer": "answer"}}
+  spec = {"kind": "parquet", "path": str(tmp_path / "{split}.parquet"),
+          "fields": {"prompt": "problem", "answer": "answer"}}
   assert [e["answer"] for e in open_source(spec, "train", "math")] == ["\\frac{3}{4}", "42"]
   assert len(open_source(spec, "test", "math")) == 1
   pq.write_table(pa.Table.from_pylist([{"problem": "x", "answer": "1"}, {"problem": "y", "answer": ""}]),
                  tmp_path / "validation.parquet")
-  with pytest.raises(DataError, match=r"validation\.parquet:2: the row has neither an answer \('answer'\) nor tests"):
+  with pytest.raises(DataError, match=r"validation\.parquet:2: the row has neither an answer \('answer'\)"):
     open_source(spec, "validation", "math")
 
 
@@ -84,7 +87,8 @@ def test_malformed_rows_name_file_and_line_or_are_skipped_and_counted():
 
 
 def test_missing_field_error_names_the_fields_that_exist():
-  with pytest.raises(DataError, match=r"gsm8k\.jsonl:1: field 'problem' is missing; the row has fields \['answer', 'question'\]"):
+  fields_named = r"gsm8k\.jsonl:1: field 'problem' is missing; the row has fields \['answer', 'question'\]"
+  with pytest.raises(DataError, match=fields_named):
     open_source(jsonl("gsm8k.jsonl", {"prompt": "problem", "answer": "answer"}), "train", "d")
   with pytest.raises(RowError, match=r"field 'a\.c' is missing; a has fields \['b'\]"):
     lookup({"a": {"b": 1}}, "a.c")
@@ -93,7 +97,7 @@ def test_missing_field_error_names_the_fields_that_exist():
 def test_bad_source_settings_are_named():
   with pytest.raises(DataError, match=r"source\.kind='json' \(did you mean 'jsonl'\?\)"):
     open_source({"kind": "json", "path": "x", "fields": {}}, "train", "d")
-  with pytest.raises(DataError, match=r"source\.skip_bad_row is not a jsonl source setting \(did you mean 'skip_bad_rows'"):
+  with pytest.raises(DataError, match=r"source\.skip_bad_row is not a jsonl source setting \(did you mean 'skip_bad_r"):
     open_source(jsonl("gsm8k.jsonl", {"prompt": "question"}, skip_bad_row=True), "train", "d")
   with pytest.raises(DataError, match=r"source\.fields has \['question'\], which are not example fields"):
     open_source(jsonl("gsm8k.jsonl", {"question": "question"}), "train", "d")
@@ -108,7 +112,7 @@ def test_reasoning_gym_splits_and_errors():
   train, again, test = open_source(spec, "train", "a"), open_source(spec, "train", "a"), open_source(spec, "test", "a")
   assert len(train) == 50 and [train[i] for i in range(5)] == [again[i] for i in range(5)]
   assert [train[i]["prompt"] for i in range(5)] != [test[i]["prompt"] for i in range(5)]
-  with pytest.raises(DataError, match=r"no dataset 'basic_arithmetik' \(did you mean 'basic_arithmetic'\?\).*known: ab, acre"):
+  with pytest.raises(DataError, match=r"'basic_arithmetik' \(did you mean 'basic_arithmetic'\?\); known: ab,"):
     open_source({**spec, "dataset": "basic_arithmetik"}, "train", "a")
   with pytest.raises(DataError, match=r"has no settings \['max_term'\]; its settings: min_terms, max_terms"):
     open_source({**spec, "config": {"max_term": 2}}, "train", "a")
@@ -116,8 +120,8 @@ def test_reasoning_gym_splits_and_errors():
 
 def test_tfds_array_record_round_trip_without_tensorflow(tmp_path):
   fields = {"prompt": "question", "choices": "choices", "answer": "answer"}
-  directory = prepare_tfds("science_mc", {"train": FIXTURES / "mmlu_science.jsonl", "test": FIXTURES / "mmlu_science.jsonl"},
-                           str(tmp_path), fields=fields)
+  files = {"train": FIXTURES / "mmlu_science.jsonl", "test": FIXTURES / "mmlu_science.jsonl"}
+  directory = prepare_tfds("science_mc", files, str(tmp_path), fields=fields)
   assert sorted(p.name for p in directory.iterdir() if "array_record" in p.name) == [
       "science_mc-test.array_record-00000-of-00001", "science_mc-train.array_record-00000-of-00001"]
   spec = {"kind": "tfds", "name": "science_mc", "data_dir": str(tmp_path)}

@@ -69,7 +69,8 @@ def test_batch_scoring_counts_failures_and_reports_accuracy(pool):
   result = pool.score(completions, examples, names)
   assert result.rewards.dtype == np.float32 and result.rewards.tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
   assert result.correct.tolist() == [True, False, True, False, True]
-  assert result.accuracy == {"algebra": 0.5, "science": 0.5, "math": 1.0}  # the last row has no domain: grouped by verifier
+  # the last row has no domain: it is grouped by its verifier
+  assert result.accuracy == {"algebra": 0.5, "science": 0.5, "math": 1.0}
   assert result.errors == 1 and "KeyError" in result.first_error
   with pytest.raises(ValueError, match="known verifiers"):
     pool.score(["x"], [{}], ["cod"])

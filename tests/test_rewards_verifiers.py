@@ -104,5 +104,5 @@ def test_code_reward_hacks_fail():
 
 
 def test_unknown_verifier_lists_known_ones():
-  with pytest.raises(rewards.UnknownVerifierError, match=r"'maths'.*did you mean 'math'.*math, choice, exact, gym, code"):
+  with pytest.raises(rewards.UnknownVerifierError, match=r"'maths'.*'math'.*: math, choice, exact, gym, code"):
     rewards.get("maths")

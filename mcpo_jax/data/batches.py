@@ -108,5 +108,6 @@ class PromptIterator:
         raise DataError(f"saved data state has {key}={state.get(key)!r} but this run has {value!r}; resume with "
                         "the data config the checkpoint was written with.")
     self.batches = int(state["batches"])
-    self.emitted, self.drawn, self.filtered = (np.array(state[key], np.int64) for key in ("emitted", "drawn", "filtered"))
+    self.emitted, self.drawn, self.filtered = (np.array(state[key], np.int64)
+                                               for key in ("emitted", "drawn", "filtered"))
 

@@ -64,7 +64,8 @@ def parse_domain(settings: Mapping[str, Any], where: str) -> Domain:
   return Domain(**settings)
 
 
-def parse_domains(config: Mapping[str, Mapping] | Sequence[Mapping], where: str = "config.data.domains") -> list[Domain]:
+def parse_domains(config: Mapping[str, Mapping] | Sequence[Mapping],
+                  where: str = "config.data.domains") -> list[Domain]:
   """Domains from {name: settings} (sorted by name) or [settings with "name"] (in order)."""
   config = _plain(config)
   if isinstance(config, Mapping):
@@ -103,15 +104,16 @@ def _gym(dataset: str, **config: Any) -> dict:
 def default_domains() -> dict[str, dict]:
   """Three offline reasoning-gym domains of different kinds, easy enough that SmolLM2-135M-Instruct
   is right some of the time (so GRPO groups have reward variance):
-  - arithmetic: sum or difference of two 1-2 digit numbers (basic_arithmetic);
+  - arithmetic: sum or difference of two 1-digit numbers (basic_arithmetic);
   - logic: does a conclusion follow from two premises, Yes/No (syllogism);
-  - spelling: spell a 3-4 letter word backward (spell_backward).
+  - spelling: spell a 3-letter word backward (spell_backward).
+  Such easy generators have few distinct problems (arithmetic: 200), so the splits share questions.
   """
   return {
-      "arithmetic": {"source": _gym("basic_arithmetic", min_terms=2, max_terms=2, min_digits=1, max_digits=2,
+      "arithmetic": {"source": _gym("basic_arithmetic", min_terms=2, max_terms=2, min_digits=1, max_digits=1,
                                     operators=["+", "-"], allow_parentheses=False, allow_negation=False),
                      "verifier": "gym", "weight": 1.0},
       "logic": {"source": _gym("syllogism"), "verifier": "gym", "weight": 1.0},
-      "spelling": {"source": _gym("spell_backward", min_word_len=3, max_word_len=4), "verifier": "gym",
+      "spelling": {"source": _gym("spell_backward", min_word_len=3, max_word_len=3), "verifier": "gym",
                    "weight": 1.0},
   }

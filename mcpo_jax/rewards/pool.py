@@ -47,6 +47,9 @@ class RewardPool:
   def __init__(self, processes: int, *, timeout_s: float = 300.0, format_weight: float = 0.0):
     if processes < 0:
       raise ValueError(f"processes={processes}; use 0 (inline) or a positive number of worker processes.")
+    if format_weight < 0 or timeout_s <= 0:
+      raise ValueError(f"format_weight={format_weight}, timeout_s={timeout_s}; use format_weight >= 0 and "
+                       "timeout_s > 0.")
     self.processes, self.timeout_s, self.format_weight = processes, timeout_s, format_weight
     self._pool = self._start() if processes else None
 

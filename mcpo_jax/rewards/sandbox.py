@@ -1,4 +1,4 @@
-"""Running untrusted Python (model-written code) contained, in a subprocess.
+"""Running untrusted Python (model-written code) contained, in a subprocess (Linux ≥ 5.3).
 
 Layers, outermost first:
 - kernel: a new session, so the whole process group is killed on the wall-clock timeout; rlimits set
@@ -23,6 +23,7 @@ import json
 import os
 import resource
 import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -90,16 +91,14 @@ def run_python(sources: list[tuple[str, str]], *, stdin: str = "", limits: Limit
       process = subprocess.Popen(command, cwd=work, env=env, stdin=stdin_file, stdout=stdout_file,
                                  stderr=stderr_file, start_new_session=True,
                                  preexec_fn=functools.partial(_set_limits, limits))
+      exited = os.pidfd_open(process.pid)  # readable once the process exits; it is not reaped yet
       try:
-        process.wait(timeout=limits.wall_s)
-        timed_out = False
-      except subprocess.TimeoutExpired:
-        timed_out = True
-      try:  # the group may hold stray children even after a normal exit
+        timed_out = not select.select([exited], [], [], limits.wall_s)[0]
+        # Unreaped, the leader keeps the group id ours: kill any stray member, then reap.
         os.killpg(process.pid, signal.SIGKILL)
-      except ProcessLookupError:
-        pass
-      process.wait()
+        process.wait()
+      finally:
+        os.close(exited)
     stdout = (Path(root) / "stdout").read_bytes().decode("utf-8", "replace")  # RLIMIT_FSIZE caps the size
     stderr = (Path(root) / "stderr").read_bytes().decode("utf-8", "replace")
   finished = not timed_out and process.returncode == 0 and f"\n{marker}\n" in stdout
