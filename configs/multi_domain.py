@@ -25,7 +25,8 @@ def _paper_scale_domains(bucket: str) -> dict:
                "verifier": "math", "answer_format": "boxed"},
       "code": {"source": {"kind": "jsonl", "path": files("code"), "fields": {"prompt": "question", "tests": "tests"}},
                "verifier": "code", "answer_format": "code_block"},
-      "logic": {"source": {"kind": "jsonl", "path": files("logic"), "fields": {"prompt": "quiz", "answer": "solution"}},
+      "logic": {"source": {"kind": "jsonl", "path": files("logic"),
+                           "fields": {"prompt": "quiz", "answer": "solution_text"}},
                 "verifier": "exact", "answer_format": "answer_tag"},
   }
 

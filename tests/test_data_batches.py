@@ -144,8 +144,8 @@ def test_domain_config_errors_list_what_is_allowed():
   with pytest.raises(DataError, match=r"domains\.a\.source\.dataset is missing"):
     parse_domains({"a": {**gym, "source": {"kind": "reasoning_gym"}}})
   domains = parse_domains(default_domains())
-  assert domain_id(domains, "logic") == 1
-  with pytest.raises(DataError, match=r"unknown domain 'code'; known domains: arithmetic, logic, spelling"):
+  assert domain_id(domains, "logic") == 2
+  with pytest.raises(DataError, match=r"unknown domain 'code'; known domains: arithmetic, gcd, logic"):
     domain_id(domains, "code")
   with pytest.raises(DataError, match=r"batch_size=2 is below the number of domains \(3\)"):
     PromptIterator(domains, None, batch_size=2, seed=0, max_prompt_tokens=64)
@@ -154,6 +154,6 @@ def test_domain_config_errors_list_what_is_allowed():
 def test_config_dict_domains_can_be_overridden_by_field():
   import ml_collections
   config = ml_collections.ConfigDict({"domains": default_domains()})
-  config.domains.spelling.weight = 2.0
+  config.domains.gcd.weight = 2.0
   domains = parse_domains(config.domains)
-  assert [(d.name, d.weight) for d in domains] == [("arithmetic", 1.0), ("logic", 1.0), ("spelling", 2.0)]
+  assert [(d.name, d.weight) for d in domains] == [("arithmetic", 1.0), ("gcd", 2.0), ("logic", 1.0)]

@@ -103,17 +103,20 @@ def _gym(dataset: str, **config: Any) -> dict:
 
 def default_domains() -> dict[str, dict]:
   """Three offline reasoning-gym domains of different kinds, easy enough that SmolLM2-135M-Instruct
-  is right some of the time (so GRPO groups have reward variance):
+  is right some of the time, so GRPO groups have reward variance:
   - arithmetic: sum or difference of two 1-digit numbers (basic_arithmetic);
   - logic: does a conclusion follow from two premises, Yes/No (syllogism);
-  - spelling: spell a 3-letter word backward (spell_backward).
-  Such easy generators have few distinct problems (arithmetic: 200), so the splits share questions.
+  - gcd: greatest common divisor of two numbers in [2, 20] (gcd).
+  Measured with the embedded model (temperature 1, 16 prompts x 8 samples, 64 new tokens): right
+  7% / 6% / 2% of the time, with variance in 38% / 44% / 12% of the groups. Spelling a 3-letter
+  word backward and sorting 3 numbers or words scored 0%. Such easy generators have few distinct
+  problems (arithmetic: 200), so the splits share questions.
   """
   return {
       "arithmetic": {"source": _gym("basic_arithmetic", min_terms=2, max_terms=2, min_digits=1, max_digits=1,
                                     operators=["+", "-"], allow_parentheses=False, allow_negation=False),
                      "verifier": "gym", "weight": 1.0},
+      "gcd": {"source": _gym("gcd", min_numbers=2, max_numbers=2, min_value=2, max_value=20), "verifier": "gym",
+              "weight": 1.0},
       "logic": {"source": _gym("syllogism"), "verifier": "gym", "weight": 1.0},
-      "spelling": {"source": _gym("spell_backward", min_word_len=3, max_word_len=3), "verifier": "gym",
-                   "weight": 1.0},
   }

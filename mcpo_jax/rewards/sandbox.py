@@ -1,8 +1,9 @@
 """Running untrusted Python (model-written code) contained, in a subprocess (Linux ≥ 5.3).
 
 Layers, outermost first:
-- kernel: a new session, so the whole process group is killed on the wall-clock timeout; rlimits set
-  in preexec (CPU seconds, address space, file size, number of processes, open files, no core dumps);
+- kernel: a new session, so the whole process group is killed on the wall-clock timeout; death with
+  the parent (PR_SET_PDEATHSIG), so a reward worker replaced at its deadline leaves nothing running;
+  rlimits set in preexec (CPU seconds, address space, file size, processes, open files, no core dumps);
   and, where the kernel allows unprivileged user namespaces (probed once per process),
   `unshare --user --map-root-user --net`: a network namespace without interfaces, so no network at all.
 - process: `python -I -S` (no PYTHON* variables, no site-packages), a scrubbed environment, a fresh
@@ -18,6 +19,7 @@ not apply RLIMIT_NPROC to root outside a user namespace; there the hook is what 
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import os
@@ -33,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BOOT = str(Path(__file__).with_name("sandbox_boot.py"))
+LIBC = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG = 1
 UNSHARE = ("unshare", "--user", "--map-root-user", "--net")
 
 
@@ -69,6 +73,7 @@ def network_isolation() -> tuple[str, ...]:
 
 def _set_limits(limits: Limits) -> None:
   """preexec_fn: runs in the child between fork and exec (safe: reward workers are single-threaded)."""
+  LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
   megabyte = 1024 * 1024
   for kind, value in ((resource.RLIMIT_CPU, limits.cpu_s), (resource.RLIMIT_AS, limits.memory_mb * megabyte),
                       (resource.RLIMIT_FSIZE, limits.file_mb * megabyte), (resource.RLIMIT_NPROC, limits.processes),
