@@ -59,11 +59,11 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict()
   config.data.domains = default_domains()
-  config.data.prompts_per_step = 6  # B prompts per RL step, stratified over domains by weight
+  config.data.prompts_per_step = 3  # B prompts per RL step, stratified over domains by weight
   config.data.max_prompt_tokens = 192
 
   config.rollout = ml_collections.ConfigDict()
-  config.rollout.group_size = 4  # G rollouts per prompt
+  config.rollout.group_size = 6  # G rollouts per prompt
   config.rollout.max_new_tokens = 48
   config.rollout.temperature = 1.0
   config.rollout.top_p = 1.0
@@ -120,8 +120,8 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   config.eval.at_end = True
   config.eval.every = 0  # also every N steps (0 = only start and end)
   config.eval.split = "test"
-  config.eval.prompts_per_domain = 16
-  config.eval.k = 4  # mean@k with k samples at the rollout temperature (0 = pass@1 only)
+  config.eval.prompts_per_domain = 8
+  config.eval.k = 2  # mean@k with k samples at the rollout temperature (0 = pass@1 only)
   config.eval.max_new_tokens = 48
 
   config.checkpoint = ml_collections.ConfigDict()

@@ -3,8 +3,9 @@
 The whole generation is one jitted program: prefill, the G-fold cache copy, and a `lax.while_loop`
 that samples a token per row, feeds it back through the model, and exits as soon as every row has
 stopped. The cache is created inside the program, so XLA updates it in place; only the current
-step's [N, V] logits ever exist. Prompt and generation lengths are bucketed to powers of two so the
-compiled programs are few and reused (`compile_count()` tells how many were built).
+step's [N, V] logits ever exist. Generation lengths are bucketed to powers of two and prompt lengths
+to 2^k or 1.5·2^k (a 90-token prompt runs at 96, not 128), so the compiled programs are few and
+reused (`compile_count()` tells how many were built).
 
 Shapes: B prompts, G rollouts per prompt, N = B·G rows, P prompt length, T new tokens, V vocabulary.
 """
@@ -48,6 +49,13 @@ def compile_count() -> int:
 
 def next_power_of_two(n: int, minimum: int = 1) -> int:
   return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def prompt_bucket(n: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
+  """The smallest 2^k or 1.5·2^k ≥ n: at most 2 programs per octave, at most 1/3 of the prompt wasted."""
+  power = next_power_of_two(n, minimum)
+  three_quarters = 3 * power // 4
+  return three_quarters if three_quarters >= max(n, minimum) and power >= 2 * minimum else power
 
 
 def filter_logits(logits: jax.Array, top_k: int, top_p: jax.Array | float | None) -> jax.Array:
@@ -161,7 +169,7 @@ def generate(model: Transformer, prompt_ids, prompt_mask, *, group_size: int = 1
   prompt_ids = np.asarray(prompt_ids, np.int32)
   prompt_mask = np.asarray(prompt_mask, np.int32)
   b, p = prompt_ids.shape
-  bucket = next_power_of_two(p, MIN_PROMPT_BUCKET)
+  bucket = prompt_bucket(p)
   if bucket > p:  # extra left padding: positions come from the mask, so outputs are unchanged
     prompt_ids = np.pad(prompt_ids, ((0, 0), (bucket - p, 0)), constant_values=pad_id)
     prompt_mask = np.pad(prompt_mask, ((0, 0), (bucket - p, 0)))

@@ -1,0 +1,483 @@
+#!/usr/bin/env python
+"""One RL update (forward + backward + optimizer) on CPU: mcpo_jax's update step vs google-tunix 0.1.7.
+
+SmolLM2-135M dimensions (random weights), float32, B·G = 32 rows (4 prompts × 8 rollouts, 3 domains),
+64-token prompts (left padded, ragged), T-token responses (right padded, ragged), rewards in {0, 1}.
+
+  ours:  mcpo_jax.train.jit_update_step (algorithm "mcpo": the contrastive head included; and "grpo"),
+         global-norm clip + AdamW, the state donated, on a 1-device mesh as in rl_loop.
+  tunix: tunix.rl.algo_core.grpo_loss_fn on a tunix Llama3 of the same dimensions, nnx.value_and_grad,
+         then nnx.Optimizer(global-norm clip + AdamW).update, the whole step under nnx.jit with the
+         optimizer donated: what tunix's PeftTrainer._train_step does for GRPOLearner.
+
+Every engine/config runs in its own subprocess; its peak RSS (getrusage ru_maxrss) is reported as
+the total and as the delta over the RSS peak right after model init. A parent thread watches each
+worker's RSS and the machine's MemAvailable and kills the worker (reported as "does not fit") past
+--mem_cap_gb or when less than --mem_reserve_gb would be left, so that a peer that does not fit
+fails cleanly instead of taking the machine (and the work running next to it) down.
+
+Throughput: tokens/s = N·(P + T) / median wall time of --repeats updates after one warm-up
+(prompt + response positions, all padded positions counted; response-only N·T / time too).
+Fraction of the matmul bound: 6 · params · N·(P + T) FLOPs per update over this CPU's measured
+float32 jnp.dot 2048² FLOP/s (params = matmul params, the tied LM head counted once).
+
+  python benchmarks/train_step.py                                  # everything (~25 min on 2 cores)
+  python benchmarks/train_step.py --peers= --lengths=128 --algorithms=mcpo
+  python benchmarks/train_step.py --peers= --lengths=128 --algorithms=mcpo --remat=save_dots --breakdown
+
+The last line is `RESULT vs_tunix=<x> frac_of_matmul_peak=<y>`: x = our tok/s over tunix's at
+T = 128 (algorithm mcpo), y = our fraction of the matmul bound at T = 128 (mcpo).
+tunix lives in its own venv (benchmarks/README.md); its worker runs under --tunix_python
+(default /tmp/bench-venv/bin/python when it exists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+for path in (str(REPO), str(HERE)):
+  if path not in sys.path:
+    sys.path.insert(0, path)
+
+from sampler import SMOLLM2, cpu_cores, cpu_model, matmul_params, worker_matmul  # noqa: E402  (benchmarks/sampler.py)
+
+PROMPT_LEN = 64
+ROWS = 32
+GROUP = 8  # 4 prompts × 8 rollouts
+DOMAINS = 3
+RESULT_TAG = "BENCH_JSON "
+DEFAULT_TUNIX_PYTHON = "/tmp/bench-venv/bin/python"
+INSTALL_HINT = ("python -m venv --system-site-packages /tmp/bench-venv && /tmp/bench-venv/bin/pip install "
+                "--no-deps -r benchmarks/requirements.txt (see benchmarks/README.md)")
+
+
+def log(*parts) -> None:
+  print(*parts, file=sys.stderr, flush=True)
+
+
+def max_rss_bytes() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def make_batch(response_len: int, seed: int = 0) -> dict:
+  """The same scored rollouts for every engine (NumPy): ragged prompts (left padded with id 0) and
+  responses (right padded with id 0), random old/ref log-probs, rewards in {0, 1}, GRPO advantages."""
+  import numpy as np
+  rng = np.random.default_rng(seed + response_len)
+  n, p, t, v = ROWS, PROMPT_LEN, response_len, SMOLLM2["vocab_size"]
+  prompt_lens = np.repeat(rng.integers(p // 2, p + 1, n // GROUP), GROUP)  # the rows of a prompt share it
+  prompt_lens[::GROUP] = p  # and one prompt at full length
+  prompt_mask = (np.arange(p)[None] >= (p - prompt_lens)[:, None]).astype(np.int32)
+  prompt_tokens = np.repeat(rng.integers(1, v, (n // GROUP, p)), GROUP, axis=0).astype(np.int32) * prompt_mask
+  response_lens = rng.integers(t // 4, t + 1, n)
+  response_lens[0] = t  # at least one row fills T
+  mask = (np.arange(t)[None] < response_lens[:, None]).astype(np.int32)
+  tokens = rng.integers(1, v, (n, t)).astype(np.int32) * mask
+  rewards = rng.integers(0, 2, n).astype(np.float32)
+  groups = rewards.reshape(-1, GROUP)
+  advantages = ((groups - groups.mean(1, keepdims=True)) / (groups.std(1, ddof=1, keepdims=True) + 1e-6)).reshape(-1)
+  prompt_ids = np.repeat(np.arange(n // GROUP), GROUP).astype(np.int32)
+  return dict(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask, tokens=tokens, mask=mask,
+              old_logp=(-3.0 * rng.random((n, t))).astype(np.float32) * mask,
+              ref_logp=(-3.0 * rng.random((n, t))).astype(np.float32) * mask,
+              advantages=advantages.astype(np.float32), rewards=rewards, correct=rewards.astype(np.int32),
+              prompt_ids=prompt_ids, domain_ids=(prompt_ids % DOMAINS).astype(np.int32))
+
+
+def time_updates(step, repeats: int, label: str, tokens: int) -> tuple[float, list[float]]:
+  """One warm-up call (compile + run), then `repeats` timed calls; step(i) must block until done."""
+  t0 = time.perf_counter()
+  step(-1)
+  warmup = time.perf_counter() - t0
+  log(f"  {label}: warm-up (compile + 1 update) {warmup:.1f}s")
+  times = []
+  for i in range(repeats):
+    t0 = time.perf_counter()
+    step(i)
+    times.append(time.perf_counter() - t0)
+    log(f"  {label}: update {i + 1}/{repeats} {times[-1]:.2f}s ({tokens / times[-1]:.1f} tok/s)")
+  return warmup, times
+
+
+# ----------------------------------------------------------------------------------------------
+# Workers: each runs in its own process and prints one `BENCH_JSON {...}` line on stdout.
+
+
+CPU_SCHEDULERS = {"default": None, "memory": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
+
+def build_update(graphdef, optimizer, config, state, *, scheduler: str = "default", split_optimizer: bool = False):
+  """(state, batch, transfer) -> (state, metrics): our update step, as shipped or with the proposed fix.
+
+  scheduler="default", split_optimizer=False is mcpo_jax.train.jit_update_step unchanged. The two
+  options prototype the fix for the memory problem this benchmark found (benchmarks/README.md):
+  scheduler="memory" compiles with XLA:CPU's memory-optimised scheduler (the default,
+  concurrency-optimised one keeps every layer's activations alive, so remat saves nothing), and
+  split_optimizer=True jits loss_and_grads and the rest of update_step (norm, clip, AdamW, NaN
+  guard) separately (one program that joins all gradients in the global-norm clip makes XLA:CPU's
+  schedulers keep every layer's recomputed activations alive until its weight gradient is taken).
+  The second program is update_step itself with loss_and_grads replaced by the first one's outputs.
+  """
+  import unittest.mock
+
+  import jax
+  from mcpo_jax import train
+
+  if scheduler == "default" and not split_optimizer:
+    return train.jit_update_step(graphdef, optimizer, config, state)
+  options = {}
+  if CPU_SCHEDULERS[scheduler] and jax.default_backend() == "cpu":
+    options["xla_cpu_scheduler_type"] = CPU_SCHEDULERS[scheduler]
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  if not split_optimizer:
+    step = lambda state, batch, transfer: train.update_step(graphdef, optimizer, config, state, batch, transfer)
+    return jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, None), compiler_options=options)
+
+  grads_fn = jax.jit(lambda params, batch, transfer: train.loss_and_grads(graphdef, params, batch, transfer, config),
+                     compiler_options=options)
+
+  def apply(state, loss, metrics, grads, transfer):
+    with unittest.mock.patch.object(train, "loss_and_grads", lambda *args, **kwargs: (loss, metrics, grads)):
+      return train.update_step(graphdef, optimizer, config, state, None, transfer)
+
+  apply_fn = jax.jit(apply, donate_argnums=(0, 3), out_shardings=(state_shardings, None), compiler_options=options)
+
+  def update(state, batch, transfer):
+    loss, metrics, grads = grads_fn(state.params, batch, transfer)
+    return apply_fn(state, loss, metrics, grads, transfer)
+  return update
+
+
+def worker_ours(spec: dict) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from mcpo_jax.mesh import make_mesh
+  from mcpo_jax.model import ModelConfig, init_model
+  from mcpo_jax.objectives import ObjectiveConfig
+  from mcpo_jax.train import (OptimConfig, UpdateConfig, forward_rollouts, init_train_state, jit_update_step,
+                              make_optimizer, shard_batch)
+
+  t, label = spec["length"], f"ours {spec['algorithm']} T={spec['length']}"
+  mesh = make_mesh(1, -1, 1)  # one CPU device, as rl_loop builds it
+  model = init_model(ModelConfig(model_type="llama", tie_word_embeddings=True, **SMOLLM2), seed=0, mesh=mesh,
+                     remat=spec["remat"])
+  jax.block_until_ready(jax.tree.leaves(model))
+  baseline = max_rss_bytes()
+  optimizer = make_optimizer(OptimConfig(learning_rate=1e-6))
+  objective = ObjectiveConfig(algorithm=spec["algorithm"], group_size=GROUP)
+  config = UpdateConfig(objective=objective, micro_batches=spec["micro_batches"], logit_chunk=spec["logit_chunk"])
+  graphdef, state = init_train_state(model, optimizer, proj_dim=256)
+  del model
+  batch = shard_batch(make_batch(t), mesh)
+  transfer = jnp.ones((DOMAINS, DOMAINS), jnp.float32)
+  update = build_update(graphdef, optimizer, config, state, scheduler=spec["scheduler"],
+                        split_optimizer=spec["split_optimizer"])
+  tokens = ROWS * (PROMPT_LEN + t)
+  holder = {"state": state}
+
+  def step(i):
+    holder["state"], metrics = update(holder["state"], batch, transfer)
+    jax.block_until_ready((holder["state"], metrics))
+    holder["metrics"] = metrics
+
+  warmup, times = time_updates(step, spec["repeats"], label, tokens)
+  metrics = {k: float(v) for k, v in holder["metrics"].items()}
+  assert metrics["skipped"] == 0.0 and np.isfinite(metrics["loss"]), metrics
+  result = dict(times=times, warmup=warmup, peak_rss=max_rss_bytes(), baseline_rss=baseline,
+                loss=metrics["loss"], anchors=metrics.get("anchors"), jax=jax.__version__)
+
+  if spec.get("breakdown"):  # forward-only and loss+grad (no optimizer) of the same update, same process
+    params = holder["state"].params
+    from flax import nnx
+
+    def forward(lm_params):
+      logp, _, pooled = forward_rollouts(nnx.merge(graphdef, lm_params), batch, config.temperature,
+                                         config.logit_chunk)
+      return jnp.sum(logp * batch["mask"]) + jnp.sum(pooled)
+
+    from mcpo_jax.train import loss_and_grads
+    fwd = jax.jit(forward)
+    grad = jax.jit(lambda p: loss_and_grads(graphdef, p, batch, transfer, config)[2])
+    for name, fn, arg in (("forward", fwd, params["lm"]), ("loss+grad", grad, params)):
+      _, part = time_updates(lambda i: jax.block_until_ready(fn(arg)), spec["repeats"], f"{label} {name}", tokens)
+      result[f"{name}_times"] = part
+  if spec.get("profile_dir"):
+    jax.profiler.start_trace(spec["profile_dir"])
+    step(0)
+    jax.profiler.stop_trace()
+    log(f"  {label}: trace of one update in {spec['profile_dir']}")
+  return result
+
+
+def worker_tunix(spec: dict) -> dict:
+  try:
+    import tunix  # noqa: F401
+    from tunix.models.llama3 import model as tunix_llama3
+    from tunix.rl import algo_core
+    from tunix.rl import common as tunix_common
+    from tunix.rl.grpo.grpo_learner import GRPOConfig
+  except Exception as error:  # ImportError, or a missing dependency of tunix
+    return dict(skipped=f"tunix is not importable under {sys.executable} ({type(error).__name__}: {error}); "
+                        f"{INSTALL_HINT}")
+  import importlib.metadata
+
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+
+  t, label = spec["length"], f"tunix grpo T={spec['length']}"
+  d = SMOLLM2
+  model_config = tunix_llama3.ModelConfig(
+      num_layers=d["num_layers"], vocab_size=d["vocab_size"], embed_dim=d["hidden_size"],
+      hidden_dim=d["intermediate_size"], num_heads=d["num_heads"], head_dim=d["head_dim"],
+      num_kv_heads=d["num_kv_heads"], rope_theta=int(d["rope_theta"]), norm_eps=d["rms_norm_eps"],
+      weight_tying=True)
+  model = tunix_llama3.Llama3(model_config, rngs=nnx.Rngs(0))  # random weights, float32, no remat (default)
+  jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
+  baseline = max_rss_bytes()
+  # The same optimizer as ours: global-norm clip 1.0, then AdamW.
+  optimizer = nnx.Optimizer(model, optax.chain(optax.clip_by_global_norm(1.0),
+                                               optax.adamw(1e-6, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)),
+                            wrt=nnx.Param)
+  # Our objective's settings: token-mean, ε = 0.2, dual clip 3, k3 (tunix: low_var_kl) with β = 0.001.
+  algo = GRPOConfig(num_generations=GROUP, beta=0.001, kl_loss_mode="low_var_kl", epsilon=0.2,
+                    loss_agg_mode="token-mean")
+  algo.temperature = 1.0  # GRPOLearner copies it from the rollout config
+  algo.epsilon_c = 3.0  # grpo_loss_fn reads it with getattr (dual-clip PPO)
+
+  raw = make_batch(t)
+  example = tunix_common.TrainExample(
+      prompt_ids=jnp.asarray(raw["prompt_tokens"]), prompt_mask=jnp.asarray(raw["prompt_mask"]),
+      completion_ids=jnp.asarray(raw["tokens"]), completion_mask=jnp.asarray(raw["mask"]),
+      advantages=jnp.asarray(raw["advantages"]), ref_per_token_logps=jnp.asarray(raw["ref_logp"]),
+      old_per_token_logps=jnp.asarray(raw["old_logp"]))
+
+  def loss_fn(model, train_example):  # as GRPOLearner wraps it (pad 0 marks padding)
+    return algo_core.grpo_loss_fn(model, train_example, algo_config=algo, pad_id=0, eos_id=-1)
+
+  def train_step(model, optimizer, train_example):  # PeftTrainer._train_step
+    (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, train_example)
+    grad_norm = optax.global_norm(grads)
+    optimizer.update(model, grads)
+    return loss, aux, grad_norm
+
+  jitted = nnx.jit(train_step, donate_argnames=("optimizer",))
+  tokens = ROWS * (PROMPT_LEN + t)
+  holder = {}
+
+  def step(i):
+    holder["out"] = jax.block_until_ready(jitted(model, optimizer, example))
+
+  warmup, times = time_updates(step, spec["repeats"], label, tokens)
+  return dict(times=times, warmup=warmup, peak_rss=max_rss_bytes(), baseline_rss=baseline,
+              loss=float(holder["out"][0]), tunix=importlib.metadata.version("google-tunix"), jax=jax.__version__)
+
+
+WORKERS = dict(matmul=worker_matmul, ours=worker_ours, tunix=worker_tunix)
+
+
+# ----------------------------------------------------------------------------------------------
+# Running workers under a memory watchdog.
+
+
+def _rss_of(pid: int) -> int:
+  try:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+      if line.startswith("VmRSS:"):
+        return int(line.split()[1]) * 1024
+  except (OSError, ValueError):
+    pass
+  return 0
+
+
+def _mem_available() -> int:
+  try:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+      if line.startswith("MemAvailable:"):
+        return int(line.split()[1]) * 1024
+  except (OSError, ValueError):
+    pass
+  return 1 << 62
+
+
+def run_worker(name: str, spec: dict, python: str, mem_cap: float, mem_reserve: float) -> dict:
+  """Runs one worker in a fresh interpreter under the RSS watchdog; returns its JSON result."""
+  log(f"[{name} {json.dumps({k: v for k, v in spec.items() if k != 'profile_dir'})}]")
+  cmd = [python, str(Path(__file__).resolve()), f"--_worker={name}", f"--_spec={json.dumps(spec)}"]
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=str(REPO))
+  killed: dict = {}
+
+  def watch():
+    while proc.poll() is None:
+      rss, available = _rss_of(proc.pid), _mem_available()
+      if rss > mem_cap or available < mem_reserve:
+        killed.update(rss=rss, available=available)
+        proc.send_signal(signal.SIGKILL)
+        return
+      time.sleep(0.05)
+
+  watcher = threading.Thread(target=watch, daemon=True)
+  watcher.start()
+  stdout, _ = proc.communicate()
+  watcher.join()
+  if killed:
+    why = (f"RSS {killed['rss'] / 2**30:.1f} GB passed the cap {mem_cap / 2**30:.1f} GB"
+           if killed["rss"] > mem_cap else
+           f"MemAvailable fell to {killed['available'] / 2**30:.1f} GB (RSS {killed['rss'] / 2**30:.1f} GB)")
+    log(f"  {name}: killed by the memory watchdog: {why}")
+    return dict(oom=why)
+  for line in reversed(stdout.splitlines()):
+    if line.startswith(RESULT_TAG):
+      return json.loads(line[len(RESULT_TAG):])
+  return dict(error=f"{name} worker exited with status {proc.returncode} and no result; see its stderr above. "
+                    f"stdout tail: {stdout[-500:]!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Orchestration and report.
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--peers", default="tunix", help="'tunix' or '' (none)")
+  parser.add_argument("--lengths", default="128,256,512", help="response lengths T for ours (comma-separated)")
+  parser.add_argument("--algorithms", default="mcpo,grpo", help="ours: mcpo and/or grpo")
+  parser.add_argument("--long_algorithms", default="mcpo",
+                      help="algorithms run at T > --peer_length ('all' = every one of --algorithms)")
+  parser.add_argument("--peer_length", type=int, default=128, help="T at which the peer runs and RESULT is taken")
+  parser.add_argument("--repeats", type=int, default=3, help="timed updates after the warm-up (median reported)")
+  parser.add_argument("--long_repeats", type=int, default=1, help="timed updates at T > --peer_length")
+  parser.add_argument("--micro_batches", type=int, default=1, help="ours: gradient-accumulation micro-batches")
+  parser.add_argument("--logit_chunk", type=int, default=64, help="ours: response positions per LM-head chunk")
+  parser.add_argument("--remat", choices=("none", "full", "save_dots"), default="none",
+                      help="ours: per-layer rematerialisation")
+  parser.add_argument("--scheduler", choices=tuple(CPU_SCHEDULERS), default="default",
+                      help="ours: XLA:CPU scheduler of the update ('memory' = part of the proposed fix)")
+  parser.add_argument("--split_optimizer", action="store_true",
+                      help="ours: jit the gradients and the optimizer step separately (part of the proposed fix)")
+  parser.add_argument("--breakdown", action="store_true",
+                      help="ours: also time forward-only and loss+grad (no optimizer) at each config")
+  parser.add_argument("--profile_dir", default="", help="ours: write a jax.profiler trace of one update here")
+  parser.add_argument("--tunix_python", default="",
+                      help=f"interpreter with google-tunix (default {DEFAULT_TUNIX_PYTHON} if it exists, else this one)")
+  parser.add_argument("--mem_cap_gb", type=float, default=20.0, help="kill a worker whose RSS passes this")
+  parser.add_argument("--mem_reserve_gb", type=float, default=1.0,
+                      help="kill a worker when the machine's MemAvailable falls below this")
+  parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--_spec", default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+
+  if args._worker:
+    result = WORKERS[args._worker](json.loads(args._spec))
+    print(RESULT_TAG + json.dumps(result), flush=True)
+    return
+
+  lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+  algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+  peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+  for a in algorithms:
+    if a not in ("mcpo", "grpo"):
+      parser.error(f"--algorithms: unknown {a!r}; use mcpo and/or grpo.")
+  for p in peers:
+    if p != "tunix":
+      parser.error(f"--peers: unknown peer {p!r}; the only peer is tunix.")
+  long_algorithms = algorithms if args.long_algorithms == "all" else [
+      a.strip() for a in args.long_algorithms.split(",") if a.strip() in algorithms]
+  tunix_python = args.tunix_python or (DEFAULT_TUNIX_PYTHON if Path(DEFAULT_TUNIX_PYTHON).exists() else sys.executable)
+  mem_cap, mem_reserve = args.mem_cap_gb * 2**30, args.mem_reserve_gb * 2**30
+
+  log(f"CPU: {cpu_model()}, {cpu_cores()} cores; load average {os.getloadavg()}; "
+      f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  started = time.perf_counter()
+  run = lambda name, spec, python=sys.executable: run_worker(name, spec, python, mem_cap, mem_reserve)
+  matmul = run("matmul", {})
+  rows = []  # (engine, algorithm, T, result)
+  ours_options = dict(micro_batches=args.micro_batches, logit_chunk=args.logit_chunk, remat=args.remat,
+                      scheduler=args.scheduler, split_optimizer=args.split_optimizer, breakdown=args.breakdown)
+  for t in lengths:
+    for algorithm in (algorithms if t <= args.peer_length else long_algorithms):
+      spec = dict(algorithm=algorithm, length=t, repeats=args.repeats if t <= args.peer_length else args.long_repeats,
+                  **ours_options)
+      if args.profile_dir:
+        spec["profile_dir"] = f"{args.profile_dir}/{algorithm}_T{t}"
+      rows.append(("ours", algorithm, t, run("ours", spec)))
+  if "tunix" in peers:
+    rows.append(("tunix", "grpo", args.peer_length,
+                 run("tunix", dict(length=args.peer_length, repeats=args.repeats), tunix_python)))
+  elapsed = time.perf_counter() - started
+
+  body, head, params = matmul_params()
+  peak = matmul.get("flops")
+  gb = lambda b: f"{b / 1e9:.2f}"
+  print()
+  print(f"Update step: SmolLM2-135M dimensions ({params / 1e6:.1f}M matmul params = {body / 1e6:.1f}M non-embedding "
+        f"+ {head / 1e6:.1f}M tied LM head), random weights, float32, {ROWS} rows = {ROWS // GROUP} prompts x {GROUP}, "
+        f"{DOMAINS} domains, {PROMPT_LEN}-token prompts, T-token responses (ragged), clip + AdamW.")
+  print(f"CPU: {cpu_model()}, {cpu_cores()} cores; load average at the end {os.getloadavg()}; total {elapsed:.0f}s.")
+  print(f"ours: micro_batches={args.micro_batches} logit_chunk={args.logit_chunk} remat={args.remat} "
+        f"scheduler={args.scheduler} split_optimizer={args.split_optimizer}; "
+        f"tunix: grpo_loss_fn + nnx.Optimizer under nnx.jit (python {tunix_python}).")
+  versions = {name: {k: v for k, v in out.items() if k in ("jax", "tunix")} for name, out in
+              [("matmul", matmul)] + [(f"{e} {a} T={t}", r) for e, a, t, r in rows]}
+  print(f"Versions: {json.dumps({k: v for k, v in versions.items() if v})}")
+  if peak:
+    print(f"float32 matmul peak (jnp.dot {2048}x{2048}, median of 10 after warm-up): {peak / 1e9:.1f} GFLOP/s -> "
+          f"bound {peak / (6 * params):.0f} tok/s at 6 x params FLOPs per token")
+  header = (f"{'engine':<6} {'algo':<5} {'T':>4} {'N(P+T)':>7} {'runs':>4} {'warm-up s':>9} {'median s':>9} "
+            f"{'tok/s':>7} {'resp tok/s':>10} {'of bound':>8} {'peak RSS GB':>11} {'after init':>10} {'delta GB':>8}")
+  print()
+  print(header)
+  print("-" * len(header))
+  rates = {}
+  for engine, algorithm, t, r in rows:
+    tokens = ROWS * (PROMPT_LEN + t)
+    if "times" not in r:
+      why = r.get("oom") or r.get("skipped") or r.get("error")
+      print(f"{engine:<6} {algorithm:<5} {t:>4} {tokens:>7}  {'does not fit: ' if 'oom' in r else 'n/a: '}{why}")
+      continue
+    median = statistics.median(r["times"])
+    rate = tokens / median
+    rates[(engine, algorithm, t)] = rate
+    frac = f"{rate * 6 * params / peak:8.1%}" if peak else f"{'n/a':>8}"
+    print(f"{engine:<6} {algorithm:<5} {t:>4} {tokens:>7} {len(r['times']):>4} {r['warmup']:>9.1f} {median:>9.2f} "
+          f"{rate:>7.1f} {ROWS * t / median:>10.1f} {frac} {gb(r['peak_rss']):>11} {gb(r['baseline_rss']):>10} "
+          f"{gb(r['peak_rss'] - r['baseline_rss']):>8}")
+    for part in ("forward", "loss+grad"):
+      if f"{part}_times" in r:
+        m = statistics.median(r[f"{part}_times"])
+        print(f"{'':<6} {'':<5} {'':>4} {'':>7} {len(r[f'{part}_times']):>4} {part:>9} {m:>9.2f} "
+              f"({m / median:.0%} of the update)")
+  print("(tok/s = N(P+T) / median update time, prompt + response positions, padding included; resp tok/s counts "
+        "N·T; of bound = tok/s x 6 x params / matmul peak; peak RSS = ru_maxrss of the worker process, after init = "
+        "its ru_maxrss right after model init, delta = the difference; GB = 1e9 bytes.)")
+  ours_by_t = sorted((t, r) for e, a, t, r in rows if e == "ours" and a == long_algorithms[0] and "peak_rss" in r) \
+      if long_algorithms else []
+  if len(ours_by_t) >= 2:
+    (t0, r0), (t1, r1) = ours_by_t[0], ours_by_t[-1]
+    slope = (r1["peak_rss"] - r0["peak_rss"]) / (t1 - t0)
+    print(f"ours {long_algorithms[0]} peak RSS vs T: " + ", ".join(f"T={t}: {gb(r['peak_rss'])} GB" for t, r in ours_by_t)
+          + f"; slope {slope * 128 / 1e9:.2f} GB per 128 response tokens")
+  mine = rates.get(("ours", "mcpo", args.peer_length))
+  theirs = rates.get(("tunix", "grpo", args.peer_length))
+  vs = f"{mine / theirs:.2f}" if mine and theirs else "n/a"
+  frac = f"{mine * 6 * params / peak:.3f}" if mine and peak else "n/a"
+  print(f"RESULT vs_tunix={vs} frac_of_matmul_peak={frac}")
+
+
+if __name__ == "__main__":
+  main()
