@@ -71,6 +71,18 @@ def max_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
+def dims(spec: dict) -> dict:
+  """SmolLM2-135M dimensions, with spec["num_layers"] (a quick smoke run) if given."""
+  return dict(SMOLLM2, num_layers=spec.get("num_layers") or SMOLLM2["num_layers"])
+
+
+def params_of(num_layers: int) -> tuple[int, int, int]:
+  """(non-embedding matmul params, LM-head params, total) as benchmarks/sampler.py counts them."""
+  body, head, _ = matmul_params()
+  body = body * num_layers // SMOLLM2["num_layers"]
+  return body, head, body + head
+
+
 def make_batch(response_len: int, seed: int = 0) -> dict:
   """The same scored rollouts for every engine (NumPy): ragged prompts (left padded with id 0) and
   responses (right padded with id 0), random old/ref log-probs, rewards in {0, 1}, GRPO advantages."""
@@ -96,19 +108,21 @@ def make_batch(response_len: int, seed: int = 0) -> dict:
               prompt_ids=prompt_ids, domain_ids=(prompt_ids % DOMAINS).astype(np.int32))
 
 
-def time_updates(step, repeats: int, label: str, tokens: int) -> tuple[float, list[float]]:
-  """One warm-up call (compile + run), then `repeats` timed calls; step(i) must block until done."""
-  t0 = time.perf_counter()
-  step(-1)
-  warmup = time.perf_counter() - t0
-  log(f"  {label}: warm-up (compile + 1 update) {warmup:.1f}s")
+def time_updates(step, repeats: int, label: str, tokens: int, warmup: bool = True) -> tuple[float, list[float]]:
+  """One warm-up call (unless warmup=False), then `repeats` timed calls; step(i) must block until done."""
+  seconds = 0.0
+  if warmup:
+    t0 = time.perf_counter()
+    step(-1)
+    seconds = time.perf_counter() - t0
+    log(f"  {label}: warm-up update {seconds:.1f}s")
   times = []
   for i in range(repeats):
     t0 = time.perf_counter()
     step(i)
     times.append(time.perf_counter() - t0)
     log(f"  {label}: update {i + 1}/{repeats} {times[-1]:.2f}s ({tokens / times[-1]:.1f} tok/s)")
-  return warmup, times
+  return seconds, times
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,16 +132,30 @@ def time_updates(step, repeats: int, label: str, tokens: int) -> tuple[float, li
 CPU_SCHEDULERS = {"default": None, "memory": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 
-def build_update(graphdef, optimizer, config, state, *, scheduler: str = "default", split_optimizer: bool = False):
-  """(state, batch, transfer) -> (state, metrics): our update step, as shipped or with the proposed fix.
+def _planned_bytes(compiled, extra_live: int = 0) -> int:
+  """What XLA plans to hold while `compiled` runs: its arguments, outputs (less donated aliases) and
+  temporaries, plus `extra_live` bytes that stay alive outside it (e.g. the optimizer state)."""
+  m = compiled.memory_analysis()
+  return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes + extra_live
+
+
+def _tree_bytes(tree) -> int:
+  import jax
+  return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+def build_update(graphdef, optimizer, config, state, batch, transfer, *, scheduler: str = "default",
+                 split_optimizer: bool = False):
+  """Our update step, compiled ahead of time: (update(state, batch, transfer) -> (state, metrics),
+  planned peak bytes, compile seconds).
 
   scheduler="default", split_optimizer=False is mcpo_jax.train.jit_update_step unchanged. The two
-  options prototype the fix for the memory problem this benchmark found (benchmarks/README.md):
-  scheduler="memory" compiles with XLA:CPU's memory-optimised scheduler (the default,
-  concurrency-optimised one keeps every layer's activations alive, so remat saves nothing), and
-  split_optimizer=True jits loss_and_grads and the rest of update_step (norm, clip, AdamW, NaN
-  guard) separately (one program that joins all gradients in the global-norm clip makes XLA:CPU's
-  schedulers keep every layer's recomputed activations alive until its weight gradient is taken).
+  options prototype the fix for the memory problem this benchmark found (see benchmarks/README.md):
+  scheduler="memory" compiles with XLA:CPU's memory-optimised scheduler (the default, concurrency-
+  optimised one keeps every layer's activations alive, so remat saves nothing), and
+  split_optimizer=True jits loss_and_grads and the rest of update_step (norm, clip, AdamW, NaN guard)
+  as two programs (in one program, the global-norm clip that joins all gradients makes every XLA:CPU
+  scheduler keep all layers' recomputed activations alive until their weight gradients are taken).
   The second program is update_step itself with loss_and_grads replaced by the first one's outputs.
   """
   import unittest.mock
@@ -135,15 +163,19 @@ def build_update(graphdef, optimizer, config, state, *, scheduler: str = "defaul
   import jax
   from mcpo_jax import train
 
-  if scheduler == "default" and not split_optimizer:
-    return train.jit_update_step(graphdef, optimizer, config, state)
+  t0 = time.perf_counter()
   options = {}
   if CPU_SCHEDULERS[scheduler] and jax.default_backend() == "cpu":
     options["xla_cpu_scheduler_type"] = CPU_SCHEDULERS[scheduler]
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   if not split_optimizer:
-    step = lambda state, batch, transfer: train.update_step(graphdef, optimizer, config, state, batch, transfer)
-    return jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, None), compiler_options=options)
+    if options:
+      step = lambda state, batch, transfer: train.update_step(graphdef, optimizer, config, state, batch, transfer)
+      jitted = jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, None), compiler_options=options)
+    else:
+      jitted = train.jit_update_step(graphdef, optimizer, config, state)
+    compiled = jitted.lower(state, batch, transfer).compile()
+    return compiled, _planned_bytes(compiled), time.perf_counter() - t0
 
   grads_fn = jax.jit(lambda params, batch, transfer: train.loss_and_grads(graphdef, params, batch, transfer, config),
                      compiler_options=options)
@@ -153,11 +185,16 @@ def build_update(graphdef, optimizer, config, state, *, scheduler: str = "defaul
       return train.update_step(graphdef, optimizer, config, state, None, transfer)
 
   apply_fn = jax.jit(apply, donate_argnums=(0, 3), out_shardings=(state_shardings, None), compiler_options=options)
+  grads_compiled = grads_fn.lower(state.params, batch, transfer).compile()
+  loss, metrics, grads = jax.eval_shape(grads_fn, state.params, batch, transfer)
+  apply_compiled = apply_fn.lower(state, loss, metrics, grads, transfer).compile()
+  planned = max(_planned_bytes(grads_compiled, _tree_bytes(state) - _tree_bytes(state.params)),
+                _planned_bytes(apply_compiled))
 
   def update(state, batch, transfer):
-    loss, metrics, grads = grads_fn(state.params, batch, transfer)
-    return apply_fn(state, loss, metrics, grads, transfer)
-  return update
+    loss, metrics, grads = grads_compiled(state.params, batch, transfer)
+    return apply_compiled(state, loss, metrics, grads, transfer)
+  return update, planned, time.perf_counter() - t0
 
 
 def worker_ours(spec: dict) -> dict:
@@ -168,12 +205,11 @@ def worker_ours(spec: dict) -> dict:
   from mcpo_jax.mesh import make_mesh
   from mcpo_jax.model import ModelConfig, init_model
   from mcpo_jax.objectives import ObjectiveConfig
-  from mcpo_jax.train import (OptimConfig, UpdateConfig, forward_rollouts, init_train_state, jit_update_step,
-                              make_optimizer, shard_batch)
+  from mcpo_jax.train import OptimConfig, UpdateConfig, forward_rollouts, init_train_state, make_optimizer, shard_batch
 
   t, label = spec["length"], f"ours {spec['algorithm']} T={spec['length']}"
   mesh = make_mesh(1, -1, 1)  # one CPU device, as rl_loop builds it
-  model = init_model(ModelConfig(model_type="llama", tie_word_embeddings=True, **SMOLLM2), seed=0, mesh=mesh,
+  model = init_model(ModelConfig(model_type="llama", tie_word_embeddings=True, **dims(spec)), seed=0, mesh=mesh,
                      remat=spec["remat"])
   jax.block_until_ready(jax.tree.leaves(model))
   baseline = max_rss_bytes()
@@ -184,8 +220,13 @@ def worker_ours(spec: dict) -> dict:
   del model
   batch = shard_batch(make_batch(t), mesh)
   transfer = jnp.ones((DOMAINS, DOMAINS), jnp.float32)
-  update = build_update(graphdef, optimizer, config, state, scheduler=spec["scheduler"],
-                        split_optimizer=spec["split_optimizer"])
+  update, planned, compile_s = build_update(graphdef, optimizer, config, state, batch, transfer,
+                                            scheduler=spec["scheduler"], split_optimizer=spec["split_optimizer"])
+  log(f"  {label}: compiled in {compile_s:.1f}s; XLA plans {planned / 1e9:.2f} GB "
+      f"(+ {baseline / 1e9:.2f} GB RSS after model init)")
+  if baseline + planned > spec["mem_cap"]:
+    return dict(oom=f"XLA plans {planned / 1e9:.1f} GB for the update (+ {baseline / 1e9:.1f} GB after init), over "
+                    f"the {spec['mem_cap'] / 1e9:.0f} GB cap; not run", planned=planned, baseline_rss=baseline)
   tokens = ROWS * (PROMPT_LEN + t)
   holder = {"state": state}
 
@@ -194,24 +235,27 @@ def worker_ours(spec: dict) -> dict:
     jax.block_until_ready((holder["state"], metrics))
     holder["metrics"] = metrics
 
-  warmup, times = time_updates(step, spec["repeats"], label, tokens)
+  warmup, times = time_updates(step, spec["repeats"], label, tokens, warmup=spec.get("warmup", True))
   metrics = {k: float(v) for k, v in holder["metrics"].items()}
   assert metrics["skipped"] == 0.0 and np.isfinite(metrics["loss"]), metrics
-  result = dict(times=times, warmup=warmup, peak_rss=max_rss_bytes(), baseline_rss=baseline,
-                loss=metrics["loss"], anchors=metrics.get("anchors"), jax=jax.__version__)
+  result = dict(times=times, warmup=warmup + compile_s, warmed=spec.get("warmup", True), compile=compile_s,
+                planned=planned, peak_rss=max_rss_bytes(),
+                baseline_rss=baseline, loss=metrics["loss"], anchors=metrics.get("anchors"), jax=jax.__version__)
 
   if spec.get("breakdown"):  # forward-only and loss+grad (no optimizer) of the same update, same process
-    params = holder["state"].params
     from flax import nnx
+    from mcpo_jax.train import loss_and_grads
+    options = {"xla_cpu_scheduler_type": CPU_SCHEDULERS[spec["scheduler"]]} if CPU_SCHEDULERS[spec["scheduler"]] \
+        else {}
+    params = holder["state"].params
 
     def forward(lm_params):
       logp, _, pooled = forward_rollouts(nnx.merge(graphdef, lm_params), batch, config.temperature,
                                          config.logit_chunk)
       return jnp.sum(logp * batch["mask"]) + jnp.sum(pooled)
 
-    from mcpo_jax.train import loss_and_grads
-    fwd = jax.jit(forward)
-    grad = jax.jit(lambda p: loss_and_grads(graphdef, p, batch, transfer, config)[2])
+    fwd = jax.jit(forward, compiler_options=options)
+    grad = jax.jit(lambda p: loss_and_grads(graphdef, p, batch, transfer, config)[2], compiler_options=options)
     for name, fn, arg in (("forward", fwd, params["lm"]), ("loss+grad", grad, params)):
       _, part = time_updates(lambda i: jax.block_until_ready(fn(arg)), spec["repeats"], f"{label} {name}", tokens)
       result[f"{name}_times"] = part
@@ -241,7 +285,7 @@ def worker_tunix(spec: dict) -> dict:
   from flax import nnx
 
   t, label = spec["length"], f"tunix grpo T={spec['length']}"
-  d = SMOLLM2
+  d = dims(spec)
   model_config = tunix_llama3.ModelConfig(
       num_layers=d["num_layers"], vocab_size=d["vocab_size"], embed_dim=d["hidden_size"],
       hidden_dim=d["intermediate_size"], num_heads=d["num_heads"], head_dim=d["head_dim"],
@@ -277,6 +321,14 @@ def worker_tunix(spec: dict) -> dict:
     return loss, aux, grad_norm
 
   jitted = nnx.jit(train_step, donate_argnames=("optimizer",))
+  t0 = time.perf_counter()
+  planned = _planned_bytes(jitted.lower(model, optimizer, example).compile())  # XLA's plan, before running
+  compile_s = time.perf_counter() - t0
+  log(f"  {label}: compiled in {compile_s:.1f}s; XLA plans {planned / 1e9:.2f} GB "
+      f"(+ {baseline / 1e9:.2f} GB RSS after model init)")
+  if baseline + planned > spec["mem_cap"]:
+    return dict(oom=f"XLA plans {planned / 1e9:.1f} GB for the update (+ {baseline / 1e9:.1f} GB after init), over "
+                    f"the {spec['mem_cap'] / 1e9:.0f} GB cap; not run", planned=planned, baseline_rss=baseline)
   tokens = ROWS * (PROMPT_LEN + t)
   holder = {}
 
@@ -284,8 +336,8 @@ def worker_tunix(spec: dict) -> dict:
     holder["out"] = jax.block_until_ready(jitted(model, optimizer, example))
 
   warmup, times = time_updates(step, spec["repeats"], label, tokens)
-  return dict(times=times, warmup=warmup, peak_rss=max_rss_bytes(), baseline_rss=baseline,
-              loss=float(holder["out"][0]), tunix=importlib.metadata.version("google-tunix"), jax=jax.__version__)
+  return dict(times=times, warmup=warmup + compile_s, compile=compile_s, planned=planned, peak_rss=max_rss_bytes(),
+              baseline_rss=baseline, loss=float(holder["out"][0]), tunix=importlib.metadata.version("google-tunix"), jax=jax.__version__)
 
 
 WORKERS = dict(matmul=worker_matmul, ours=worker_ours, tunix=worker_tunix)
@@ -336,9 +388,10 @@ def run_worker(name: str, spec: dict, python: str, mem_cap: float, mem_reserve: 
   stdout, _ = proc.communicate()
   watcher.join()
   if killed:
-    why = (f"RSS {killed['rss'] / 2**30:.1f} GB passed the cap {mem_cap / 2**30:.1f} GB"
+    why = (f"RSS {killed['rss'] / 1e9:.1f} GB passed the {mem_cap / 1e9:.0f} GB cap; killed"
            if killed["rss"] > mem_cap else
-           f"MemAvailable fell to {killed['available'] / 2**30:.1f} GB (RSS {killed['rss'] / 2**30:.1f} GB)")
+           f"the machine's MemAvailable fell to {killed['available'] / 1e9:.1f} GB at RSS {killed['rss'] / 1e9:.1f} GB "
+           "(other processes hold memory); killed")
     log(f"  {name}: killed by the memory watchdog: {why}")
     return dict(oom=why)
   for line in reversed(stdout.splitlines()):
@@ -352,32 +405,51 @@ def run_worker(name: str, spec: dict, python: str, mem_cap: float, mem_reserve: 
 # Orchestration and report.
 
 
+VARIANTS = {
+    # mcpo_jax.train.jit_update_step as it is, with --remat / --logit_chunk / --micro_batches / --scheduler
+    # / --split_optimizer as given on the command line (defaults: the shipped config's remat=none).
+    "shipped": {},
+    # The proposed fix: remat every layer, XLA:CPU's memory-optimised scheduler, and the gradient and
+    # optimizer programs jitted separately (see build_update).
+    "fix": dict(remat="full", scheduler="memory", split_optimizer=True),
+}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--peers", default="tunix", help="'tunix' or '' (none)")
+  parser.add_argument("--variants", default="shipped,fix",
+                      help="ours: 'shipped' (jit_update_step with the options below) and/or 'fix' (the proposed "
+                           "memory fix: remat=full, scheduler=memory, split_optimizer); RESULT uses the first")
   parser.add_argument("--lengths", default="128,256,512", help="response lengths T for ours (comma-separated)")
-  parser.add_argument("--algorithms", default="mcpo,grpo", help="ours: mcpo and/or grpo")
-  parser.add_argument("--long_algorithms", default="mcpo",
-                      help="algorithms run at T > --peer_length ('all' = every one of --algorithms)")
+  parser.add_argument("--algorithms", default="mcpo,grpo",
+                      help="ours at T = --peer_length: the last variant runs all of them, the others the first")
+  parser.add_argument("--long_algorithms", default="mcpo", help="ours at T > --peer_length")
   parser.add_argument("--peer_length", type=int, default=128, help="T at which the peer runs and RESULT is taken")
   parser.add_argument("--repeats", type=int, default=3, help="timed updates after the warm-up (median reported)")
   parser.add_argument("--long_repeats", type=int, default=1, help="timed updates at T > --peer_length")
+  parser.add_argument("--long_warmup", action="store_true",
+                      help="warm up before the timed updates at T > --peer_length too (default: no warm-up there, "
+                           "the update after compilation is timed, first-touch of its buffers included)")
   parser.add_argument("--micro_batches", type=int, default=1, help="ours: gradient-accumulation micro-batches")
   parser.add_argument("--logit_chunk", type=int, default=64, help="ours: response positions per LM-head chunk")
   parser.add_argument("--remat", choices=("none", "full", "save_dots"), default="none",
-                      help="ours: per-layer rematerialisation")
+                      help="ours (shipped variant): per-layer rematerialisation")
   parser.add_argument("--scheduler", choices=tuple(CPU_SCHEDULERS), default="default",
-                      help="ours: XLA:CPU scheduler of the update ('memory' = part of the proposed fix)")
+                      help="ours (shipped variant): XLA:CPU scheduler of the update")
   parser.add_argument("--split_optimizer", action="store_true",
-                      help="ours: jit the gradients and the optimizer step separately (part of the proposed fix)")
+                      help="ours (shipped variant): jit the gradients and the optimizer step separately")
   parser.add_argument("--breakdown", action="store_true",
                       help="ours: also time forward-only and loss+grad (no optimizer) at each config")
   parser.add_argument("--profile_dir", default="", help="ours: write a jax.profiler trace of one update here")
   parser.add_argument("--tunix_python", default="",
                       help=f"interpreter with google-tunix (default {DEFAULT_TUNIX_PYTHON} if it exists, else this one)")
-  parser.add_argument("--mem_cap_gb", type=float, default=20.0, help="kill a worker whose RSS passes this")
-  parser.add_argument("--mem_reserve_gb", type=float, default=1.0,
+  parser.add_argument("--mem_cap_gb", type=float, default=22.0,
+                      help="kill a worker whose RSS passes this (GB = 1e9 bytes); a step whose XLA memory plan "
+                           "already passes it is compiled but not run")
+  parser.add_argument("--mem_reserve_gb", type=float, default=0.75,
                       help="kill a worker when the machine's MemAvailable falls below this")
+  parser.add_argument("--num_layers", type=int, default=0, help="smoke runs only: fewer layers than SmolLM2's 30")
   parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--_spec", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -387,95 +459,124 @@ def main() -> None:
     print(RESULT_TAG + json.dumps(result), flush=True)
     return
 
-  lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
-  algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
-  peers = [p.strip() for p in args.peers.split(",") if p.strip()]
-  for a in algorithms:
+  split = lambda text: [x.strip() for x in text.split(",") if x.strip()]
+  lengths, algorithms, peers, variants = (sorted(int(x) for x in split(args.lengths)), split(args.algorithms),
+                                          split(args.peers), split(args.variants))
+  long_algorithms = [a for a in split(args.long_algorithms)]
+  for a in algorithms + long_algorithms:
     if a not in ("mcpo", "grpo"):
-      parser.error(f"--algorithms: unknown {a!r}; use mcpo and/or grpo.")
+      parser.error(f"unknown algorithm {a!r}; use mcpo and/or grpo.")
   for p in peers:
     if p != "tunix":
       parser.error(f"--peers: unknown peer {p!r}; the only peer is tunix.")
-  long_algorithms = algorithms if args.long_algorithms == "all" else [
-      a.strip() for a in args.long_algorithms.split(",") if a.strip() in algorithms]
+  for v in variants:
+    if v not in VARIANTS:
+      parser.error(f"--variants: unknown {v!r}; use shipped and/or fix.")
   tunix_python = args.tunix_python or (DEFAULT_TUNIX_PYTHON if Path(DEFAULT_TUNIX_PYTHON).exists() else sys.executable)
-  mem_cap, mem_reserve = args.mem_cap_gb * 2**30, args.mem_reserve_gb * 2**30
+  mem_cap, mem_reserve = args.mem_cap_gb * 1e9, args.mem_reserve_gb * 1e9
 
   log(f"CPU: {cpu_model()}, {cpu_cores()} cores; load average {os.getloadavg()}; "
       f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   started = time.perf_counter()
   run = lambda name, spec, python=sys.executable: run_worker(name, spec, python, mem_cap, mem_reserve)
   matmul = run("matmul", {})
-  rows = []  # (engine, algorithm, T, result)
-  ours_options = dict(micro_batches=args.micro_batches, logit_chunk=args.logit_chunk, remat=args.remat,
-                      scheduler=args.scheduler, split_optimizer=args.split_optimizer, breakdown=args.breakdown)
-  for t in lengths:
-    for algorithm in (algorithms if t <= args.peer_length else long_algorithms):
-      spec = dict(algorithm=algorithm, length=t, repeats=args.repeats if t <= args.peer_length else args.long_repeats,
-                  **ours_options)
-      if args.profile_dir:
-        spec["profile_dir"] = f"{args.profile_dir}/{algorithm}_T{t}"
-      rows.append(("ours", algorithm, t, run("ours", spec)))
+  rows = []  # (engine, variant, algorithm, T, result)
+  shipped = dict(micro_batches=args.micro_batches, logit_chunk=args.logit_chunk, remat=args.remat,
+                 scheduler=args.scheduler, split_optimizer=args.split_optimizer, breakdown=args.breakdown)
+  settings = {}
+  for i, variant in enumerate(variants):
+    options = settings[variant] = dict(shipped, **VARIANTS[variant])
+    for t in lengths:
+      if t == args.peer_length:
+        todo = algorithms if i == len(variants) - 1 else algorithms[:1]
+      else:
+        todo = long_algorithms
+      for algorithm in todo:
+        long = t > args.peer_length
+        spec = dict(algorithm=algorithm, length=t, repeats=args.long_repeats if long else args.repeats,
+                    warmup=args.long_warmup or not long, mem_cap=mem_cap, num_layers=args.num_layers, **options)
+        if args.profile_dir:
+          spec["profile_dir"] = f"{args.profile_dir}/{variant}_{algorithm}_T{t}"
+        rows.append(("ours", variant, algorithm, t, run("ours", spec)))
   if "tunix" in peers:
-    rows.append(("tunix", "grpo", args.peer_length,
-                 run("tunix", dict(length=args.peer_length, repeats=args.repeats), tunix_python)))
+    rows.append(("tunix", "-", "grpo", args.peer_length,
+                 run("tunix", dict(length=args.peer_length, repeats=args.repeats, mem_cap=mem_cap,
+                                   num_layers=args.num_layers), tunix_python)))
   elapsed = time.perf_counter() - started
 
-  body, head, params = matmul_params()
+  body, head, params = params_of(args.num_layers or SMOLLM2["num_layers"])
   peak = matmul.get("flops")
   gb = lambda b: f"{b / 1e9:.2f}"
   print()
   print(f"Update step: SmolLM2-135M dimensions ({params / 1e6:.1f}M matmul params = {body / 1e6:.1f}M non-embedding "
         f"+ {head / 1e6:.1f}M tied LM head), random weights, float32, {ROWS} rows = {ROWS // GROUP} prompts x {GROUP}, "
-        f"{DOMAINS} domains, {PROMPT_LEN}-token prompts, T-token responses (ragged), clip + AdamW.")
+        f"{DOMAINS} domains, {PROMPT_LEN}-token prompts, T-token responses (ragged), global-norm clip + AdamW.")
   print(f"CPU: {cpu_model()}, {cpu_cores()} cores; load average at the end {os.getloadavg()}; total {elapsed:.0f}s.")
-  print(f"ours: micro_batches={args.micro_batches} logit_chunk={args.logit_chunk} remat={args.remat} "
-        f"scheduler={args.scheduler} split_optimizer={args.split_optimizer}; "
-        f"tunix: grpo_loss_fn + nnx.Optimizer under nnx.jit (python {tunix_python}).")
-  versions = {name: {k: v for k, v in out.items() if k in ("jax", "tunix")} for name, out in
-              [("matmul", matmul)] + [(f"{e} {a} T={t}", r) for e, a, t, r in rows]}
-  print(f"Versions: {json.dumps({k: v for k, v in versions.items() if v})}")
+  for variant in variants:
+    o = settings[variant]
+    print(f"ours {variant}: micro_batches={o['micro_batches']} logit_chunk={o['logit_chunk']} remat={o['remat']} "
+          f"scheduler={o['scheduler']} split_optimizer={o['split_optimizer']}")
+  if "tunix" in peers:
+    print(f"tunix: grpo_loss_fn + nnx.Optimizer(clip + AdamW) under nnx.jit, no remat (its default); {tunix_python}")
+  versions = {f"{e} {v} {a} T={t}": {k: x for k, x in r.items() if k in ("jax", "tunix")} for e, v, a, t, r in rows}
+  versions = {k: v for k, v in versions.items() if v}
+  print(f"Versions: {json.dumps(dict({'matmul': {'jax': matmul.get('jax')}}, **versions))}")
   if peak:
-    print(f"float32 matmul peak (jnp.dot {2048}x{2048}, median of 10 after warm-up): {peak / 1e9:.1f} GFLOP/s -> "
+    print(f"float32 matmul peak (jnp.dot 2048x2048, median of 10 after warm-up): {peak / 1e9:.1f} GFLOP/s -> "
           f"bound {peak / (6 * params):.0f} tok/s at 6 x params FLOPs per token")
-  header = (f"{'engine':<6} {'algo':<5} {'T':>4} {'N(P+T)':>7} {'runs':>4} {'warm-up s':>9} {'median s':>9} "
-            f"{'tok/s':>7} {'resp tok/s':>10} {'of bound':>8} {'peak RSS GB':>11} {'after init':>10} {'delta GB':>8}")
+  header = (f"{'engine':<6} {'variant':<7} {'algo':<4} {'T':>4} {'N(P+T)':>6} {'runs':>4} {'compile+warm s':>14} "
+            f"{'median s':>8} {'tok/s':>6} {'resp tok/s':>10} {'of bound':>8} {'XLA plan GB':>11} {'peak RSS GB':>11} "
+            f"{'after init':>10} {'delta GB':>8}")
   print()
   print(header)
   print("-" * len(header))
   rates = {}
-  for engine, algorithm, t, r in rows:
+  for engine, variant, algorithm, t, r in rows:
     tokens = ROWS * (PROMPT_LEN + t)
+    lead = f"{engine:<6} {variant:<7} {algorithm:<4} {t:>4} {tokens:>6}"
     if "times" not in r:
       why = r.get("oom") or r.get("skipped") or r.get("error")
-      print(f"{engine:<6} {algorithm:<5} {t:>4} {tokens:>7}  {'does not fit: ' if 'oom' in r else 'n/a: '}{why}")
+      print(f"{lead}  {'does not fit: ' if 'oom' in r else 'n/a: '}{why}")
       continue
     median = statistics.median(r["times"])
     rate = tokens / median
-    rates[(engine, algorithm, t)] = rate
+    rates[(engine, variant, algorithm, t)] = rate
     frac = f"{rate * 6 * params / peak:8.1%}" if peak else f"{'n/a':>8}"
-    print(f"{engine:<6} {algorithm:<5} {t:>4} {tokens:>7} {len(r['times']):>4} {r['warmup']:>9.1f} {median:>9.2f} "
-          f"{rate:>7.1f} {ROWS * t / median:>10.1f} {frac} {gb(r['peak_rss']):>11} {gb(r['baseline_rss']):>10} "
+    runs = f"{len(r['times'])}{'' if r.get('warmed', True) else '*'}"
+    print(f"{lead} {runs:>4} {r['warmup']:>14.1f} {median:>8.2f} {rate:>6.1f} {ROWS * t / median:>10.1f} "
+          f"{frac} {gb(r['planned']):>11} {gb(r['peak_rss']):>11} {gb(r['baseline_rss']):>10} "
           f"{gb(r['peak_rss'] - r['baseline_rss']):>8}")
     for part in ("forward", "loss+grad"):
       if f"{part}_times" in r:
         m = statistics.median(r[f"{part}_times"])
-        print(f"{'':<6} {'':<5} {'':>4} {'':>7} {len(r[f'{part}_times']):>4} {part:>9} {m:>9.2f} "
-              f"({m / median:.0%} of the update)")
-  print("(tok/s = N(P+T) / median update time, prompt + response positions, padding included; resp tok/s counts "
-        "N·T; of bound = tok/s x 6 x params / matmul peak; peak RSS = ru_maxrss of the worker process, after init = "
-        "its ru_maxrss right after model init, delta = the difference; GB = 1e9 bytes.)")
-  ours_by_t = sorted((t, r) for e, a, t, r in rows if e == "ours" and a == long_algorithms[0] and "peak_rss" in r) \
-      if long_algorithms else []
-  if len(ours_by_t) >= 2:
-    (t0, r0), (t1, r1) = ours_by_t[0], ours_by_t[-1]
-    slope = (r1["peak_rss"] - r0["peak_rss"]) / (t1 - t0)
-    print(f"ours {long_algorithms[0]} peak RSS vs T: " + ", ".join(f"T={t}: {gb(r['peak_rss'])} GB" for t, r in ours_by_t)
-          + f"; slope {slope * 128 / 1e9:.2f} GB per 128 response tokens")
-  mine = rates.get(("ours", "mcpo", args.peer_length))
-  theirs = rates.get(("tunix", "grpo", args.peer_length))
-  vs = f"{mine / theirs:.2f}" if mine and theirs else "n/a"
-  frac = f"{mine * 6 * params / peak:.3f}" if mine and peak else "n/a"
+        print(f"{'':<29} {part:>9} only: {m:.2f} s ({m / median:.0%} of the update)")
+  print("(runs = timed updates after one warm-up update; * = no warm-up, the first update after compilation; "
+        "compile+warm = ahead-of-time compilation + the warm-up update. "
+        "tok/s = N(P+T) / median update time: prompt + response positions, padding included; resp tok/s counts "
+        "N*T; of bound = tok/s x 6 x params / matmul peak; XLA plan = arguments + outputs - donated + temporaries "
+        "of the compiled step; peak RSS = ru_maxrss of the worker process; after init = its ru_maxrss right after "
+        "model init; delta = the difference; GB = 1e9 bytes.)")
+  for variant in variants:
+    by_t = sorted((t, r) for e, v, a, t, r in rows if e == "ours" and v == variant and a == long_algorithms[0]
+                  and "peak_rss" in r) if long_algorithms else []
+    if len(by_t) >= 2:
+      (t0, r0), (t1, r1) = by_t[0], by_t[-1]
+      slope = (r1["peak_rss"] - r0["peak_rss"]) / (t1 - t0)
+      print(f"ours {variant} {long_algorithms[0]} peak RSS vs T: "
+            + ", ".join(f"T={t}: {gb(r['peak_rss'])} GB" for t, r in by_t)
+            + f"; {slope * 128 / 1e9:.2f} GB per 128 more response tokens")
+
+  def ratios(variant):
+    mine = rates.get(("ours", variant, "mcpo", args.peer_length))
+    theirs = rates.get(("tunix", "-", "grpo", args.peer_length))
+    vs = f"{mine / theirs:.2f}" if mine and theirs else "n/a"
+    frac = f"{mine * 6 * params / peak:.3f}" if mine and peak else "n/a"
+    return vs, frac
+
+  for variant in variants[1:]:
+    vs, frac = ratios(variant)
+    print(f"ours {variant}: vs_tunix={vs} frac_of_matmul_peak={frac}")
+  vs, frac = ratios(variants[0])
   print(f"RESULT vs_tunix={vs} frac_of_matmul_peak={frac}")
 
 
