@@ -59,7 +59,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv) -> None:
   del argv
-  logging.getLogger("absl").setLevel(logging.INFO)
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO
   try:
     run(config_lib.validate(_CONFIG.value))
   except USER_ERRORS as error:

@@ -43,7 +43,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   config.workdir = "runs/default"
   config.resume = "auto"  # "auto": continue from the newest complete checkpoint in workdir; "none"
   config.export_hf = True  # write the final policy as an HF directory to workdir/hf_export
-  config.diag_every = 5  # D×D per-domain gradient cosines every N steps (0 = never)
+  config.diag_every = 5  # D×D per-domain gradient cosines at the first and last step and every N (0 = never)
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "smollm2-135m-instruct"  # HF dir (local or gs://), a .gguf file, or a zoo name

@@ -8,6 +8,7 @@ fails to load, e.g. one cut short by a crash.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from typing import Any
@@ -23,7 +24,8 @@ class Checkpointer:
 
   def __init__(self, directory: str | epath.PathLike, *, keep_last: int = 3, keep_best: int = 1,
                best_metric: str | None = None, best_mode: str = "max", async_save: bool = True):
-    self.directory = epath.Path(directory)
+    # orbax's tensorstore writer needs an absolute path: `runs/default` is resolved against the cwd.
+    self.directory = epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
     policies = [preservation.LatestN(n=keep_last)]
     if best_metric and keep_best > 0:
       policies.append(preservation.BestN(get_metric_fn=lambda metrics: metrics[best_metric],

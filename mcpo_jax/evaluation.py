@@ -17,6 +17,7 @@ from etils import epath
 from mcpo_jax.data.domains import Domain
 from mcpo_jax.data.sources import open_source
 from mcpo_jax.data.tokenize import encode_prompt, left_pad, render_messages
+from mcpo_jax.mesh import to_host
 from mcpo_jax.model.transformer import Transformer
 from mcpo_jax.rewards import RewardPool
 from mcpo_jax.sampling import generate
@@ -50,7 +51,7 @@ def build_eval_set(domains: Sequence[Domain], tokenizer, *, prompts_per_domain: 
 
 
 def _decode(tokenizer, rollouts) -> list[str]:
-  tokens, mask = np.asarray(rollouts.tokens), np.asarray(rollouts.response_mask).astype(bool)
+  tokens, mask = to_host(rollouts.tokens), to_host(rollouts.response_mask).astype(bool)
   return [tokenizer.decode(row[keep], skip_special_tokens=True) for row, keep in zip(tokens, mask)]
 
 

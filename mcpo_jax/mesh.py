@@ -109,6 +109,13 @@ def constrain(x: jax.Array, mesh: Mesh | None, logical_axes: LogicalAxes) -> jax
   return jax.lax.with_sharding_constraint(x, named_sharding(mesh, logical_axes, x.shape))
 
 
+def from_host(x: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+  """A global array from a host value every process holds in full; each process fills only its own
+  shards, so this is the same call on one host and on a pod."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 def to_host(x: jax.Array) -> np.ndarray:
   """The full value of `x` on this host; gathers across processes when `x` is not fully addressable."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -118,15 +125,25 @@ def to_host(x: jax.Array) -> np.ndarray:
 
 
 def maybe_initialize_distributed() -> bool:
-  """Calls jax.distributed.initialize() when this process is one of several (TPU pod, multi-GPU).
+  """Calls jax.distributed.initialize() when this process is one of several (TPU pod, multi-GPU, CPU).
 
-  Detection is by the environment the launchers set; single-host runs are left alone.
+  Detection is by the environment the launchers set; single-host runs are left alone. TPU pods,
+  SLURM and MPI are auto-detected by JAX; anywhere else (e.g. several CPU processes on one machine)
+  set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
   """
   multi_host = (
       "JAX_COORDINATOR_ADDRESS" in os.environ
       or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
       or int(os.environ.get("SLURM_NTASKS", "1")) > 1)
   if multi_host and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
+    explicit = {}
+    if "JAX_NUM_PROCESSES" in os.environ or "JAX_PROCESS_ID" in os.environ:
+      try:
+        explicit = dict(num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                        process_id=int(os.environ["JAX_PROCESS_ID"]))
+      except (KeyError, ValueError) as error:
+        raise MeshError("set both JAX_NUM_PROCESSES and JAX_PROCESS_ID to integers (process ids count from 0), "
+                        f"or neither to let JAX detect them: {error!r}") from None
+    jax.distributed.initialize(**explicit)
     logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
   return multi_host

@@ -190,7 +190,8 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
                                      to_host(rollouts.truncated), group)
       step_metrics.update(update_metrics, verifier_errors=float(scored.errors), rollout_s=rolled - started,
                           reward_s=scored_at - rolled, update_s=updated - scored_at, step_s=updated - started)
-      if config.diag_every and (step + 1) % config.diag_every == 0:
+      first, final = step == 0, step + 1 == config.train.steps
+      if config.diag_every and (first or final or (step + 1) % config.diag_every == 0):  # start, every N, end
         cosines = domain_gradient_cosines(graphdef, state.params, batch, transfer, update_config, len(domains))
         step_metrics["diag/grad_cosine"] = cosines
         for name in names:
@@ -210,7 +211,6 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
       eval_metrics = None
       if config.eval.every and (step + 1) % config.eval.every == 0 and step + 1 < config.train.steps:
         eval_metrics = run_eval(f"step {step + 1}", step + 1)
-      final = step + 1 == config.train.steps
       periodic = config.checkpoint.every and (step + 1) % config.checkpoint.every == 0
       if preemption.requested or (periodic and not final):  # the final one is saved after the last eval
         checkpointer.save(step + 1, state, {"data": iterator.get_state(), "config": config.to_json()},

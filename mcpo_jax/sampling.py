@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mcpo_jax.mesh import constrain, named_sharding
+from mcpo_jax.mesh import constrain, from_host, named_sharding
 from mcpo_jax.model.transformer import Transformer
 
 MAX_STOP_TOKENS = 8  # stop ids are padded to this length so their number never triggers a recompile
@@ -175,7 +175,7 @@ def generate(model: Transformer, prompt_ids, prompt_mask, *, group_size: int = 1
     prompt_mask = np.pad(prompt_mask, ((0, 0), (bucket - p, 0)))
   if model.mesh is not None:
     sharding = named_sharding(model.mesh, ("batch", "length"), prompt_ids.shape)
-    prompt_ids, prompt_mask = jax.device_put((prompt_ids, prompt_mask), sharding)
+    prompt_ids, prompt_mask = from_host(prompt_ids, sharding), from_host(prompt_mask, sharding)
   stop_ids = np.full((MAX_STOP_TOKENS,), -1, np.int32)
   stop_ids[:len(stop_token_ids)] = list(stop_token_ids)
   greedy = temperature == 0

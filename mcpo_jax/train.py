@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mcpo_jax.mesh import named_sharding
+from mcpo_jax.mesh import from_host, named_sharding, to_host
 from mcpo_jax.model.transformer import Transformer
 from mcpo_jax.objectives import ObjectiveConfig, contrastive_term, policy_term, pool_response
 
@@ -83,13 +83,13 @@ def init_train_state(model: Transformer, optimizer: optax.GradientTransformation
   hidden = model.config.hidden_size
   head = jax.random.normal(jax.random.key(seed), (hidden, proj_dim), jnp.float32) / jnp.sqrt(hidden)
   if model.mesh is not None:
-    head = jax.device_put(head, named_sharding(model.mesh, (None, None), head.shape))
+    head = from_host(to_host(head), named_sharding(model.mesh, (None, None), head.shape))
   params = {"lm": lm_params, "head": head}
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                      nonfinite_streak=jnp.zeros((), jnp.int32))
   if model.mesh is not None:  # counters and other unsharded leaves: replicate them on the mesh
     replicated = NamedSharding(model.mesh, PartitionSpec())
-    on_mesh = lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated)
+    on_mesh = lambda x: x if isinstance(x.sharding, NamedSharding) else from_host(to_host(x), replicated)
     state = jax.tree.map(on_mesh, state)
   return graphdef, state
 
@@ -248,10 +248,12 @@ def update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
 def shard_batch(batch: dict[str, Any], mesh: Mesh | None) -> dict[str, jax.Array]:
   """Rows over (data, fsdp); everything else replicated."""
   def place(x):
-    x = jnp.asarray(x)
     if mesh is None:
-      return x
-    return jax.device_put(x, named_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1), x.shape))
+      return jnp.asarray(x)
+    sharding = named_sharding(mesh, ("batch",) + (None,) * (jnp.ndim(x) - 1), jnp.shape(x))
+    if isinstance(x, jax.Array):  # already global (e.g. rollouts): a reshard on the same mesh
+      return jax.device_put(x, sharding)
+    return from_host(x, sharding)
   return {k: place(v) for k, v in batch.items()}
 
 

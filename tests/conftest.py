@@ -48,6 +48,88 @@ def write_tiny_checkpoint(family: str, directory, seed: int = 0, **overrides):
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+  """A 2-layer random Llama with the SmolLM2 vocabulary and tokenizer (so prompts and verifiers are real)."""
+  import shutil
+  from pathlib import Path
+
+  from mcpo_jax.model import resolve_checkpoint
+  directory = tmp_path_factory.mktemp("tiny_smollm")
+  write_tiny_checkpoint("llama", directory, vocab_size=49152, hidden_size=64, intermediate_size=128,
+                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                        bos_token_id=1, eos_token_id=2)
+  smollm = Path(resolve_checkpoint("smollm2-135m-instruct"))
+  for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+    if (smollm / name).exists():
+      shutil.copy(smollm / name, directory / name)
+  return directory
+
+
+LEARNABLE_VOCAB = ["<pad>", "<|im_start|>", "<|im_end|>", "[UNK]", "user", "assistant", *"0123456789"]
+LEARNABLE_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def learnable_task(tmp_path_factory):
+  """A world the RL loop can learn in a few steps: (model dir, `--config.data.domains` value).
+
+  A 2-layer random Llama over a 16-token word-level vocabulary (digits, chat markers; every other
+  word is [UNK]) and two JSONL domains whose answer is a constant digit: "three" prompts start with
+  "0 0 0" and are answered 3, "seven" prompts start with "9 9 9" and are answered 7. With one new
+  token the random policy is right about 1/16 of the time.
+  """
+  import json
+
+  import tokenizers
+  import transformers
+  from tokenizers import models, pre_tokenizers
+  root = tmp_path_factory.mktemp("learnable")
+  write_tiny_checkpoint("llama", root / "model", vocab_size=len(LEARNABLE_VOCAB), hidden_size=64,
+                        intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+  word_level = tokenizers.Tokenizer(models.WordLevel({t: i for i, t in enumerate(LEARNABLE_VOCAB)}, unk_token="[UNK]"))
+  word_level.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                      pre_tokenizers.Digits(individual_digits=True)])
+  tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="[UNK]", pad_token="<pad>",
+                                                   bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+  tokenizer.chat_template = LEARNABLE_TEMPLATE
+  tokenizer.save_pretrained(str(root / "model"))
+  rng = np.random.default_rng(0)
+  domains = {}
+  for name, lead, answer in (("three", "0 0 0", "3"), ("seven", "9 9 9", "7")):
+    for split in ("train", "test"):
+      rows = [{"question": f"{lead} " + " ".join(map(str, rng.integers(0, 10, 5))), "answer": answer}
+              for _ in range(64)]
+      (root / f"{name}_{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    domains[name] = {"source": {"kind": "jsonl", "fields": {"prompt": "question", "answer": "answer"},
+                                "path": {s: str(root / f"{name}_{s}.jsonl") for s in ("train", "test")}},
+                     "verifier": "exact"}
+  return root / "model", repr(domains)
+
+
+def read_metrics(workdir) -> dict[int, dict]:
+  """metrics.jsonl as {step: every metric logged at that step}; a resumed step's values replace its earlier try's."""
+  import json
+  from pathlib import Path
+  merged: dict[int, dict] = {}
+  for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    record = json.loads(line)
+    merged.setdefault(record["step"], {}).update(record)
+  return merged
+
+
+def learnable_flags(learnable_task, steps: int) -> list[str]:
+  """run.py overrides (on the tiny preset) that train on `learnable_task` for `steps` steps."""
+  model_dir, domains = learnable_task
+  return [f"--config.model.name={model_dir}", f"--config.data.domains={domains}", "--config.rewards.processes=0",
+          "--config.rollout.max_new_tokens=1", "--config.eval.max_new_tokens=1", "--config.optim.learning_rate=1e-2",
+          "--config.objective.kl_coef=0", "--config.data.prompts_per_step=4", "--config.rollout.group_size=8",
+          "--config.eval.prompts_per_domain=8", f"--config.train.steps={steps}"]
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
   """family -> (checkpoint directory, the transformers model)."""
   root = tmp_path_factory.mktemp("checkpoints")

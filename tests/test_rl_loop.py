@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -10,26 +9,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
-from conftest import write_tiny_checkpoint
-
-from mcpo_jax.model import resolve_checkpoint
+from conftest import learnable_flags, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-  """A 2-layer random Llama with the SmolLM2 vocabulary and tokenizer (so prompts and verifiers are real)."""
-  directory = tmp_path_factory.mktemp("tiny_smollm")
-  write_tiny_checkpoint("llama", directory, vocab_size=49152, hidden_size=64, intermediate_size=128,
-                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                        bos_token_id=1, eos_token_id=2)
-  smollm = Path(resolve_checkpoint("smollm2-135m-instruct"))
-  for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-    if (smollm / name).exists():
-      shutil.copy(smollm / name, directory / name)
-  return directory
 
 
 def _command(model_dir, workdir, *extra):
@@ -42,9 +24,18 @@ def _env():
   return dict(os.environ, HF_HUB_OFFLINE="1", XLA_FLAGS="--xla_force_host_platform_device_count=8")
 
 
-def _metrics(workdir) -> dict[int, dict]:
-  lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
-  return {record["step"]: record for record in map(json.loads, lines)}  # a resumed step overwrites its earlier try
+def test_a_tiny_run_raises_the_reward_on_a_learnable_task(learnable_task, tmp_path):
+  """run.py on the 8-device mesh, 10 MCPO steps: the reward and held-out pass@1 of both domains rise."""
+  command = [sys.executable, "run.py", "--config=configs/multi_domain.py:tiny", f"--config.workdir={tmp_path}",
+             *learnable_flags(learnable_task, steps=10)]
+  result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "'fsdp': 8" in result.stdout
+  rewards = [read_metrics(tmp_path)[step]["reward"] for step in range(1, 11)]
+  assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.3, rewards  # the random policy: about 1/16
+  evaluations = json.loads((tmp_path / "evaluations.json").read_text())
+  for domain in ("three", "seven"):
+    assert evaluations["end"][f"eval/{domain}/pass@1"] >= evaluations["start"][f"eval/{domain}/pass@1"] + 0.5
 
 
 def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
@@ -52,24 +43,25 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp
                              text=True, timeout=600)
   assert reference.returncode == 0, reference.stderr[-3000:]
   assert "step 4/4" in reference.stdout
-  want = _metrics(tmp_path / "ref")
+  want = read_metrics(tmp_path / "ref")
   assert sorted(want) == [1, 2, 3, 4]
   assert "diag/grad_cosine" in want[2] and len(want[2]["diag/grad_cosine"]) == 3  # 3 domains: a 3×3 matrix
   assert (tmp_path / "ref" / "tensorboard").is_dir()
 
-  interrupted = tmp_path / "interrupted"
-  process = subprocess.Popen(_command(tiny_model_dir, interrupted), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+  interrupted = tmp_path / "interrupted"  # given relative to the cwd, as users do (`runs/default`)
+  relative = os.path.relpath(interrupted, REPO)
+  process = subprocess.Popen(_command(tiny_model_dir, relative), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
   deadline = time.time() + 600
   while not (interrupted / "checkpoints" / "2").is_dir() and process.poll() is None and time.time() < deadline:
     time.sleep(0.2)
   process.send_signal(signal.SIGKILL)
   process.wait()
-  resumed = subprocess.run(_command(tiny_model_dir, interrupted), cwd=REPO, env=_env(), capture_output=True,
+  resumed = subprocess.run(_command(tiny_model_dir, relative), cwd=REPO, env=_env(), capture_output=True,
                            text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from" in resumed.stdout
-  got = _metrics(interrupted)
+  got = read_metrics(interrupted)
   compared = [k for k in ("loss", "reward", "pg_loss", "kl", "contrastive", "entropy", "grad_norm") if k in want[4]]
   assert {"loss", "grad_norm", "entropy"} <= set(compared)
   for step in (3, 4):
