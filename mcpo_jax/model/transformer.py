@@ -34,8 +34,10 @@ REMAT_POLICIES = {
 class KVCache:
   """Preallocated keys and values of every layer; a pytree the sampler carries through its loop."""
 
-  keys: tuple[jax.Array, ...]  # per layer [B, S, K, D]
-  values: tuple[jax.Array, ...]  # per layer [B, S, K, D]
+  # [B, K, S, D]: the layout both attention matmuls read directly, so decoding never transposes the
+  # cache (in [B, S, K, D] XLA:CPU copied every layer's whole cache, twice, at every step).
+  keys: tuple[jax.Array, ...]  # per layer [B, K, S, D]
+  values: tuple[jax.Array, ...]  # per layer [B, K, S, D]
   key_mask: jax.Array  # [B, S] bool: the slot holds a real (non-padding) token
   index: jax.Array  # [] int32: the next slot to write
 
@@ -105,9 +107,9 @@ class Attention(nnx.Module):
     return out
 
   def __call__(self, x, cos, sin, query_slots, key_mask, layer_keys, layer_values, write_index):
-    """x: [B, T, E]; query_slots: [T]; key_mask: [B, S]; layer_keys/values: [B, S, K, D] or None.
+    """x: [B, T, E]; query_slots: [T]; key_mask: [B, S]; layer_keys/values: [B, K, S, D] or None.
 
-    Returns the attention output [B, T, E] and the layer's updated keys and values [B, S, K, D].
+    Returns the attention output [B, T, E] and the layer's updated keys and values [B, K, S, D].
     """
     cfg = self.config
     q = self._project(x, "q")  # [B, T, H, D]
@@ -116,26 +118,32 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     q = rotate_half_rope(q, cos, sin)
-    k = rotate_half_rope(k, cos, sin)
+    k = rotate_half_rope(k, cos, sin).transpose(0, 2, 1, 3)  # [B, K, T, D]
+    v = v.transpose(0, 2, 1, 3)  # [B, K, T, D]
     if layer_keys is not None:  # write this call's keys/values into the cache slots
-      k = jax.lax.dynamic_update_slice_in_dim(layer_keys, k.astype(layer_keys.dtype), write_index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(layer_values, v.astype(layer_values.dtype), write_index, axis=1)
-      k = constrain(k, self.mesh, ("batch", "length", "kv_heads", "head_dim"))
-      v = constrain(v, self.mesh, ("batch", "length", "kv_heads", "head_dim"))
+      k = jax.lax.dynamic_update_slice_in_dim(layer_keys, k.astype(layer_keys.dtype), write_index, axis=2)
+      v = jax.lax.dynamic_update_slice_in_dim(layer_values, v.astype(layer_values.dtype), write_index, axis=2)
+      k = constrain(k, self.mesh, ("batch", "kv_heads", "length", "head_dim"))
+      v = constrain(v, self.mesh, ("batch", "kv_heads", "length", "head_dim"))
     new_keys, new_values = k, v
 
+    # Both attention matmuls as plain batched matmuls over (B, K): [G·T, D]·[S, D]ᵀ and [G·T, S]·[S, D].
     b, t, h, d = q.shape
-    groups = h // cfg.num_kv_heads
-    q = q.reshape(b, t, cfg.num_kv_heads, groups, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(self.dtype),
-                        preferred_element_type=jnp.float32) * (d ** -0.5)  # [B, K, G, T, S]
-    key_slots = jnp.arange(k.shape[1])
+    kv_heads, groups = cfg.num_kv_heads, h // cfg.num_kv_heads
+    q = q.reshape(b, t, kv_heads, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, groups * t, d)
+    scores = jnp.einsum("bkqd,bksd->bkqs", q, k.astype(self.dtype),
+                        preferred_element_type=jnp.float32) * (d ** -0.5)  # [B, K, G·T, S]
+    key_slots = jnp.arange(k.shape[2])
     allowed = (key_slots[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :]  # [B, T, S]
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    allowed = jnp.tile(allowed, (1, groups, 1))[:, None]  # [B, 1, G·T, S]
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype)).reshape(b, t, h, d)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v.astype(self.dtype))  # [B, K, G·T, D]
+    out = out.reshape(b, kv_heads, groups, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
     out = constrain(out, self.mesh, ("batch", "length", "heads", "head_dim"))
-    return jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(self.dtype)), new_keys, new_values
+    # One [B·T, H·D]·[H·D, E] matmul: einsum would contract (d, h) in letter order and transpose both sides.
+    o_proj = self.o_proj[...].astype(self.dtype).reshape(h * d, -1)
+    return out.reshape(b, t, h * d) @ o_proj, new_keys, new_values
 
 
 class MLP(nnx.Module):
@@ -190,9 +198,9 @@ class Transformer(nnx.Module):
   def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
     """An empty cache of `max_length` slots (dtype defaults to the compute dtype)."""
     cfg = self.config
-    shape = (batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch_size, cfg.num_kv_heads, max_length, cfg.head_dim)
     zeros = lambda: constrain(jnp.zeros(shape, dtype or self.dtype), self.mesh,
-                              ("batch", "length", "kv_heads", "head_dim"))
+                              ("batch", "kv_heads", "length", "head_dim"))
     return KVCache(
         keys=tuple(zeros() for _ in range(cfg.num_layers)),
         values=tuple(zeros() for _ in range(cfg.num_layers)),
