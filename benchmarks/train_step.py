@@ -5,15 +5,19 @@ SmolLM2-135M dimensions (random weights), float32, B·G = 32 rows (4 prompts × 
 64-token prompts (left padded, ragged), T-token responses (right padded, ragged), rewards in {0, 1}.
 
   ours:  mcpo_jax.train.jit_update_step (algorithm "mcpo": the contrastive head included; and "grpo"),
-         global-norm clip + AdamW, the state donated, on a 1-device mesh as in rl_loop.
+         global-norm clip + AdamW, the state donated, on a 1-device mesh as in rl_loop, at each of
+         --micro_batches (gradient accumulation: the shipped knob that bounds activation memory; the
+         first value is the one RESULT reports and the longer T run).
   tunix: tunix.rl.algo_core.grpo_loss_fn on a tunix Llama3 of the same dimensions, nnx.value_and_grad,
          then nnx.Optimizer(global-norm clip + AdamW).update, the whole step under nnx.jit with the
-         optimizer donated: what tunix's PeftTrainer._train_step does for GRPOLearner.
+         optimizer donated: what tunix's PeftTrainer._train_step does for GRPOLearner. Its default
+         RematConfig.NONE first; RematConfig.BLOCK if that does not fit.
 
 Every engine/config runs in its own subprocess; its peak RSS (getrusage ru_maxrss) is reported as
-the total and as the delta over the RSS peak right after model init. A parent thread watches each
+the total and as the delta over the RSS peak right after model init. Each step is compiled ahead of
+time and not run when XLA's memory plan already passes --mem_cap_gb; a parent thread watches each
 worker's RSS and the machine's MemAvailable and kills the worker (reported as "does not fit") past
---mem_cap_gb or when less than --mem_reserve_gb would be left, so that a peer that does not fit
+--mem_cap_gb or when less than --mem_reserve_gb would be left, so that a step that does not fit
 fails cleanly instead of taking the machine (and the work running next to it) down.
 
 Throughput: tokens/s = N·(P + T) / median wall time of --repeats updates after one warm-up
@@ -21,12 +25,14 @@ Throughput: tokens/s = N·(P + T) / median wall time of --repeats updates after 
 Fraction of the matmul bound: 6 · params · N·(P + T) FLOPs per update over this CPU's measured
 float32 jnp.dot 2048² FLOP/s (params = matmul params, the tied LM head counted once).
 
-  python benchmarks/train_step.py                                  # everything (~25 min on 2 cores)
-  python benchmarks/train_step.py --peers= --lengths=128 --algorithms=mcpo
-  python benchmarks/train_step.py --peers= --lengths=128 --algorithms=mcpo --remat=save_dots --breakdown
+  python benchmarks/train_step.py                          # everything (~25 min on 2 cores)
+  python benchmarks/train_step.py --lengths=128 --algorithms=mcpo          # the RESULT line only
+  python benchmarks/train_step.py --peers= --micro_batches=4 --lengths=128 --algorithms=mcpo --breakdown
+  python benchmarks/train_step.py --num_layers=2 --lengths=32,64 --peer_length=32 --repeats=1  # smoke
 
 The last line is `RESULT vs_tunix=<x> frac_of_matmul_peak=<y>`: x = our tok/s over tunix's at
-T = 128 (algorithm mcpo), y = our fraction of the matmul bound at T = 128 (mcpo).
+T = 128 (algorithm mcpo), y = our fraction of the matmul bound at T = 128 (mcpo), both at the
+first of --micro_batches; the lines before it give the same for the other values.
 tunix lives in its own venv (benchmarks/README.md); its worker runs under --tunix_python
 (default /tmp/bench-venv/bin/python when it exists).
 """
@@ -41,6 +47,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -108,7 +115,15 @@ def make_batch(response_len: int, seed: int = 0) -> dict:
               prompt_ids=prompt_ids, domain_ids=(prompt_ids % DOMAINS).astype(np.int32))
 
 
-def time_updates(step, repeats: int, label: str, tokens: int, warmup: bool = True) -> tuple[float, list[float]]:
+def _progress(spec: dict, **entry) -> None:
+  """Appends one JSON line to the worker's progress file: what survives if the watchdog kills it."""
+  if spec.get("progress"):
+    with open(spec["progress"], "a") as f:
+      f.write(json.dumps(entry) + "\n")
+
+
+def time_updates(step, repeats: int, label: str, tokens: int, warmup: bool = True,
+                 spec: dict | None = None) -> tuple[float, list[float]]:
   """One warm-up call (unless warmup=False), then `repeats` timed calls; step(i) must block until done."""
   seconds = 0.0
   if warmup:
@@ -116,12 +131,14 @@ def time_updates(step, repeats: int, label: str, tokens: int, warmup: bool = Tru
     step(-1)
     seconds = time.perf_counter() - t0
     log(f"  {label}: warm-up update {seconds:.1f}s")
+    _progress(spec or {}, warmup=seconds, rss=max_rss_bytes())
   times = []
   for i in range(repeats):
     t0 = time.perf_counter()
     step(i)
     times.append(time.perf_counter() - t0)
     log(f"  {label}: update {i + 1}/{repeats} {times[-1]:.2f}s ({tokens / times[-1]:.1f} tok/s)")
+    _progress(spec or {}, update=times[-1], rss=max_rss_bytes())
   return seconds, times
 
 
@@ -129,72 +146,11 @@ def time_updates(step, repeats: int, label: str, tokens: int, warmup: bool = Tru
 # Workers: each runs in its own process and prints one `BENCH_JSON {...}` line on stdout.
 
 
-CPU_SCHEDULERS = {"default": None, "memory": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
-
-
 def _planned_bytes(compiled, extra_live: int = 0) -> int:
   """What XLA plans to hold while `compiled` runs: its arguments, outputs (less donated aliases) and
-  temporaries, plus `extra_live` bytes that stay alive outside it (e.g. the optimizer state)."""
+  temporaries, plus `extra_live` bytes that stay alive outside it."""
   m = compiled.memory_analysis()
   return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes + extra_live
-
-
-def _tree_bytes(tree) -> int:
-  import jax
-  return sum(x.nbytes for x in jax.tree.leaves(tree))
-
-
-def build_update(graphdef, optimizer, config, state, batch, transfer, *, scheduler: str = "default",
-                 split_optimizer: bool = False):
-  """Our update step, compiled ahead of time: (update(state, batch, transfer) -> (state, metrics),
-  planned peak bytes, compile seconds).
-
-  scheduler="default", split_optimizer=False is mcpo_jax.train.jit_update_step unchanged. The two
-  options prototype the fix for the memory problem this benchmark found (see benchmarks/README.md):
-  scheduler="memory" compiles with XLA:CPU's memory-optimised scheduler (the default, concurrency-
-  optimised one keeps every layer's activations alive, so remat saves nothing), and
-  split_optimizer=True jits loss_and_grads and the rest of update_step (norm, clip, AdamW, NaN guard)
-  as two programs (in one program, the global-norm clip that joins all gradients makes every XLA:CPU
-  scheduler keep all layers' recomputed activations alive until their weight gradients are taken).
-  The second program is update_step itself with loss_and_grads replaced by the first one's outputs.
-  """
-  import unittest.mock
-
-  import jax
-  from mcpo_jax import train
-
-  t0 = time.perf_counter()
-  options = {}
-  if CPU_SCHEDULERS[scheduler] and jax.default_backend() == "cpu":
-    options["xla_cpu_scheduler_type"] = CPU_SCHEDULERS[scheduler]
-  state_shardings = jax.tree.map(lambda x: x.sharding, state)
-  if not split_optimizer:
-    if options:
-      step = lambda state, batch, transfer: train.update_step(graphdef, optimizer, config, state, batch, transfer)
-      jitted = jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, None), compiler_options=options)
-    else:
-      jitted = train.jit_update_step(graphdef, optimizer, config, state)
-    compiled = jitted.lower(state, batch, transfer).compile()
-    return compiled, _planned_bytes(compiled), time.perf_counter() - t0
-
-  grads_fn = jax.jit(lambda params, batch, transfer: train.loss_and_grads(graphdef, params, batch, transfer, config),
-                     compiler_options=options)
-
-  def apply(state, loss, metrics, grads, transfer):
-    with unittest.mock.patch.object(train, "loss_and_grads", lambda *args, **kwargs: (loss, metrics, grads)):
-      return train.update_step(graphdef, optimizer, config, state, None, transfer)
-
-  apply_fn = jax.jit(apply, donate_argnums=(0, 3), out_shardings=(state_shardings, None), compiler_options=options)
-  grads_compiled = grads_fn.lower(state.params, batch, transfer).compile()
-  loss, metrics, grads = jax.eval_shape(grads_fn, state.params, batch, transfer)
-  apply_compiled = apply_fn.lower(state, loss, metrics, grads, transfer).compile()
-  planned = max(_planned_bytes(grads_compiled, _tree_bytes(state) - _tree_bytes(state.params)),
-                _planned_bytes(apply_compiled))
-
-  def update(state, batch, transfer):
-    loss, metrics, grads = grads_compiled(state.params, batch, transfer)
-    return apply_compiled(state, loss, metrics, grads, transfer)
-  return update, planned, time.perf_counter() - t0
 
 
 def worker_ours(spec: dict) -> dict:
@@ -205,7 +161,8 @@ def worker_ours(spec: dict) -> dict:
   from mcpo_jax.mesh import make_mesh
   from mcpo_jax.model import ModelConfig, init_model
   from mcpo_jax.objectives import ObjectiveConfig
-  from mcpo_jax.train import OptimConfig, UpdateConfig, forward_rollouts, init_train_state, make_optimizer, shard_batch
+  from mcpo_jax.train import (OptimConfig, UpdateConfig, forward_rollouts, init_train_state, jit_update_step,
+                              make_optimizer, shard_batch)
 
   t, label = spec["length"], f"ours {spec['algorithm']} T={spec['length']}"
   mesh = make_mesh(1, -1, 1)  # one CPU device, as rl_loop builds it
@@ -220,8 +177,9 @@ def worker_ours(spec: dict) -> dict:
   del model
   batch = shard_batch(make_batch(t), mesh)
   transfer = jnp.ones((DOMAINS, DOMAINS), jnp.float32)
-  update, planned, compile_s = build_update(graphdef, optimizer, config, state, batch, transfer,
-                                            scheduler=spec["scheduler"], split_optimizer=spec["split_optimizer"])
+  t0 = time.perf_counter()
+  update = jit_update_step(graphdef, optimizer, config, state).lower(state, batch, transfer).compile()
+  planned, compile_s = _planned_bytes(update), time.perf_counter() - t0
   log(f"  {label}: compiled in {compile_s:.1f}s; XLA plans {planned / 1e9:.2f} GB "
       f"(+ {baseline / 1e9:.2f} GB RSS after model init)")
   if baseline + planned > spec["mem_cap"]:
@@ -235,7 +193,7 @@ def worker_ours(spec: dict) -> dict:
     jax.block_until_ready((holder["state"], metrics))
     holder["metrics"] = metrics
 
-  warmup, times = time_updates(step, spec["repeats"], label, tokens, warmup=spec.get("warmup", True))
+  warmup, times = time_updates(step, spec["repeats"], label, tokens, warmup=spec.get("warmup", True), spec=spec)
   metrics = {k: float(v) for k, v in holder["metrics"].items()}
   assert metrics["skipped"] == 0.0 and np.isfinite(metrics["loss"]), metrics
   result = dict(times=times, warmup=warmup + compile_s, warmed=spec.get("warmup", True), compile=compile_s,
@@ -245,8 +203,6 @@ def worker_ours(spec: dict) -> dict:
   if spec.get("breakdown"):  # forward-only and loss+grad (no optimizer) of the same update, same process
     from flax import nnx
     from mcpo_jax.train import loss_and_grads
-    options = {"xla_cpu_scheduler_type": CPU_SCHEDULERS[spec["scheduler"]]} if CPU_SCHEDULERS[spec["scheduler"]] \
-        else {}
     params = holder["state"].params
 
     def forward(lm_params):
@@ -254,8 +210,8 @@ def worker_ours(spec: dict) -> dict:
                                          config.logit_chunk)
       return jnp.sum(logp * batch["mask"]) + jnp.sum(pooled)
 
-    fwd = jax.jit(forward, compiler_options=options)
-    grad = jax.jit(lambda p: loss_and_grads(graphdef, p, batch, transfer, config)[2], compiler_options=options)
+    fwd = jax.jit(forward)
+    grad = jax.jit(lambda p: loss_and_grads(graphdef, p, batch, transfer, config)[2])
     for name, fn, arg in (("forward", fwd, params["lm"]), ("loss+grad", grad, params)):
       _, part = time_updates(lambda i: jax.block_until_ready(fn(arg)), spec["repeats"], f"{label} {name}", tokens)
       result[f"{name}_times"] = part
@@ -284,14 +240,15 @@ def worker_tunix(spec: dict) -> dict:
   import optax
   from flax import nnx
 
-  t, label = spec["length"], f"tunix grpo T={spec['length']}"
+  t, remat = spec["length"], spec.get("remat", "NONE")
+  label = f"tunix grpo T={t} remat={remat}"
   d = dims(spec)
   model_config = tunix_llama3.ModelConfig(
       num_layers=d["num_layers"], vocab_size=d["vocab_size"], embed_dim=d["hidden_size"],
       hidden_dim=d["intermediate_size"], num_heads=d["num_heads"], head_dim=d["head_dim"],
       num_kv_heads=d["num_kv_heads"], rope_theta=int(d["rope_theta"]), norm_eps=d["rms_norm_eps"],
-      weight_tying=True)
-  model = tunix_llama3.Llama3(model_config, rngs=nnx.Rngs(0))  # random weights, float32, no remat (default)
+      weight_tying=True, remat_config=getattr(tunix_llama3.RematConfig, remat))
+  model = tunix_llama3.Llama3(model_config, rngs=nnx.Rngs(0))  # random weights, float32
   jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
   baseline = max_rss_bytes()
   # The same optimizer as ours: global-norm clip 1.0, then AdamW.
@@ -335,7 +292,7 @@ def worker_tunix(spec: dict) -> dict:
   def step(i):
     holder["out"] = jax.block_until_ready(jitted(model, optimizer, example))
 
-  warmup, times = time_updates(step, spec["repeats"], label, tokens)
+  warmup, times = time_updates(step, spec["repeats"], label, tokens, spec=spec)
   return dict(times=times, warmup=warmup + compile_s, compile=compile_s, planned=planned, peak_rss=max_rss_bytes(),
               baseline_rss=baseline, loss=float(holder["out"][0]), tunix=importlib.metadata.version("google-tunix"), jax=jax.__version__)
 
@@ -370,6 +327,9 @@ def _mem_available() -> int:
 def run_worker(name: str, spec: dict, python: str, mem_cap: float, mem_reserve: float) -> dict:
   """Runs one worker in a fresh interpreter under the RSS watchdog; returns its JSON result."""
   log(f"[{name} {json.dumps({k: v for k, v in spec.items() if k != 'profile_dir'})}]")
+  progress = tempfile.NamedTemporaryFile(prefix=f"train_step_{name}_", suffix=".jsonl", delete=False)
+  progress.close()
+  spec = dict(spec, progress=progress.name)
   cmd = [python, str(Path(__file__).resolve()), f"--_worker={name}", f"--_spec={json.dumps(spec)}"]
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=str(REPO))
   killed: dict = {}
@@ -387,13 +347,18 @@ def run_worker(name: str, spec: dict, python: str, mem_cap: float, mem_reserve: 
   watcher.start()
   stdout, _ = proc.communicate()
   watcher.join()
+  done = [json.loads(line) for line in Path(progress.name).read_text().splitlines() if line.strip()]
+  os.unlink(progress.name)
   if killed:
-    why = (f"RSS {killed['rss'] / 1e9:.1f} GB passed the {mem_cap / 1e9:.0f} GB cap; killed"
+    why = (f"RSS {killed['rss'] / 1e9:.1f} GB passed the {mem_cap / 1e9:.1f} GB cap; killed"
            if killed["rss"] > mem_cap else
            f"the machine's MemAvailable fell to {killed['available'] / 1e9:.1f} GB at RSS {killed['rss'] / 1e9:.1f} GB "
            "(other processes hold memory); killed")
+    if done:
+      why += "; before that: " + ", ".join(
+          f"{'warm-up' if 'warmup' in d else 'update'} {d.get('warmup', d.get('update')):.1f}s" for d in done)
     log(f"  {name}: killed by the memory watchdog: {why}")
-    return dict(oom=why)
+    return dict(oom=why, partial=done)
   for line in reversed(stdout.splitlines()):
     if line.startswith(RESULT_TAG):
       return json.loads(line[len(RESULT_TAG):])
@@ -405,25 +370,12 @@ def run_worker(name: str, spec: dict, python: str, mem_cap: float, mem_reserve: 
 # Orchestration and report.
 
 
-VARIANTS = {
-    # mcpo_jax.train.jit_update_step as it is, with --remat / --logit_chunk / --micro_batches / --scheduler
-    # / --split_optimizer as given on the command line (defaults: the shipped config's remat=none).
-    "shipped": {},
-    # The proposed fix: remat every layer, XLA:CPU's memory-optimised scheduler, and the gradient and
-    # optimizer programs jitted separately (see build_update).
-    "fix": dict(remat="full", scheduler="memory", split_optimizer=True),
-}
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--peers", default="tunix", help="'tunix' or '' (none)")
-  parser.add_argument("--variants", default="shipped,fix",
-                      help="ours: 'shipped' (jit_update_step with the options below) and/or 'fix' (the proposed "
-                           "memory fix: remat=full, scheduler=memory, split_optimizer); RESULT uses the first")
   parser.add_argument("--lengths", default="128,256,512", help="response lengths T for ours (comma-separated)")
   parser.add_argument("--algorithms", default="mcpo,grpo",
-                      help="ours at T = --peer_length: the last variant runs all of them, the others the first")
+                      help="ours at T = --peer_length: the last --micro_batches value runs all of them, the others the first")
   parser.add_argument("--long_algorithms", default="mcpo", help="ours at T > --peer_length")
   parser.add_argument("--peer_length", type=int, default=128, help="T at which the peer runs and RESULT is taken")
   parser.add_argument("--repeats", type=int, default=3, help="timed updates after the warm-up (median reported)")
@@ -431,17 +383,17 @@ def main() -> None:
   parser.add_argument("--long_warmup", action="store_true",
                       help="warm up before the timed updates at T > --peer_length too (default: no warm-up there, "
                            "the update after compilation is timed, first-touch of its buffers included)")
-  parser.add_argument("--micro_batches", type=int, default=1, help="ours: gradient-accumulation micro-batches")
+  parser.add_argument("--micro_batches", default="4,1",
+                      help="ours: gradient-accumulation micro-batches, one run per value; RESULT and T > --peer_length "
+                           "use the first")
   parser.add_argument("--logit_chunk", type=int, default=64, help="ours: response positions per LM-head chunk")
   parser.add_argument("--remat", choices=("none", "full", "save_dots"), default="none",
-                      help="ours (shipped variant): per-layer rematerialisation")
-  parser.add_argument("--scheduler", choices=tuple(CPU_SCHEDULERS), default="default",
-                      help="ours (shipped variant): XLA:CPU scheduler of the update")
-  parser.add_argument("--split_optimizer", action="store_true",
-                      help="ours (shipped variant): jit the gradients and the optimizer step separately")
+                      help="ours: per-layer rematerialisation")
   parser.add_argument("--breakdown", action="store_true",
                       help="ours: also time forward-only and loss+grad (no optimizer) at each config")
   parser.add_argument("--profile_dir", default="", help="ours: write a jax.profiler trace of one update here")
+  parser.add_argument("--tunix_remat", default="auto", choices=("auto", "NONE", "BLOCK", "DECODER"),
+                      help="tunix's RematConfig; auto = its default NONE, then BLOCK if NONE does not fit")
   parser.add_argument("--tunix_python", default="",
                       help=f"interpreter with google-tunix (default {DEFAULT_TUNIX_PYTHON} if it exists, else this one)")
   parser.add_argument("--mem_cap_gb", type=float, default=22.0,
@@ -460,8 +412,9 @@ def main() -> None:
     return
 
   split = lambda text: [x.strip() for x in text.split(",") if x.strip()]
-  lengths, algorithms, peers, variants = (sorted(int(x) for x in split(args.lengths)), split(args.algorithms),
-                                          split(args.peers), split(args.variants))
+  lengths, algorithms, peers = sorted(int(x) for x in split(args.lengths)), split(args.algorithms), split(args.peers)
+  micro_batches = [int(x) for x in split(args.micro_batches)]
+  variants = [f"mb={m}" for m in micro_batches]
   long_algorithms = [a for a in split(args.long_algorithms)]
   for a in algorithms + long_algorithms:
     if a not in ("mcpo", "grpo"):
@@ -469,9 +422,8 @@ def main() -> None:
   for p in peers:
     if p != "tunix":
       parser.error(f"--peers: unknown peer {p!r}; the only peer is tunix.")
-  for v in variants:
-    if v not in VARIANTS:
-      parser.error(f"--variants: unknown {v!r}; use shipped and/or fix.")
+  if not micro_batches or any(ROWS % m for m in micro_batches):
+    parser.error(f"--micro_batches: each value must divide the {ROWS} rows.")
   tunix_python = args.tunix_python or (DEFAULT_TUNIX_PYTHON if Path(DEFAULT_TUNIX_PYTHON).exists() else sys.executable)
   mem_cap, mem_reserve = args.mem_cap_gb * 1e9, args.mem_reserve_gb * 1e9
 
@@ -481,16 +433,15 @@ def main() -> None:
   run = lambda name, spec, python=sys.executable: run_worker(name, spec, python, mem_cap, mem_reserve)
   matmul = run("matmul", {})
   rows = []  # (engine, variant, algorithm, T, result)
-  shipped = dict(micro_batches=args.micro_batches, logit_chunk=args.logit_chunk, remat=args.remat,
-                 scheduler=args.scheduler, split_optimizer=args.split_optimizer, breakdown=args.breakdown)
+  shipped = dict(logit_chunk=args.logit_chunk, remat=args.remat, breakdown=args.breakdown)
   settings = {}
   for i, variant in enumerate(variants):
-    options = settings[variant] = dict(shipped, **VARIANTS[variant])
+    options = settings[variant] = dict(shipped, micro_batches=micro_batches[i])
     for t in lengths:
       if t == args.peer_length:
         todo = algorithms if i == len(variants) - 1 else algorithms[:1]
-      else:
-        todo = long_algorithms
+      else:  # the memory-vs-T series: the first --micro_batches value only
+        todo = long_algorithms if i == 0 else []
       for algorithm in todo:
         long = t > args.peer_length
         spec = dict(algorithm=algorithm, length=t, repeats=args.long_repeats if long else args.repeats,
@@ -499,9 +450,12 @@ def main() -> None:
           spec["profile_dir"] = f"{args.profile_dir}/{variant}_{algorithm}_T{t}"
         rows.append(("ours", variant, algorithm, t, run("ours", spec)))
   if "tunix" in peers:
-    rows.append(("tunix", "-", "grpo", args.peer_length,
-                 run("tunix", dict(length=args.peer_length, repeats=args.repeats, mem_cap=mem_cap,
-                                   num_layers=args.num_layers), tunix_python)))
+    for remat in (("NONE", "BLOCK") if args.tunix_remat == "auto" else (args.tunix_remat,)):
+      result = run("tunix", dict(length=args.peer_length, repeats=args.repeats, mem_cap=mem_cap,
+                                 num_layers=args.num_layers, remat=remat), tunix_python)
+      rows.append(("tunix", remat.lower(), "grpo", args.peer_length, result))
+      if "oom" not in result:
+        break
   elapsed = time.perf_counter() - started
 
   body, head, params = params_of(args.num_layers or SMOLLM2["num_layers"])
@@ -514,10 +468,10 @@ def main() -> None:
   print(f"CPU: {cpu_model()}, {cpu_cores()} cores; load average at the end {os.getloadavg()}; total {elapsed:.0f}s.")
   for variant in variants:
     o = settings[variant]
-    print(f"ours {variant}: micro_batches={o['micro_batches']} logit_chunk={o['logit_chunk']} remat={o['remat']} "
-          f"scheduler={o['scheduler']} split_optimizer={o['split_optimizer']}")
+    print(f"ours {variant}: micro_batches={o['micro_batches']} logit_chunk={o['logit_chunk']} remat={o['remat']}")
   if "tunix" in peers:
-    print(f"tunix: grpo_loss_fn + nnx.Optimizer(clip + AdamW) under nnx.jit, no remat (its default); {tunix_python}")
+    print(f"tunix: grpo_loss_fn + nnx.Optimizer(clip + AdamW) under nnx.jit; variant = its RematConfig (NONE is "
+          f"its default; BLOCK is tried when NONE does not fit); {tunix_python}")
   versions = {f"{e} {v} {a} T={t}": {k: x for k, x in r.items() if k in ("jax", "tunix")} for e, v, a, t, r in rows}
   versions = {k: v for k, v in versions.items() if v}
   print(f"Versions: {json.dumps(dict({'matmul': {'jax': matmul.get('jax')}}, **versions))}")
@@ -566,9 +520,13 @@ def main() -> None:
             + ", ".join(f"T={t}: {gb(r['peak_rss'])} GB" for t, r in by_t)
             + f"; {slope * 128 / 1e9:.2f} GB per 128 more response tokens")
 
+  tunix_rates = [(v, rate) for (e, v, a, t), rate in rates.items() if e == "tunix"]
+  if tunix_rates and tunix_rates[0][0] != "none":
+    print(f"vs_tunix is against tunix with RematConfig.{tunix_rates[0][0].upper()}: its default (NONE) did not fit.")
+
   def ratios(variant):
     mine = rates.get(("ours", variant, "mcpo", args.peer_length))
-    theirs = rates.get(("tunix", "-", "grpo", args.peer_length))
+    theirs = tunix_rates[0][1] if tunix_rates else None
     vs = f"{mine / theirs:.2f}" if mine and theirs else "n/a"
     frac = f"{mine * 6 * params / peak:.3f}" if mine and peak else "n/a"
     return vs, frac

@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/multi_domain.py", "Base run config file[:preset].")
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/multi_domain.py:compare", "Base run config file[:preset].")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds; every arm runs each of them.")
 _RUNS_DIR = flags.DEFINE_string("runs_dir", "runs/compare", "One run directory per arm and seed goes here.")
 _OUT = flags.DEFINE_string("out", "docs/results", "Where compare.md and the figures are written.")
@@ -110,14 +110,10 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 def summarize(runs: dict[tuple[str, int], dict], arm_list: Sequence[Arm], domains: Sequence[str],
               seeds: Sequence[int], metric: str = "pass@1") -> dict[str, dict[str, list[float]]]:
   """{row label: {domain or "average": [value per seed]}} of the final held-out evaluation."""
-  rows: dict[str, dict[str, list[float]]] = {}
   final = lambda run: run["curve"][max(run["curve"])]
-  start = runs[(arm_list[0].name, seeds[0])]["curve"]
-  rows["start (the initial policy)"] = {d: [] for d in domains}
-  for seed in seeds:  # the same weights and eval set in every arm: take the mixed runs' step-0 eval
-    first = runs[("grpo-mixed", seed)]["curve"][0] if ("grpo-mixed", seed) in runs else start[0]
-    for d in domains:
-      rows["start (the initial policy)"][d].append(first.get(f"eval/{d}/{metric}", np.nan))
+  # Every arm starts from the same weights and evaluates the same prompts: the mixed runs' step-0 eval.
+  rows = {"start (the initial policy)": {d: [runs[("grpo-mixed", s)]["curve"][0][f"eval/{d}/{metric}"] for s in seeds]
+                                         for d in domains}}
   for arm in arm_list:
     row = rows.setdefault(arm.label, {d: [] for d in domains})
     for seed in seeds:
