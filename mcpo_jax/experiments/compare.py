@@ -186,6 +186,7 @@ def plot_interference(runs, domains, seeds, path: Path) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   figure, axes = plt.subplots(2, 2, figsize=(8, 7))
+  image = None
   for row, arm in enumerate(("grpo-mixed", "mcpo")):
     for col, which in enumerate(("first", "last")):
       index = 0 if which == "first" else -1
@@ -202,7 +203,8 @@ def plot_interference(runs, domains, seeds, path: Path) -> None:
       ax.set_xticks(range(len(domains)), domains, rotation=30)
       ax.set_yticks(range(len(domains)), domains)
       ax.set_title(f"{arm}, step {step} ({which})", fontsize=10)
-  figure.colorbar(image, ax=axes, shrink=0.8, label="cosine of per-domain policy gradients")
+  if image is not None:  # none when the runs took no diagnostics (diag_every = 0)
+    figure.colorbar(image, ax=axes, shrink=0.8, label="cosine of per-domain policy gradients")
   figure.suptitle(f"gradient interference, mean over seeds {list(seeds)}")
   figure.savefig(path, dpi=120)
   plt.close(figure)
