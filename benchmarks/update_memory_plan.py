@@ -1,0 +1,40 @@
+#!/usr/bin/env python
+"""XLA's memory plan of one update step, compiled but not run: how it grows with the response length.
+
+  python benchmarks/update_memory_plan.py          # ~6 min on 2 cores; needs no memory beyond the model
+
+SmolLM2-135M dimensions, the batch of benchmarks/train_step.py (32 rows, 64-token prompts), MCPO,
+T = 128 / 256 / 512 at micro_batches 4 and 1. The plan (arguments + outputs - donated + temporaries)
+is what the compiled program holds at its peak, so sizes that do not fit this machine are still shown.
+"""
+import sys
+import time
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from train_step import DOMAINS, GROUP, _planned_bytes, dims, make_batch  # noqa: E402
+from mcpo_jax.mesh import make_mesh  # noqa: E402
+from mcpo_jax.model import ModelConfig, init_model  # noqa: E402
+from mcpo_jax.objectives import ObjectiveConfig  # noqa: E402
+from mcpo_jax.train import (OptimConfig, UpdateConfig, init_train_state, jit_update_step,  # noqa: E402
+                            make_optimizer, shard_batch)
+
+mesh = make_mesh(1, -1, 1, devices=jax.devices()[:1])
+model = init_model(ModelConfig(model_type="llama", tie_word_embeddings=True, **dims({})), seed=0, mesh=mesh)
+optimizer = make_optimizer(OptimConfig(learning_rate=1e-6))
+graphdef, state = init_train_state(model, optimizer, proj_dim=256)
+transfer = jnp.ones((DOMAINS, DOMAINS), jnp.float32)
+for mb in tuple(int(x) for x in (sys.argv[1] if len(sys.argv) > 1 else "4,1").split(",")):
+  for t in tuple(int(x) for x in (sys.argv[2] if len(sys.argv) > 2 else "128,256,512").split(",")):
+    config = UpdateConfig(objective=ObjectiveConfig(algorithm="mcpo", group_size=GROUP), micro_batches=mb,
+                          logit_chunk=64)
+    batch = shard_batch(make_batch(t), mesh)
+    t0 = time.perf_counter()
+    compiled = jit_update_step(graphdef, optimizer, config, state).lower(state, batch, transfer).compile()
+    m = compiled.memory_analysis()
+    print(f"micro_batches={mb} T={t}: XLA plan {_planned_bytes(compiled) / 1e9:.2f} GB (temporaries "
+          f"{m.temp_size_in_bytes / 1e9:.2f} GB, arguments {m.argument_size_in_bytes / 1e9:.2f} GB), "
+          f"compiled in {time.perf_counter() - t0:.0f}s", flush=True)
