@@ -109,10 +109,10 @@ def constrain(x: jax.Array, mesh: Mesh | None, logical_axes: LogicalAxes) -> jax
   return jax.lax.with_sharding_constraint(x, named_sharding(mesh, logical_axes, x.shape))
 
 
-def from_host(x: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
-  """A global array from a host value every process holds in full; each process fills only its own
-  shards, so this is the same call on one host and on a pod."""
-  x = np.asarray(x)
+def from_host(x: np.ndarray | jax.Array, sharding: jax.sharding.Sharding) -> jax.Array:
+  """A global array from a value every process holds in full (a host array or a local jax.Array);
+  each process fills only its own shards, so this is the same call on one host and on a pod."""
+  x = to_host(x)
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 

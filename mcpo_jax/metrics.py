@@ -59,6 +59,15 @@ class MetricsWriter:
       self._tb.close()
 
 
+def read_metrics(workdir: str | Path) -> dict[int, dict[str, Any]]:
+  """metrics.jsonl as {step: every metric logged at that step}; a resumed step's values replace its earlier try's."""
+  merged: dict[int, dict[str, Any]] = {}
+  for line in (epath.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    record = json.loads(line)
+    merged.setdefault(record["step"], {}).update(record)
+  return merged
+
+
 class Progress:
   """One console line per step: step/total, rate, ETA, and a few chosen metrics."""
 

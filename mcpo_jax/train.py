@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mcpo_jax.mesh import from_host, named_sharding, to_host
+from mcpo_jax.mesh import from_host, named_sharding
 from mcpo_jax.model.transformer import Transformer
 from mcpo_jax.objectives import ObjectiveConfig, contrastive_term, policy_term, pool_response
 
@@ -83,13 +83,13 @@ def init_train_state(model: Transformer, optimizer: optax.GradientTransformation
   hidden = model.config.hidden_size
   head = jax.random.normal(jax.random.key(seed), (hidden, proj_dim), jnp.float32) / jnp.sqrt(hidden)
   if model.mesh is not None:
-    head = from_host(to_host(head), named_sharding(model.mesh, (None, None), head.shape))
+    head = from_host(head, named_sharding(model.mesh, (None, None), head.shape))
   params = {"lm": lm_params, "head": head}
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                      nonfinite_streak=jnp.zeros((), jnp.int32))
   if model.mesh is not None:  # counters and other unsharded leaves: replicate them on the mesh
     replicated = NamedSharding(model.mesh, PartitionSpec())
-    on_mesh = lambda x: x if isinstance(x.sharding, NamedSharding) else from_host(to_host(x), replicated)
+    on_mesh = lambda x: x if isinstance(x.sharding, NamedSharding) else from_host(x, replicated)
     state = jax.tree.map(on_mesh, state)
   return graphdef, state
 

@@ -109,17 +109,6 @@ def learnable_task(tmp_path_factory):
   return root / "model", repr(domains)
 
 
-def read_metrics(workdir) -> dict[int, dict]:
-  """metrics.jsonl as {step: every metric logged at that step}; a resumed step's values replace its earlier try's."""
-  import json
-  from pathlib import Path
-  merged: dict[int, dict] = {}
-  for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
-    record = json.loads(line)
-    merged.setdefault(record["step"], {}).update(record)
-  return merged
-
-
 def learnable_flags(learnable_task, steps: int) -> list[str]:
   """run.py overrides (on the tiny preset) that train on `learnable_task` for `steps` steps."""
   model_dir, domains = learnable_task

@@ -14,7 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import learnable_flags, read_metrics
+from conftest import learnable_flags
+
+from mcpo_jax.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3

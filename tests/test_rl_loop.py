@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from conftest import learnable_flags, read_metrics
+from conftest import learnable_flags
+
+from mcpo_jax.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -94,11 +94,9 @@ def is_complete(workdir: Path) -> bool:
 def read_run(workdir: Path) -> dict:
   """{"curve": {step: {metric: value}}, "cosines": [(step, D×D)]} from a finished run directory."""
   curve = {int(p.stem.split("_")[1]): json.loads(p.read_text()) for p in sorted((workdir / "eval").glob("step_*.json"))}
-  latest: dict[int, dict] = {}  # every metric logged at a step; a resumed step's values replace the earlier try's
-  for line in (workdir / "metrics.jsonl").read_text().splitlines():
-    record = json.loads(line)
-    latest.setdefault(record["step"], {}).update(record)
-  cosines = [(s, np.asarray(r["diag/grad_cosine"])) for s, r in sorted(latest.items()) if "diag/grad_cosine" in r]
+  from mcpo_jax.metrics import read_metrics
+  cosines = [(s, np.asarray(r["diag/grad_cosine"])) for s, r in sorted(read_metrics(workdir).items())
+             if "diag/grad_cosine" in r]
   return {"curve": curve, "cosines": cosines}
 
 

@@ -26,7 +26,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from mcpo_jax.mesh import from_host, named_sharding, to_host
+from mcpo_jax.mesh import from_host, named_sharding
 from mcpo_jax.model.config import ModelConfig
 from mcpo_jax.model.transformer import Transformer
 
@@ -211,7 +211,7 @@ def load_hf_checkpoint(directory: str | os.PathLike, *, mesh: Mesh | None = None
 def shard_model(model: Transformer, mesh: Mesh) -> Transformer:
   """Re-places every parameter of `model` on `mesh` according to its logical axes."""
   graphdef, state = nnx.split(model)
-  place = lambda v: from_host(to_host(v[...]), named_sharding(mesh, v.logical_axes, v.shape))
+  place = lambda v: from_host(v[...], named_sharding(mesh, v.logical_axes, v.shape))
   flat = [(path, v.replace(place(v))) for path, v in nnx.to_flat_state(state)]
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
