@@ -21,7 +21,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from mcpo_jax.mesh import constrain
+from mcpo_jax.model.attention import cached_attention, causal_attention
 from mcpo_jax.model.config import ModelConfig, inverse_frequencies
+
+ATTENTION_BLOCK = 128  # query positions per block of the training-path attention
 
 REMAT_POLICIES = {
     "none": None,
@@ -127,19 +130,15 @@ class Attention(nnx.Module):
       v = constrain(v, self.mesh, ("batch", "kv_heads", "length", "head_dim"))
     new_keys, new_values = k, v
 
-    # Both attention matmuls as plain batched matmuls over (B, K): [G·T, D]·[S, D]ᵀ and [G·T, S]·[S, D].
+    # Queries grouped by KV head, so both attention products are plain batched matmuls over (B, K).
     b, t, h, d = q.shape
     kv_heads, groups = cfg.num_kv_heads, h // cfg.num_kv_heads
-    q = q.reshape(b, t, kv_heads, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, groups * t, d)
-    scores = jnp.einsum("bkqd,bksd->bkqs", q, k.astype(self.dtype),
-                        preferred_element_type=jnp.float32) * (d ** -0.5)  # [B, K, G·T, S]
-    key_slots = jnp.arange(k.shape[2])
-    allowed = (key_slots[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :]  # [B, T, S]
-    allowed = jnp.tile(allowed, (1, groups, 1))[:, None]  # [B, 1, G·T, S]
-    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, v.astype(self.dtype))  # [B, K, G·T, D]
-    out = out.reshape(b, kv_heads, groups, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+    q = q.reshape(b, t, kv_heads, groups, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
+    if layer_keys is None:  # teacher-forced (training): blockwise, memory linear in T
+      out = causal_attention(q, k.astype(self.dtype), v.astype(self.dtype), key_mask, ATTENTION_BLOCK)
+    else:
+      out = cached_attention(q, k.astype(self.dtype), v.astype(self.dtype), query_slots, key_mask)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)  # [B, K, G, T, D] -> [B, T, H, D]
     out = constrain(out, self.mesh, ("batch", "length", "heads", "head_dim"))
     # One [B·T, H·D]·[H·D, E] matmul: einsum would contract (d, h) in letter order and transpose both sides.
     o_proj = self.o_proj[...].astype(self.dtype).reshape(h * d, -1)
