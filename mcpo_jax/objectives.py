@@ -149,6 +149,16 @@ def contrastive_masks(prompt_ids: jax.Array, domain_ids: jax.Array, correct: jax
   return cross, in_domain, negatives
 
 
+def has_anchor(batch: dict[str, jax.Array], transfer: jax.Array, config: "ObjectiveConfig") -> jax.Array:
+  """[] bool: whether any row counts as an anchor. The masks alone decide it, not z: without an anchor
+  the contrastive term and all its gradients are exactly zero, whatever the representations are."""
+  cross, in_domain, negatives = contrastive_masks(batch["prompt_ids"], batch["domain_ids"], batch["correct"], transfer,
+                                                  in_domain_scope=config.in_domain_scope,
+                                                  negative_scope=config.negative_scope)
+  has_negative = jnp.any(negatives, axis=1) if config.require_negative else True
+  return jnp.any((jnp.any(cross, axis=1) | jnp.any(in_domain, axis=1)) & has_negative)
+
+
 def top_k_per_row(candidates: jax.Array, scores: jax.Array, k: int) -> jax.Array:
   """Keeps, in each row, the k candidates with the highest score (ties at the k-th score kept)."""
   if k <= 0 or k >= candidates.shape[1]:

@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mcpo_jax.mesh import from_host, named_sharding
 from mcpo_jax.model.transformer import Transformer
-from mcpo_jax.objectives import ObjectiveConfig, contrastive_term, policy_term, pool_response
+from mcpo_jax.objectives import ObjectiveConfig, contrastive_term, has_anchor, policy_term, pool_response
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
@@ -194,7 +194,11 @@ def loss_and_grads(graphdef, params, batch, transfer, config: UpdateConfig):
   head_grad = jnp.zeros_like(params["head"])
   pooled_grad = jnp.zeros((num_rows, 1), jnp.float32)
   if use_head:  # pass 1: every pooled representation, then the contrastive gradient w.r.t. them
-    pooled = jax.lax.stop_gradient(_merge_micro(jax.lax.map(lambda mb: lm_forward(params["lm"], mb)[2], micro)))
+    all_pooled = lambda: _merge_micro(jax.lax.map(lambda mb: lm_forward(params["lm"], mb)[2], micro))  # [N, E]
+    # A batch without an anchor (e.g. no correct rollout yet) has a zero contrastive term and zero
+    # gradients whatever the representations are: it skips this extra forward pass.
+    no_pooled = lambda: jnp.zeros((num_rows, params["head"].shape[0]), jnp.float32)
+    pooled = jax.lax.stop_gradient(jax.lax.cond(has_anchor(batch, transfer, objective), all_pooled, no_pooled))
     (contrastive, (advantages, metrics)), (pooled_grad, head_grad) = jax.value_and_grad(
         contrastive_term, argnums=(0, 1), has_aux=True)(pooled, params["head"], batch, transfer, objective)
   micro = dict(micro, advantages=split(advantages), pooled_grad=split(jnp.broadcast_to(pooled_grad, (num_rows,) +

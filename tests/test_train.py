@@ -9,7 +9,7 @@ from flax import nnx
 from mcpo_jax.mesh import make_mesh
 from mcpo_jax.model import init_model
 from mcpo_jax.model.config import ModelConfig
-from mcpo_jax.objectives import ObjectiveConfig, grpo_advantages
+from mcpo_jax.objectives import ObjectiveConfig, grpo_advantages, has_anchor
 from mcpo_jax.sampling import generate
 from mcpo_jax.train import (OptimConfig, UpdateConfig, init_train_state, jit_update_step, loss_and_grads,
                             make_optimizer, sequence_logprobs, shard_batch)
@@ -23,12 +23,14 @@ def _mesh(shape):
   return make_mesh(*shape, devices=jax.devices()[:int(np.prod(shape))])
 
 
-def _batch(seed=0):
+REWARDS = np.array([1, 0, 1, 0, 0, 1, 1, 1, 0, 1, 0, 0, 1, 1, 0, 1], np.float32)
+
+
+def _batch(seed=0, rewards=REWARDS):
   """16 scored rollouts: 4 prompts × 4, 3 domains, ragged response lengths (one empty)."""
   rng = np.random.default_rng(seed)
   lengths = rng.integers(1, T + 1, N)
   lengths[5] = 0
-  rewards = np.array([1, 0, 1, 0, 0, 1, 1, 1, 0, 1, 0, 0, 1, 1, 0, 1], np.float32)
   batch = dict(
       prompt_tokens=rng.integers(0, 256, (N, P)), prompt_mask=np.ones((N, P), np.int32),
       tokens=rng.integers(0, 256, (N, T)), mask=(np.arange(T)[None] < lengths[:, None]).astype(np.int32),
@@ -43,7 +45,7 @@ def _batch(seed=0):
 TRANSFER = jnp.array([[1, 1, 0], [1, 1, 1], [0, 1, 1]], jnp.float32)
 
 
-def _grads(mesh_shape=(1, 1, 1), **update_kwargs):
+def _grads(mesh_shape=(1, 1, 1), batch_kwargs={}, **update_kwargs):
   mesh = _mesh(mesh_shape)
   model = init_model(CONFIG, mesh=mesh, seed=1)
   graphdef, state = init_train_state(model, make_optimizer(OptimConfig()), proj_dim=32)
@@ -51,7 +53,7 @@ def _grads(mesh_shape=(1, 1, 1), **update_kwargs):
                               **update_kwargs.pop("objective", {}))
   config = UpdateConfig(objective=objective, logit_chunk=5, **update_kwargs)
   fn = jax.jit(lambda params, batch: loss_and_grads(graphdef, params, batch, TRANSFER, config))
-  loss, metrics, grads = fn(state.params, shard_batch(_batch(), mesh))
+  loss, metrics, grads = fn(state.params, shard_batch(_batch(**batch_kwargs), mesh))
   return float(loss), jax.tree.map(float, metrics), jax.tree.map(np.asarray, grads)
 
 
@@ -95,6 +97,21 @@ def test_one_and_four_micro_batches_give_the_same_gradients(objective):
   for name in ("pg_loss", "kl", "pg_clipfrac", "ppo_kl", "entropy"):
     assert abs(metrics_1[name] - metrics_4[name]) < 1e-5, name
   # Exact up to float32 summation order: ≤ 5e-6 relative to the largest gradient entry.
+  scale = max(np.abs(g).max() for g in jax.tree.leaves(grads_1))
+  assert _max_diff(grads_1, grads_4) <= 5e-6 * max(scale, 1.0)
+
+
+@pytest.mark.parametrize("rewards", [np.zeros(N, np.float32),  # no correct rollout at all
+                                     np.repeat(np.float32([1, 1, 1, 0]), G)])  # no group with a wrong one
+def test_a_batch_without_anchors_skips_the_extra_pass_and_still_matches_one_micro_batch(rewards):
+  objective = ObjectiveConfig(group_size=G)
+  assert not has_anchor(_batch(rewards=rewards), TRANSFER, objective)  # the pass is skipped for this batch
+  assert has_anchor(_batch(), TRANSFER, objective)
+  loss_1, metrics_1, grads_1 = _grads(micro_batches=1, batch_kwargs=dict(rewards=rewards))
+  loss_4, metrics_4, grads_4 = _grads(micro_batches=4, batch_kwargs=dict(rewards=rewards))
+  assert metrics_1["anchors"] == metrics_4["anchors"] == 0.0
+  assert metrics_4["contrastive"] == 0.0 and not np.any(grads_4["head"])
+  assert abs(loss_1 - loss_4) < 1e-5
   scale = max(np.abs(g).max() for g in jax.tree.leaves(grads_1))
   assert _max_diff(grads_1, grads_4) <= 5e-6 * max(scale, 1.0)
 
