@@ -13,11 +13,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from mcpo_jax.xla_flags import set_default_xla_flags  # noqa: E402  (before JAX creates its backend)
-
-set_default_xla_flags()
-
-import jax  # noqa: E402
+import jax
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags

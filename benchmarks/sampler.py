@@ -131,8 +131,6 @@ def worker_matmul(spec: dict) -> dict:
 
 
 def worker_ours(spec: dict) -> dict:
-  from mcpo_jax.xla_flags import set_default_xla_flags
-  set_default_xla_flags()  # ours runs with the flags its entry points set (run.py)
   import jax
   import numpy as np
   from mcpo_jax import sampling

@@ -154,8 +154,6 @@ def _planned_bytes(compiled, extra_live: int = 0) -> int:
 
 
 def worker_ours(spec: dict) -> dict:
-  from mcpo_jax.xla_flags import set_default_xla_flags
-  set_default_xla_flags()  # ours runs with the flags its entry points set (run.py); tunix with its own
   import jax
   import jax.numpy as jnp
   import numpy as np

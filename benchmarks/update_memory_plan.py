@@ -13,10 +13,6 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-from mcpo_jax.xla_flags import set_default_xla_flags  # noqa: E402
-
-set_default_xla_flags()  # the plan of the program run.py runs (the flags change XLA's fusions)
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from train_step import DOMAINS, GROUP, _planned_bytes, dims, make_batch  # noqa: E402

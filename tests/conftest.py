@@ -6,10 +6,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from mcpo_jax.xla_flags import set_default_xla_flags  # noqa: E402
-
-set_default_xla_flags()  # the numerics are tested under the flags the entry points run with
-
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -264,8 +264,6 @@ def compare(base: ml_collections.ConfigDict, seeds: Sequence[int], runs_dir: str
 
 def main(argv) -> None:
   del argv
-  from mcpo_jax.xla_flags import set_default_xla_flags
-  set_default_xla_flags()  # as run.py does, before the first computation
   from mcpo_jax import config as config_lib
   base = config_lib.validate(_CONFIG.value)
   command = " ".join(["python -m mcpo_jax.experiments.compare", *sys.argv[1:]])

@@ -24,7 +24,7 @@ from mcpo_jax.mesh import constrain
 from mcpo_jax.model.attention import cached_attention, causal_attention
 from mcpo_jax.model.config import ModelConfig, inverse_frequencies
 
-ATTENTION_BLOCK = 128  # query positions per block of the training-path attention
+ATTENTION_BLOCK = 64  # query positions per block of the training-path attention
 
 REMAT_POLICIES = {
     "none": None,
