@@ -149,14 +149,20 @@ def contrastive_masks(prompt_ids: jax.Array, domain_ids: jax.Array, correct: jax
   return cross, in_domain, negatives
 
 
+def counted_anchors(positives: jax.Array, negatives: jax.Array, require_negative: bool) -> jax.Array:
+  """[N] bool: rows that count as anchors for a term: a positive, and a negative if require_negative."""
+  has_negative = jnp.any(negatives, axis=1) if require_negative else True
+  return jnp.any(positives, axis=1) & has_negative
+
+
 def has_anchor(batch: dict[str, jax.Array], transfer: jax.Array, config: "ObjectiveConfig") -> jax.Array:
-  """[] bool: whether any row counts as an anchor. The masks alone decide it, not z: without an anchor
-  the contrastive term and all its gradients are exactly zero, whatever the representations are."""
+  """[] bool: whether any row counts as an anchor. The masks alone decide it, not z (top-k keeps at least
+  one cross candidate of a non-empty row): without an anchor the contrastive term and all its gradients
+  are exactly zero, whatever the representations are."""
   cross, in_domain, negatives = contrastive_masks(batch["prompt_ids"], batch["domain_ids"], batch["correct"], transfer,
                                                   in_domain_scope=config.in_domain_scope,
                                                   negative_scope=config.negative_scope)
-  has_negative = jnp.any(negatives, axis=1) if config.require_negative else True
-  return jnp.any((jnp.any(cross, axis=1) | jnp.any(in_domain, axis=1)) & has_negative)
+  return jnp.any(counted_anchors(cross | in_domain, negatives, config.require_negative))
 
 
 def top_k_per_row(candidates: jax.Array, scores: jax.Array, k: int) -> jax.Array:
@@ -201,9 +207,8 @@ def contrastive_loss(z: jax.Array, prompt_ids: jax.Array, domain_ids: jax.Array,
                                                   in_domain_scope=in_domain_scope, negative_scope=negative_scope)
   cross = top_k_per_row(cross, jax.lax.stop_gradient(sim), cross_topk)
   denominator = cross | in_domain | negatives
-  has_negative = jnp.any(negatives, axis=1) if require_negative else jnp.ones(sim.shape[0], bool)
-  counts_cross = jnp.any(cross, axis=1) & has_negative  # [N]
-  counts_in = jnp.any(in_domain, axis=1) & has_negative
+  counts_cross = counted_anchors(cross, negatives, require_negative)  # [N]
+  counts_in = counted_anchors(in_domain, negatives, require_negative)
   per_cross = jnp.where(counts_cross, _supcon_rows(sim, cross, denominator), 0.0)
   per_in = jnp.where(counts_in, _supcon_rows(sim, in_domain, denominator), 0.0)
   l_cross = jnp.sum(per_cross) / jnp.maximum(jnp.sum(counts_cross), 1)

@@ -22,6 +22,19 @@ import jax.numpy as jnp
 _MASKED = jnp.finfo(jnp.float32).min  # a finite fill, so a row with no visible key stays finite
 
 
+def _masked_scores(q: jax.Array, k: jax.Array, query_slots: jax.Array, key_mask: jax.Array, groups: int):
+  """Scores [B, K, G·Q, S] float32 with the keys a query may not see filled, and that mask [B, 1, G·Q, S].
+
+  q: [B, K, G·Q, D] (group-major); k: [B, K, S, D]; query_slots: [Q] int; key_mask: [B, S] bool.
+  A query sees the real slots at or before its own.
+  """
+  d = q.shape[-1]
+  scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+  allowed = (jnp.arange(k.shape[2])[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :]  # [B, Q, S]
+  allowed = jnp.tile(allowed, (1, groups, 1))[:, None]  # [B, 1, G·Q, S]
+  return jnp.where(allowed, scores, _MASKED), allowed
+
+
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, query_slots: jax.Array,
                      key_mask: jax.Array) -> jax.Array:
   """Dense attention of T queries over S cache slots.
@@ -30,11 +43,8 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, query_slots: jax.
   bool. A query sees the real slots at or before its own. Returns [B, K, G, T, D].
   """
   b, kv, g, t, d = q.shape
-  scores = jnp.einsum("bkqd,bksd->bkqs", q.reshape(b, kv, g * t, d), k,
-                      preferred_element_type=jnp.float32) * (d ** -0.5)  # [B, K, G·T, S]
-  allowed = (jnp.arange(k.shape[2])[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :]  # [B, T, S]
-  allowed = jnp.tile(allowed, (1, g, 1))[:, None]  # [B, 1, G·T, S]
-  probs = jax.nn.softmax(jnp.where(allowed, scores, _MASKED), axis=-1).astype(q.dtype)
+  scores, _ = _masked_scores(q.reshape(b, kv, g * t, d), k, query_slots, key_mask, g)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
   return jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(b, kv, g, t, d)
 
 
@@ -55,14 +65,8 @@ def _from_blocks(x: jax.Array, groups: int, length: int) -> jax.Array:
 
 
 def _block_scores(q_block, k, key_mask, start, groups):
-  """Masked scores [B, K, G·Q, S] float32 of the queries at slots start.. against every key, and the
-  mask of the keys each may see. q_block: [B, K, G·Q, D]; k: [B, K, S, D]; key_mask: [B, S]."""
-  d = q_block.shape[-1]
-  block = q_block.shape[2] // groups
-  scores = jnp.einsum("bkqd,bksd->bkqs", q_block, k, preferred_element_type=jnp.float32) * (d ** -0.5)
-  causal = jnp.arange(k.shape[2])[None, :] <= (start + jnp.arange(block))[:, None]  # [Q, S]
-  allowed = jnp.tile(causal[None] & key_mask[:, None, :], (1, groups, 1))[:, None]  # [B, 1, G·Q, S]
-  return jnp.where(allowed, scores, _MASKED), allowed
+  """_masked_scores of the block of queries at slots start, start + 1, ... (q_block: [B, K, G·Q, D])."""
+  return _masked_scores(q_block, k, start + jnp.arange(q_block.shape[2] // groups), key_mask, groups)
 
 
 def _causal_forward(q, k, v, key_mask, block):
