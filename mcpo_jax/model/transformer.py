@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 from mcpo_jax.mesh import constrain
 from mcpo_jax.model.attention import cached_attention, causal_attention
 from mcpo_jax.model.config import ModelConfig, inverse_frequencies
+from mcpo_jax.model.linear import linear
 
 ATTENTION_BLOCK = 64  # query positions per block of the training-path attention
 
@@ -104,7 +105,8 @@ class Attention(nnx.Module):
     self.config, self.dtype, self.mesh = config, dtype, mesh
 
   def _project(self, x: jax.Array, name: str) -> jax.Array:
-    out = jnp.einsum("bte,end->btnd", x, getattr(self, f"{name}_proj")[...].astype(self.dtype))
+    weight = getattr(self, f"{name}_proj")[...].astype(self.dtype)  # [E, N, D]
+    out = linear(x, weight.reshape(weight.shape[0], -1)).reshape(*x.shape[:-1], *weight.shape[1:])  # [B, T, N, D]
     if self.config.attention_bias:
       out = out + getattr(self, f"{name}_bias")[...].astype(self.dtype)
     return out
@@ -142,7 +144,7 @@ class Attention(nnx.Module):
     out = constrain(out, self.mesh, ("batch", "length", "heads", "head_dim"))
     # One [B·T, H·D]·[H·D, E] matmul: einsum would contract (d, h) in letter order and transpose both sides.
     o_proj = self.o_proj[...].astype(self.dtype).reshape(h * d, -1)
-    return out.reshape(b, t, h * d) @ o_proj, new_keys, new_values
+    return linear(out.reshape(b, t, h * d), o_proj), new_keys, new_values
 
 
 class MLP(nnx.Module):
@@ -156,10 +158,10 @@ class MLP(nnx.Module):
     self.dtype, self.mesh = dtype, mesh
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, E] -> [B, T, E]
-    gate = x @ self.gate_proj[...].astype(self.dtype)
-    up = x @ self.up_proj[...].astype(self.dtype)
+    gate = linear(x, self.gate_proj[...].astype(self.dtype))
+    up = linear(x, self.up_proj[...].astype(self.dtype))
     inner = constrain(jax.nn.silu(gate) * up, self.mesh, ("batch", "length", "mlp"))  # [B, T, F]
-    return inner @ self.down_proj[...].astype(self.dtype)
+    return linear(inner, self.down_proj[...].astype(self.dtype))
 
 
 class Block(nnx.Module):
@@ -209,7 +211,7 @@ class Transformer(nnx.Module):
   def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
     """LM head in float32: [B, T, E] -> [B, T, V]. Separate so a trainer can chunk over T."""
     head = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
-    logits = jnp.einsum("bte,ev->btv", hidden, head.astype(self.dtype), preferred_element_type=jnp.float32)
+    logits = linear(hidden, head.astype(self.dtype), jnp.float32)
     return constrain(logits, self.mesh, ("batch", "length", "vocab"))
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
