@@ -189,23 +189,34 @@ def loss_and_grads(graphdef, params, batch, transfer, config: UpdateConfig):
     return loss, metrics, grads
 
   split = lambda x: _split_micro(x, config.micro_batches)
-  micro = jax.tree.map(split, batch)
+  peel = lambda tree: (jax.tree.map(lambda x: x[:-1], tree), jax.tree.map(lambda x: x[-1], tree))
+  micro = jax.tree.map(split, batch)  # [M, N/M, ...]
+  others, last = peel(micro)
+  # The last micro-batch's forward keeps its residuals for its backward below. Its pooled
+  # representations then complete the set the contrastive term needs, so MCPO's extra forward
+  # pass covers only the other M - 1 micro-batches.
+  last_outputs, last_vjp = jax.vjp(lambda lm_params: lm_forward(lm_params, last), params["lm"])
   contrastive, advantages, metrics = jnp.zeros(()), batch["advantages"], {}
   head_grad = jnp.zeros_like(params["head"])
   pooled_grad = jnp.zeros((num_rows, 1), jnp.float32)
   if use_head:  # pass 1: every pooled representation, then the contrastive gradient w.r.t. them
-    all_pooled = lambda: _merge_micro(jax.lax.map(lambda mb: lm_forward(params["lm"], mb)[2], micro))  # [N, E]
+    hidden = params["head"].shape[0]
+    merged_rows = lambda x: x.reshape(-1, *x.shape[2:])  # [M - 1, N/M, ...] -> [(M - 1)·N/M, ...]
+    forward_others = lambda: lm_forward(params["lm"], jax.tree.map(merged_rows, others))[2].reshape(
+        config.micro_batches - 1, -1, hidden)  # [M - 1, N/M, E]
     # A batch without an anchor (e.g. no correct rollout yet) has a zero contrastive term and zero
     # gradients whatever the representations are: it skips this extra forward pass.
-    no_pooled = lambda: jnp.zeros((num_rows, params["head"].shape[0]), jnp.float32)
-    pooled = jax.lax.stop_gradient(jax.lax.cond(has_anchor(batch, transfer, objective), all_pooled, no_pooled))
+    no_pooled = lambda: jnp.zeros((config.micro_batches - 1, num_rows // config.micro_batches, hidden), jnp.float32)
+    others_pooled = jax.lax.cond(has_anchor(batch, transfer, objective), forward_others, no_pooled)
+    pooled = jax.lax.stop_gradient(_merge_micro(jnp.concatenate([others_pooled, last_outputs[2][None]])))  # [N, E]
     (contrastive, (advantages, metrics)), (pooled_grad, head_grad) = jax.value_and_grad(
         contrastive_term, argnums=(0, 1), has_aux=True)(pooled, params["head"], batch, transfer, objective)
   micro = dict(micro, advantages=split(advantages), pooled_grad=split(jnp.broadcast_to(pooled_grad, (num_rows,) +
                                                                                            pooled_grad.shape[1:])))
+  others, last = peel(micro)
 
-  def micro_loss(lm_params, mb):
-    logp, entropy, pooled = lm_forward(lm_params, mb)
+  def micro_loss(outputs, mb):
+    logp, entropy, pooled = outputs
     policy, policy_metrics = policy_term(logp, mb, mb["advantages"], objective, num_tokens=num_tokens,
                                          num_rows=num_rows)
     # Σ (∂L_contrastive/∂pooled) · pooled has the contrastive term's exact gradient w.r.t. lm_params.
@@ -213,14 +224,22 @@ def loss_and_grads(graphdef, params, batch, transfer, config: UpdateConfig):
     entropy_sum = jnp.sum(jnp.where(mb["mask"] > 0, entropy, 0.0))
     return policy + surrogate, (policy, policy_metrics, entropy_sum)
 
+  (_, (last_policy, last_metrics, last_entropy)), d_outputs = jax.value_and_grad(micro_loss, has_aux=True)(
+      last_outputs, last)
+  (last_grads,) = last_vjp(d_outputs)
+
   def accumulate(carry, mb):
     grads_sum, policy_sum = carry
-    (_, (policy, policy_metrics, entropy_sum)), grads = jax.value_and_grad(micro_loss, has_aux=True)(
-        params["lm"], mb)
+    (_, (policy, policy_metrics, entropy_sum)), grads = jax.value_and_grad(
+        lambda lm_params: micro_loss(lm_forward(lm_params, mb), mb), has_aux=True)(params["lm"])
     return (jax.tree.map(jnp.add, grads_sum, grads), policy_sum + policy), (policy_metrics, entropy_sum)
 
-  zeros = jax.tree.map(jnp.zeros_like, params["lm"])
-  (lm_grads, policy), (policy_metrics, entropy_sums) = jax.lax.scan(accumulate, (zeros, jnp.zeros(())), micro)
+  # The scan starts from the last micro-batch's gradients, so that backward (and the release of its
+  # residuals) comes before the scan: activation memory stays that of one micro-batch.
+  (lm_grads, policy), (policy_metrics, entropy_sums) = jax.lax.scan(accumulate, (last_grads, last_policy), others)
+  append = lambda stacked, one: jnp.concatenate([stacked, one[None]])  # micro-batch order: others, then last
+  policy_metrics = jax.tree.map(append, policy_metrics, last_metrics)
+  entropy_sums = append(entropy_sums, last_entropy)
   # Per-micro-batch token means, weighted by tokens, are the batch's token means.
   weights = jnp.sum(micro["mask"], axis=(1, 2)) / jnp.maximum(num_tokens, 1)  # [M]
   # pg_loss and kl already carry the global normalisers: their micro-batch parts add up.
