@@ -5,7 +5,7 @@ lays dy out transposed for that matmul, so the elementwise fusion producing dy (
 RoPE's backward) writes [rows, N] activations with strided stores: 7.8 s of a 46 s update on
 SmolLM2-135M shapes. Asking for dWᵀ = dyᵀ·x instead and transposing that weight-sized result leaves
 every activation-sized array in row-major order (an MLP's forward + backward: 179 → 132 ms on this
-CPU). Same products, same FLOPs, bit-identical results; GPU and TPU compilers fold the transpose.
+CPU). Same products, same FLOPs, bit-identical results; the one extra transpose is weight-sized.
 """
 
 from __future__ import annotations
