@@ -200,13 +200,13 @@ def loss_and_grads(graphdef, params, batch, transfer, config: UpdateConfig):
   head_grad = jnp.zeros_like(params["head"])
   pooled_grad = jnp.zeros((num_rows, 1), jnp.float32)
   if use_head:  # pass 1: every pooled representation, then the contrastive gradient w.r.t. them
-    hidden = params["head"].shape[0]
-    merged_rows = lambda x: x.reshape(-1, *x.shape[2:])  # [M - 1, N/M, ...] -> [(M - 1)·N/M, ...]
-    forward_others = lambda: lm_forward(params["lm"], jax.tree.map(merged_rows, others))[2].reshape(
-        config.micro_batches - 1, -1, hidden)  # [M - 1, N/M, E]
+    # One forward over the other micro-batches' rows: [M - 1, N/M, ...] merged as _split_micro would
+    # have split them, so every batch shard keeps its own rows.
+    forward_others = lambda: _split_micro(lm_forward(params["lm"], jax.tree.map(_merge_micro, others))[2],
+                                          config.micro_batches - 1)  # [M - 1, N/M, E]
     # A batch without an anchor (e.g. no correct rollout yet) has a zero contrastive term and zero
     # gradients whatever the representations are: it skips this extra forward pass.
-    no_pooled = lambda: jnp.zeros((config.micro_batches - 1, num_rows // config.micro_batches, hidden), jnp.float32)
+    no_pooled = lambda: jnp.zeros((config.micro_batches - 1, *last_outputs[2].shape), jnp.float32)
     others_pooled = jax.lax.cond(has_anchor(batch, transfer, objective), forward_others, no_pooled)
     pooled = jax.lax.stop_gradient(_merge_micro(jnp.concatenate([others_pooled, last_outputs[2][None]])))  # [N, E]
     (contrastive, (advantages, metrics)), (pooled_grad, head_grad) = jax.value_and_grad(
