@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,12 @@ import jax
 import numpy as np
 from etils import epath
 from tensorboardX import SummaryWriter
+
+
+def tensorboard_tag(name: str) -> str:
+  """TensorBoard allows [A-Za-z0-9_.-/] in tags: "eval/mean/pass@1" -> "eval/mean/pass_1" (as it would
+  rename it itself, with a log line per name at every write)."""
+  return re.sub(r"[^A-Za-z0-9_.\-/]", "_", name)
 
 
 def _scalar(value: Any) -> float | None:
@@ -46,7 +53,7 @@ class MetricsWriter:
       if scalar is not None:
         record[name] = scalar if math.isfinite(scalar) else str(scalar)
         if self._tb is not None:
-          self._tb.add_scalar(name, scalar, step)
+          self._tb.add_scalar(tensorboard_tag(name), scalar, step)
       elif isinstance(value, (list, np.ndarray)):  # e.g. the D×D gradient-cosine matrix
         record[name] = np.asarray(value, float).round(6).tolist()
     with self.path.open("a") as f:
