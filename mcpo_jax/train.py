@@ -199,7 +199,16 @@ def loss_and_grads(graphdef, params, batch, transfer, config: UpdateConfig):
   contrastive, advantages, metrics = jnp.zeros(()), batch["advantages"], {}
   head_grad = jnp.zeros_like(params["head"])
   pooled_grad = jnp.zeros((num_rows, 1), jnp.float32)
-  if use_head:  # pass 1: every pooled representation, then the contrastive gradient w.r.t. them
+  # With repr_grad="head" and coupling="loss" the contrastive term changes neither the LLM's gradient
+  # nor the advantages, so it needs no extra pass: it is evaluated after the micro-batch passes, on
+  # the representations they computed.
+  head_only = use_head and objective.repr_grad == "head" and objective.coupling == "loss"
+
+  def contrastive_and_grads(pooled):  # pooled [N, E] -> (value, (advantages, metrics)), (d/d pooled, d/d head)
+    return jax.value_and_grad(contrastive_term, argnums=(0, 1), has_aux=True)(
+        jax.lax.stop_gradient(pooled), params["head"], batch, transfer, objective)
+
+  if use_head and not head_only:  # pass 1: every pooled representation, then the contrastive gradient w.r.t. them
     # One forward over the other micro-batches' rows: [M - 1, N/M, ...] merged as _split_micro would
     # have split them, so every batch shard keeps its own rows.
     forward_others = lambda: _split_micro(lm_forward(params["lm"], jax.tree.map(_merge_micro, others))[2],
@@ -208,9 +217,8 @@ def loss_and_grads(graphdef, params, batch, transfer, config: UpdateConfig):
     # gradients whatever the representations are: it skips this extra forward pass.
     no_pooled = lambda: jnp.zeros((config.micro_batches - 1, *last_outputs[2].shape), jnp.float32)
     others_pooled = jax.lax.cond(has_anchor(batch, transfer, objective), forward_others, no_pooled)
-    pooled = jax.lax.stop_gradient(_merge_micro(jnp.concatenate([others_pooled, last_outputs[2][None]])))  # [N, E]
-    (contrastive, (advantages, metrics)), (pooled_grad, head_grad) = jax.value_and_grad(
-        contrastive_term, argnums=(0, 1), has_aux=True)(pooled, params["head"], batch, transfer, objective)
+    pooled = _merge_micro(jnp.concatenate([others_pooled, last_outputs[2][None]]))  # [N, E]
+    (contrastive, (advantages, metrics)), (pooled_grad, head_grad) = contrastive_and_grads(pooled)
   micro = dict(micro, advantages=split(advantages), pooled_grad=split(jnp.broadcast_to(pooled_grad, (num_rows,) +
                                                                                            pooled_grad.shape[1:])))
   others, last = peel(micro)
@@ -220,26 +228,26 @@ def loss_and_grads(graphdef, params, batch, transfer, config: UpdateConfig):
     policy, policy_metrics = policy_term(logp, mb, mb["advantages"], objective, num_tokens=num_tokens,
                                          num_rows=num_rows)
     # Σ (∂L_contrastive/∂pooled) · pooled has the contrastive term's exact gradient w.r.t. lm_params.
-    surrogate = jnp.sum(mb["pooled_grad"] * pooled) if use_head else 0.0
+    surrogate = jnp.sum(mb["pooled_grad"] * pooled) if use_head and not head_only else 0.0
     entropy_sum = jnp.sum(jnp.where(mb["mask"] > 0, entropy, 0.0))
-    return policy + surrogate, (policy, policy_metrics, entropy_sum)
+    return policy + surrogate, (policy, policy_metrics, entropy_sum, jax.lax.stop_gradient(pooled))
 
-  (_, (last_policy, last_metrics, last_entropy)), d_outputs = jax.value_and_grad(micro_loss, has_aux=True)(
-      last_outputs, last)
+  (_, (last_policy, *last_aux)), d_outputs = jax.value_and_grad(micro_loss, has_aux=True)(last_outputs, last)
   (last_grads,) = last_vjp(d_outputs)
 
   def accumulate(carry, mb):
     grads_sum, policy_sum = carry
-    (_, (policy, policy_metrics, entropy_sum)), grads = jax.value_and_grad(
+    (_, (policy, *aux)), grads = jax.value_and_grad(
         lambda lm_params: micro_loss(lm_forward(lm_params, mb), mb), has_aux=True)(params["lm"])
-    return (jax.tree.map(jnp.add, grads_sum, grads), policy_sum + policy), (policy_metrics, entropy_sum)
+    return (jax.tree.map(jnp.add, grads_sum, grads), policy_sum + policy), aux
 
   # The scan starts from the last micro-batch's gradients, so that backward (and the release of its
   # residuals) comes before the scan: activation memory stays that of one micro-batch.
-  (lm_grads, policy), (policy_metrics, entropy_sums) = jax.lax.scan(accumulate, (last_grads, last_policy), others)
+  (lm_grads, policy), others_aux = jax.lax.scan(accumulate, (last_grads, last_policy), others)
   append = lambda stacked, one: jnp.concatenate([stacked, one[None]])  # micro-batch order: others, then last
-  policy_metrics = jax.tree.map(append, policy_metrics, last_metrics)
-  entropy_sums = append(entropy_sums, last_entropy)
+  policy_metrics, entropy_sums, micro_pooled = jax.tree.map(append, others_aux, last_aux)  # [M, ...]
+  if head_only:
+    (contrastive, (_, metrics)), (_, head_grad) = contrastive_and_grads(_merge_micro(micro_pooled))
   # Per-micro-batch token means, weighted by tokens, are the batch's token means.
   weights = jnp.sum(micro["mask"], axis=(1, 2)) / jnp.maximum(num_tokens, 1)  # [M]
   # pg_loss and kl already carry the global normalisers: their micro-batch parts add up.

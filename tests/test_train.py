@@ -89,12 +89,13 @@ def test_trainer_logprobs_equal_sampler_logprobs():
   np.testing.assert_allclose(np.asarray(logp)[mask], np.asarray(rollouts.logprobs)[mask], atol=1e-5)
 
 
-@pytest.mark.parametrize("objective", [{}, {"coupling": "reward", "agg": "seq-mean-token-mean"}])
+@pytest.mark.parametrize("objective", [{}, {"coupling": "reward", "agg": "seq-mean-token-mean"},
+                                       {"repr_grad": "head"}])  # the last: no extra pass, the term after the scan
 def test_one_and_four_micro_batches_give_the_same_gradients(objective):
   loss_1, metrics_1, grads_1 = _grads(micro_batches=1, objective=objective)
   loss_4, metrics_4, grads_4 = _grads(micro_batches=4, objective=objective)
   assert abs(loss_1 - loss_4) < 1e-5
-  for name in ("pg_loss", "kl", "pg_clipfrac", "ppo_kl", "entropy"):
+  for name in ("pg_loss", "kl", "pg_clipfrac", "ppo_kl", "entropy", "contrastive", "anchors", "pos_sim"):
     assert abs(metrics_1[name] - metrics_4[name]) < 1e-5, name
   # Exact up to float32 summation order: ≤ 5e-6 relative to the largest gradient entry.
   scale = max(np.abs(g).max() for g in jax.tree.leaves(grads_1))
