@@ -189,13 +189,18 @@ def loss_and_grads(graphdef, params, batch, transfer, config: UpdateConfig):
     return loss, metrics, grads
 
   split = lambda x: _split_micro(x, config.micro_batches)
-  peel = lambda tree: (jax.tree.map(lambda x: x[:-1], tree), jax.tree.map(lambda x: x[-1], tree))
+  # With M ≥ 3 the last micro-batch's forward keeps its residuals for its backward below; its pooled
+  # representations then complete the set the contrastive term needs, so MCPO's extra forward pass
+  # covers only the other micro-batches. With M = 2 the scan over the one other micro-batch would be
+  # inlined, and XLA:CPU then plans both micro-batches' activations at once (13.3 GB instead of 8.1 at
+  # T = 128, barriers or not), so there both go through the scan.
+  kept = 1 if config.micro_batches > 2 else 0
+  peel = lambda tree: (jax.tree.map(lambda x: x[:config.micro_batches - kept], tree),
+                       jax.tree.map(lambda x: x[-1], tree) if kept else None)
   micro = jax.tree.map(split, batch)  # [M, N/M, ...]
   others, last = peel(micro)
-  # The last micro-batch's forward keeps its residuals for its backward below. Its pooled
-  # representations then complete the set the contrastive term needs, so MCPO's extra forward
-  # pass covers only the other M - 1 micro-batches.
-  last_outputs, last_vjp = jax.vjp(lambda lm_params: lm_forward(lm_params, last), params["lm"])
+  if kept:
+    last_outputs, last_vjp = jax.vjp(lambda lm_params: lm_forward(lm_params, last), params["lm"])
   contrastive, advantages, metrics = jnp.zeros(()), batch["advantages"], {}
   head_grad = jnp.zeros_like(params["head"])
   pooled_grad = jnp.zeros((num_rows, 1), jnp.float32)
@@ -212,12 +217,13 @@ def loss_and_grads(graphdef, params, batch, transfer, config: UpdateConfig):
     # One forward over the other micro-batches' rows: [M - 1, N/M, ...] merged as _split_micro would
     # have split them, so every batch shard keeps its own rows.
     forward_others = lambda: _split_micro(lm_forward(params["lm"], jax.tree.map(_merge_micro, others))[2],
-                                          config.micro_batches - 1)  # [M - 1, N/M, E]
+                                          config.micro_batches - kept)  # [M - kept, N/M, E]
     # A batch without an anchor (e.g. no correct rollout yet) has a zero contrastive term and zero
     # gradients whatever the representations are: it skips this extra forward pass.
-    no_pooled = lambda: jnp.zeros((config.micro_batches - 1, *last_outputs[2].shape), jnp.float32)
+    no_pooled = lambda: jnp.zeros((config.micro_batches - kept, num_rows // config.micro_batches,
+                                   params["head"].shape[0]), jnp.float32)
     others_pooled = jax.lax.cond(has_anchor(batch, transfer, objective), forward_others, no_pooled)
-    pooled = _merge_micro(jnp.concatenate([others_pooled, last_outputs[2][None]]))  # [N, E]
+    pooled = _merge_micro(jnp.concatenate([others_pooled, last_outputs[2][None]]) if kept else others_pooled)
     (contrastive, (advantages, metrics)), (pooled_grad, head_grad) = contrastive_and_grads(pooled)
   micro = dict(micro, advantages=split(advantages), pooled_grad=split(jnp.broadcast_to(pooled_grad, (num_rows,) +
                                                                                            pooled_grad.shape[1:])))
@@ -232,8 +238,11 @@ def loss_and_grads(graphdef, params, batch, transfer, config: UpdateConfig):
     entropy_sum = jnp.sum(jnp.where(mb["mask"] > 0, entropy, 0.0))
     return policy + surrogate, (policy, policy_metrics, entropy_sum, jax.lax.stop_gradient(pooled))
 
-  (_, (last_policy, *last_aux)), d_outputs = jax.value_and_grad(micro_loss, has_aux=True)(last_outputs, last)
-  (last_grads,) = last_vjp(d_outputs)
+  if kept:
+    (_, (last_policy, *last_aux)), d_outputs = jax.value_and_grad(micro_loss, has_aux=True)(last_outputs, last)
+    (last_grads,) = last_vjp(d_outputs)
+  else:
+    last_policy, last_grads = jnp.zeros(()), jax.tree.map(jnp.zeros_like, params["lm"])
 
   def accumulate(carry, mb):
     grads_sum, policy_sum = carry
@@ -242,10 +251,11 @@ def loss_and_grads(graphdef, params, batch, transfer, config: UpdateConfig):
     return (jax.tree.map(jnp.add, grads_sum, grads), policy_sum + policy), aux
 
   # The scan starts from the last micro-batch's gradients, so that backward (and the release of its
-  # residuals) comes before the scan: activation memory stays that of one micro-batch.
+  # residuals) comes before the scan: activation memory stays that of one micro-batch (M ≥ 3).
   (lm_grads, policy), others_aux = jax.lax.scan(accumulate, (last_grads, last_policy), others)
-  append = lambda stacked, one: jnp.concatenate([stacked, one[None]])  # micro-batch order: others, then last
-  policy_metrics, entropy_sums, micro_pooled = jax.tree.map(append, others_aux, last_aux)  # [M, ...]
+  if kept:  # micro-batch order: others, then last
+    others_aux = jax.tree.map(lambda stacked, one: jnp.concatenate([stacked, one[None]]), others_aux, last_aux)
+  policy_metrics, entropy_sums, micro_pooled = others_aux  # [M, ...]
   if head_only:
     (contrastive, (_, metrics)), (_, head_grad) = contrastive_and_grads(_merge_micro(micro_pooled))
   # Per-micro-batch token means, weighted by tokens, are the batch's token means.
