@@ -208,12 +208,13 @@ def loss_and_grads(graphdef, params, batch, transfer, config: UpdateConfig):
   # nor the advantages, so it needs no extra pass: it is evaluated after the micro-batch passes, on
   # the representations they computed.
   head_only = use_head and objective.repr_grad == "head" and objective.coupling == "loss"
+  gradient_cached = use_head and not head_only  # the term's gradient reaches the LLM through pooled_grad
 
   def contrastive_and_grads(pooled):  # pooled [N, E] -> (value, (advantages, metrics)), (d/d pooled, d/d head)
     return jax.value_and_grad(contrastive_term, argnums=(0, 1), has_aux=True)(
         jax.lax.stop_gradient(pooled), params["head"], batch, transfer, objective)
 
-  if use_head and not head_only:  # pass 1: every pooled representation, then the contrastive gradient w.r.t. them
+  if gradient_cached:  # pass 1: every pooled representation, then the contrastive gradient w.r.t. them
     # One forward over the other micro-batches' rows: [M - 1, N/M, ...] merged as _split_micro would
     # have split them, so every batch shard keeps its own rows.
     forward_others = lambda: _split_micro(lm_forward(params["lm"], jax.tree.map(_merge_micro, others))[2],
@@ -234,7 +235,7 @@ def loss_and_grads(graphdef, params, batch, transfer, config: UpdateConfig):
     policy, policy_metrics = policy_term(logp, mb, mb["advantages"], objective, num_tokens=num_tokens,
                                          num_rows=num_rows)
     # Σ (∂L_contrastive/∂pooled) · pooled has the contrastive term's exact gradient w.r.t. lm_params.
-    surrogate = jnp.sum(mb["pooled_grad"] * pooled) if use_head and not head_only else 0.0
+    surrogate = jnp.sum(mb["pooled_grad"] * pooled) if gradient_cached else 0.0
     entropy_sum = jnp.sum(jnp.where(mb["mask"] > 0, entropy, 0.0))
     return policy + surrogate, (policy, policy_metrics, entropy_sum, jax.lax.stop_gradient(pooled))
 
