@@ -1,20 +1,22 @@
-"""Running untrusted Python (model-written code) contained, in a subprocess (Linux ≥ 5.3).
+"""Running untrusted Python (model-written code) in a bubblewrap sandbox (Linux, user namespaces).
 
-Layers, outermost first:
-- kernel: a new session, so the whole process group is killed on the wall-clock timeout; death with
-  the parent (PR_SET_PDEATHSIG), so a reward worker replaced at its deadline leaves nothing running;
-  rlimits set in preexec (CPU seconds, address space, file size, processes, open files, no core dumps);
-  and, where the kernel allows unprivileged user namespaces (probed once per process),
-  `unshare --user --map-root-user --net`: a network namespace without interfaces, so no network at all.
-- process: `python -I -S` (no PYTHON* variables, no site-packages), a scrubbed environment, a fresh
-  temporary directory as cwd and HOME; stdout/stderr go to files that RLIMIT_FSIZE caps.
-- interpreter: `sandbox_boot.py` installs an audit hook before the program runs that refuses
-  sockets, new processes, signals, ctypes, writes and deletions outside the work directory, reading
-  /proc and /sys (where the parent's environment is).
+Each run is `bwrap --unshare-all --unshare-user`: fresh user, PID, mount, network, IPC, UTS and cgroup
+namespaces. Inside it sees a read-only interpreter and standard library (site-packages hidden), the
+shared libraries under /usr/lib, a private /proc of its own PID namespace, a minimal /dev, and a
+size-capped tmpfs as work directory, and nothing else: not the trainer's files, the datasets, /etc, or
+the host's environment. It runs as uid/gid 65534 with no capabilities (outside, that uid maps to the
+trainer's, which it cannot act as: it sees no file or process of the host), cannot create further user
+namespaces, has no network interface but its own loopback, and dies with its parent. `sandbox_boot.py`
+applies the rlimits inside the namespaces (RLIMIT_NPROC counts per user namespace there) and keeps an
+audit hook as a second layer. The wall-clock kill goes to the namespace's init, and the kernel kills
+every process in a PID namespace whose init dies, so nothing is left running.
 
-Where `unshare` is unavailable, the audit hook alone blocks the network. The audit hook guards against
-accidents and reward hacks, not a determined attacker (interpreter bugs can bypass it). The kernel does
-not apply RLIMIT_NPROC to root outside a user namespace; there the hook is what stops a fork bomb.
+The program's job (its sources and the calls to evaluate) arrives on a file descriptor; stdout,
+stderr and the structured results go to memory files that RLIMIT_FSIZE caps. Nothing secret enters the
+sandbox: expected values stay in the parent (see code.py).
+
+`set_mode("unsafe")` runs the same boot without namespaces (rlimits, a new session and the audit hook
+only), for machines without bubblewrap or user namespaces; a caller opts in explicitly.
 """
 
 from __future__ import annotations
@@ -24,28 +26,39 @@ import functools
 import json
 import os
 import resource
-import secrets
 import select
 import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-BOOT = str(Path(__file__).with_name("sandbox_boot.py"))
+BOOT_SOURCE = Path(__file__).with_name("sandbox_boot.py").read_text(encoding="utf-8")
 LIBC = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG = 1
-UNSHARE = ("unshare", "--user", "--map-root-user", "--net")
+MODES = ("bwrap", "unsafe")
+WORK = "/work"
+SANDBOX_UID = 65534  # nobody
+TMPFS_BYTES = 64 * 2**20
+FIX = ("install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap) and allow user namespaces "
+       "(sysctl kernel.unprivileged_userns_clone=1; on Ubuntu 24.04 also kernel.apparmor_restrict_unprivileged_userns=0), "
+       "or set --config.rewards.sandbox=unsafe to run model-written code without kernel isolation")
+_mode = "bwrap"
+
+
+class SandboxUnavailable(RuntimeError):
+  pass
 
 
 @dataclass(frozen=True)
 class Limits:
-  wall_s: float = 5.0      # wall-clock seconds before the process group is killed
+  wall_s: float = 5.0      # wall-clock seconds before the namespace is killed
   cpu_s: int = 5           # RLIMIT_CPU
   memory_mb: int = 1024    # RLIMIT_AS
-  file_mb: int = 16        # RLIMIT_FSIZE: any file written, stdout and stderr included
+  file_mb: int = 16        # RLIMIT_FSIZE: any file written, stdout, stderr and results included
   processes: int = 8       # RLIMIT_NPROC (threads count too)
   open_files: int = 64     # RLIMIT_NOFILE
 
@@ -56,55 +69,168 @@ class RunResult:
   stdout: str
   stderr: str
   timed_out: bool
-  finished: bool     # every source ran to its end (the secret end marker was printed)
+  finished: bool     # every source ran to its end and every call was evaluated (as the boot reports)
+  values: list       # per call: [True, repr of a plain value] or [False, exception type name]
+
+
+def set_mode(mode: str) -> None:
+  """"bwrap" (the default: refuse to run without kernel isolation) or "unsafe" (rlimits + audit hook)."""
+  global _mode
+  if mode not in MODES:
+    raise ValueError(f"rewards.sandbox={mode!r}; use 'bwrap' (kernel namespaces, the default) or 'unsafe'.")
+  _mode = mode
+
+
+def mode() -> str:
+  return _mode
+
+
+def _interpreter() -> str:
+  """The base interpreter (a venv's python is a symlink into it, with a pyvenv.cfg the sandbox need not see)."""
+  return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
 
 
 @functools.cache
-def network_isolation() -> tuple[str, ...]:
-  """The `unshare` prefix if this kernel lets us create a user + network namespace, else ()."""
-  if shutil.which("unshare") is None:
-    return ()
+def _mounts() -> tuple[str, ...]:
+  """bwrap arguments for the read-only view: libraries, the interpreter, its stdlib without site-packages."""
+  args: list[str] = []
+  for path in ("/usr/lib", "/usr/lib64"):
+    if os.path.isdir(path):
+      args += ["--ro-bind", path, path]
+  for path in ("/lib", "/lib32", "/lib64"):
+    if os.path.islink(path):
+      args += ["--symlink", os.readlink(path), path]
+    elif os.path.isdir(path):
+      args += ["--ro-bind", path, path]
+  stdlib = os.path.realpath(sysconfig.get_paths(vars={"base": sys.base_prefix})["stdlib"])
+  libdir = os.path.realpath(sysconfig.get_config_var("LIBDIR") or stdlib)
+  for path in sorted({libdir, stdlib, _interpreter()}, key=len):
+    args += ["--ro-bind", path, path]
+  base = {"base": sys.base_prefix, "platbase": sys.base_exec_prefix}
+  hidden = {os.path.realpath(sysconfig.get_paths(vars=base)[kind]) for kind in ("purelib", "platlib")}
+  hidden |= {str(p) for p in Path("/usr/lib").glob("python3*/dist-packages")}
+  for path in sorted(hidden):
+    if os.path.isdir(path):
+      args += ["--tmpfs", path]
+  return tuple(args)
+
+
+def bwrap_command(info_fd: int) -> list[str]:
+  """The bwrap prefix; `info_fd` receives {"child-pid": <the namespace's init, as seen from here>}."""
+  return ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
+          "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--cap-drop", "ALL", "--hostname", "sandbox",
+          "--clearenv", "--setenv", "HOME", WORK, "--setenv", "TMPDIR", WORK, "--setenv", "LANG", "C.UTF-8",
+          *_mounts(), "--proc", "/proc", "--dev", "/dev", "--size", str(TMPFS_BYTES), "--tmpfs", WORK,
+          "--chdir", WORK, "--info-fd", str(info_fd)]
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+  """Why bwrap sandboxes cannot start here (probed once per process), or None."""
+  if shutil.which("bwrap") is None:
+    return "bwrap is not installed"
+  read, write = os.pipe()
   try:
-    probe = subprocess.run([*UNSHARE, "true"], capture_output=True, timeout=10, env={"PATH": "/usr/bin:/bin"})
-  except (OSError, subprocess.TimeoutExpired):
-    return ()
-  return UNSHARE if probe.returncode == 0 else ()
+    probe = subprocess.run([*bwrap_command(write), _interpreter(), "-I", "-S", "-c", "pass"], capture_output=True,
+                           text=True, timeout=30, pass_fds=(write,), env={"PATH": "/usr/bin:/bin"})
+  except (OSError, subprocess.TimeoutExpired) as error:
+    return f"bwrap failed to start: {error}"
+  finally:
+    os.close(read)
+    os.close(write)
+  if probe.returncode:
+    return f"bwrap failed: {probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else probe.returncode}"
+  return None
 
 
-def _set_limits(limits: Limits) -> None:
-  """preexec_fn: runs in the child between fork and exec (safe: reward workers are single-threaded)."""
+def require() -> None:
+  """Raises SandboxUnavailable (one line naming the fix) unless code can run isolated or the user opted out."""
+  reason = unavailable_reason() if _mode == "bwrap" else None
+  if reason:
+    raise SandboxUnavailable(f"code verification refuses to run: {reason}; {FIX}.")
+
+
+def _in_child() -> None:
+  """preexec_fn (between fork and exec; reward workers are single-threaded): die with the parent, no core."""
   LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-  megabyte = 1024 * 1024
-  for kind, value in ((resource.RLIMIT_CPU, limits.cpu_s), (resource.RLIMIT_AS, limits.memory_mb * megabyte),
-                      (resource.RLIMIT_FSIZE, limits.file_mb * megabyte), (resource.RLIMIT_NPROC, limits.processes),
-                      (resource.RLIMIT_NOFILE, limits.open_files), (resource.RLIMIT_CORE, 0)):
-    resource.setrlimit(kind, (value, value))
+  resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def run_python(sources: list[tuple[str, str]], *, stdin: str = "", limits: Limits = Limits()) -> RunResult:
-  """Runs `sources` ([(file name, code)], executed in order in one namespace) with `stdin`."""
-  with tempfile.TemporaryDirectory(prefix="mcpo_sandbox_", ignore_cleanup_errors=True) as root:
-    work = Path(root) / "work"
-    work.mkdir()
-    marker = secrets.token_hex(16)
-    (work / "job.json").write_text(json.dumps({"sources": sources, "marker": marker}), encoding="utf-8")
-    (Path(root) / "stdin").write_text(stdin, encoding="utf-8")
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8"}
-    command = [*network_isolation(), sys.executable, "-I", "-S", "-B", BOOT, "job.json"]
-    with open(Path(root) / "stdin", "rb") as stdin_file, open(Path(root) / "stdout", "wb") as stdout_file, \
-         open(Path(root) / "stderr", "wb") as stderr_file:
-      process = subprocess.Popen(command, cwd=work, env=env, stdin=stdin_file, stdout=stdout_file,
-                                 stderr=stderr_file, start_new_session=True,
-                                 preexec_fn=functools.partial(_set_limits, limits))
-      exited = os.pidfd_open(process.pid)  # readable once the process exits; it is not reaped yet
-      try:
-        timed_out = not select.select([exited], [], [], limits.wall_s)[0]
-        # Unreaped, the leader keeps the group id ours: kill any stray member, then reap.
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-      finally:
-        os.close(exited)
-    stdout = (Path(root) / "stdout").read_bytes().decode("utf-8", "replace")  # RLIMIT_FSIZE caps the size
-    stderr = (Path(root) / "stderr").read_bytes().decode("utf-8", "replace")
-  finished = not timed_out and process.returncode == 0 and f"\n{marker}\n" in stdout
-  return RunResult(process.returncode, stdout.replace(f"\n{marker}\n", ""), stderr[-4000:], timed_out, finished)
+def _memfile(name: str, content: bytes = b"") -> int:
+  fd = os.memfd_create(name, 0)  # inheritable is set by pass_fds
+  os.write(fd, content)
+  os.lseek(fd, 0, os.SEEK_SET)
+  return fd
+
+
+def _read(fd: int) -> str:
+  os.lseek(fd, 0, os.SEEK_SET)
+  with open(fd, "rb", closefd=False) as file:
+    return file.read().decode("utf-8", "replace")
+
+
+def _init_pidfd(info_read: int, timeout_s: float) -> int | None:
+  """A pidfd of the namespace's init, from bwrap's --info-fd (None if it is already gone)."""
+  data = b""
+  while select.select([info_read], [], [], timeout_s)[0]:
+    chunk = os.read(info_read, 4096)
+    if not chunk:
+      break
+    data += chunk
+  try:
+    return os.pidfd_open(int(json.loads(data)["child-pid"]))
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
+def run_python(sources: list[tuple[str, str]], *, calls: list[str] = (), stdin: str = "",
+               limits: Limits = Limits()) -> RunResult:
+  """Runs `sources` ([(file name, code)], in order, in one namespace), then evaluates each expression of
+  `calls` there; stdin is `stdin`. Raises SandboxUnavailable where bwrap cannot run (and mode is not unsafe)."""
+  require()
+  job = json.dumps({"sources": sources, "calls": list(calls), "limits": asdict(limits)}).encode()
+  fds = {name: _memfile(name, content) for name, content in
+         (("job", job), ("stdin", stdin.encode()), ("stdout", b""), ("stderr", b""), ("results", b""))}
+  info_read, info_write = os.pipe()
+  workdir = None
+  try:
+    boot = [_interpreter(), "-I", "-S", "-B", "-c", BOOT_SOURCE, str(fds["job"]), str(fds["results"])]
+    if _mode == "bwrap":
+      command, cwd, env = [*bwrap_command(info_write), *boot], "/", {"PATH": "/usr/bin:/bin"}
+    else:
+      workdir = tempfile.TemporaryDirectory(prefix="mcpo_sandbox_", ignore_cleanup_errors=True)
+      command, cwd = boot, workdir.name
+      env = {"PATH": "/usr/bin:/bin", "HOME": cwd, "TMPDIR": cwd, "LANG": "C.UTF-8"}
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdin=fds["stdin"], stdout=fds["stdout"],
+                               stderr=fds["stderr"], pass_fds=(fds["job"], fds["results"], info_write),
+                               start_new_session=True, preexec_fn=_in_child)
+    os.close(info_write)
+    info_write = None
+    exited = os.pidfd_open(process.pid)  # readable once bwrap exits (after its init, so after the namespace)
+    init = _init_pidfd(info_read, limits.wall_s) if _mode == "bwrap" else None
+    try:
+      timed_out = not select.select([exited], [], [], limits.wall_s)[0]
+      if init is not None and timed_out:
+        try:
+          signal.pidfd_send_signal(init, signal.SIGKILL)  # the kernel kills the PID namespace; then bwrap exits
+        except ProcessLookupError:
+          pass
+        select.select([exited], [], [], 2.0)
+      os.killpg(process.pid, signal.SIGKILL)  # unreaped, the leader keeps the group id ours
+      process.wait()
+    finally:
+      for fd in (exited, *([init] if init is not None else [])):
+        os.close(fd)
+    stdout, stderr, results = _read(fds["stdout"]), _read(fds["stderr"]), _read(fds["results"])
+  finally:
+    for fd in (*fds.values(), info_read, *([info_write] if info_write is not None else [])):
+      os.close(fd)
+    if workdir is not None:
+      workdir.cleanup()
+  try:
+    report = json.loads(results)
+    values, done = list(report["values"]), report["done"] is True
+  except (ValueError, KeyError, TypeError):
+    values, done = [], False
+  finished = not timed_out and process.returncode == 0 and done and len(values) == len(calls)
+  return RunResult(process.returncode, stdout, stderr[-4000:], timed_out, finished, values)
