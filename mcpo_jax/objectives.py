@@ -1,6 +1,6 @@
 """The MCPO objective as pure functions: GRPO advantages, clipped policy loss, KL, contrastive term.
 
-Our precise reading of MCPO is DESIGN.md §4; every choice below is a keyword argument. Everything
+Our precise reading of MCPO is docs/DESIGN.md §4; every choice below is a keyword argument. Everything
 is computed in float32. Shapes: N = B·G rows (rows of a prompt consecutive), T response tokens,
 E hidden width, P projection width, D domains.
 """
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_KINDS = ("k1", "k2", "k3")
+DENOMINATORS = ("shared", "per_term")
 LOG_RATIO_CLIP = 20.0
 K3_VALUE_CLIP = 10.0
 
@@ -189,12 +190,14 @@ def _supcon_rows(sim: jax.Array, positives: jax.Array, denominator: jax.Array) -
 def contrastive_loss(z: jax.Array, prompt_ids: jax.Array, domain_ids: jax.Array, correct: jax.Array,
                      transfer: jax.Array, *, tau: float = 0.05, cross_topk: int = 4, in_domain_scope: str = "domain",
                      negative_scope: str = "prompt", require_negative: bool = True, lambda_cross: float = 1.0,
-                     lambda_in: float = 1.0):
+                     lambda_in: float = 1.0, denominator: str = "shared"):
   """Supervised-contrastive MCPO term over normalised representations z [N, P].
 
   For a correct anchor i the positives are its top-`cross_topk` cross-domain candidates (by
-  stop-gradient similarity) for L_cross and its in-domain positives for L_in; both share the
-  denominator X'_i ∪ I_i ∪ N_i. An anchor counts for a term when it has a positive for that term
+  stop-gradient similarity) for L_cross and its in-domain positives for L_in. denominator="shared":
+  both terms' log-sum-exp run over X'_i ∪ I_i ∪ N_i (so each term also pushes the other's positives
+  away); "per_term": L_cross over X'_i ∪ N_i and L_in over I_i ∪ N_i, so that λ_in = 0 or
+  λ_cross = 0 removes one kind of pull and nothing else. An anchor counts for a term when it has a positive for that term
   (and a negative, if require_negative). Returns (l_cross, l_in, per_anchor [N], metrics), where
   l_* are means over counted anchors (0 when none) and per_anchor = λ_cross·L_cross_i + λ_in·L_in_i.
   Metrics: pos_sim / neg_sim are mean cosines over the positive / negative pairs of counted anchors,
@@ -206,11 +209,16 @@ def contrastive_loss(z: jax.Array, prompt_ids: jax.Array, domain_ids: jax.Array,
   cross, in_domain, negatives = contrastive_masks(prompt_ids, domain_ids, correct, transfer,
                                                   in_domain_scope=in_domain_scope, negative_scope=negative_scope)
   cross = top_k_per_row(cross, jax.lax.stop_gradient(sim), cross_topk)
-  denominator = cross | in_domain | negatives
+  if denominator == "shared":
+    cross_set = in_set = cross | in_domain | negatives
+  elif denominator == "per_term":
+    cross_set, in_set = cross | negatives, in_domain | negatives
+  else:
+    raise ValueError(f"denominator={denominator!r}; choose one of {DENOMINATORS}.")
   counts_cross = counted_anchors(cross, negatives, require_negative)  # [N]
   counts_in = counted_anchors(in_domain, negatives, require_negative)
-  per_cross = jnp.where(counts_cross, _supcon_rows(sim, cross, denominator), 0.0)
-  per_in = jnp.where(counts_in, _supcon_rows(sim, in_domain, denominator), 0.0)
+  per_cross = jnp.where(counts_cross, _supcon_rows(sim, cross, cross_set), 0.0)
+  per_in = jnp.where(counts_in, _supcon_rows(sim, in_domain, in_set), 0.0)
   l_cross = jnp.sum(per_cross) / jnp.maximum(jnp.sum(counts_cross), 1)
   l_in = jnp.sum(per_in) / jnp.maximum(jnp.sum(counts_in), 1)
 
@@ -247,6 +255,7 @@ class ObjectiveConfig:
   require_negative: bool = True
   lambda_cross: float = 0.1
   lambda_in: float = 0.1
+  denominator: str = "shared"  # "shared" | "per_term" (see contrastive_loss)
   coupling: str = "loss"  # "loss" | "reward" (CLIPO-style bonus; only the head learns from L)
   repr_grad: str = "policy"  # "policy" | "head" (stop the contrastive gradient at h)
   reward_bonus_min: float = -0.5
@@ -256,7 +265,8 @@ class ObjectiveConfig:
   def __post_init__(self):
     choices = {"algorithm": ("mcpo", "grpo"), "agg": AGGREGATIONS, "kl_kind": KL_KINDS,
                "coupling": ("loss", "reward"), "repr_grad": ("policy", "head"),
-               "in_domain_scope": ("domain", "prompt"), "negative_scope": ("prompt", "batch")}
+               "in_domain_scope": ("domain", "prompt"), "negative_scope": ("prompt", "batch"),
+               "denominator": DENOMINATORS}
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
         raise ValueError(f"objective.{name}={getattr(self, name)!r}; choose one of {list(allowed)}.")
@@ -279,7 +289,8 @@ def contrastive_term(pooled: jax.Array, head: jax.Array, batch: dict[str, jax.Ar
   l_cross, l_in, per_anchor, metrics = contrastive_loss(
       z, batch["prompt_ids"], batch["domain_ids"], batch["correct"], transfer, tau=config.tau,
       cross_topk=config.cross_topk, in_domain_scope=config.in_domain_scope, negative_scope=config.negative_scope,
-      require_negative=config.require_negative, lambda_cross=config.lambda_cross, lambda_in=config.lambda_in)
+      require_negative=config.require_negative, lambda_cross=config.lambda_cross, lambda_in=config.lambda_in,
+      denominator=config.denominator)
   value = config.lambda_cross * l_cross + config.lambda_in * l_in
   metrics = dict(metrics, l_cross=l_cross, l_in=l_in, contrastive=value)
   advantages = batch["advantages"]

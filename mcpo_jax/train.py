@@ -17,6 +17,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -37,6 +38,7 @@ class OptimConfig:
   warmup_steps: int = 0
   schedule: str = "constant"  # "constant" | "cosine" (after warm-up)
   total_steps: int = 1000
+  lm_frozen_updates: int = 0  # the LLM branch is masked for this many first updates (head warm-up)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,13 +69,21 @@ def _schedule(peak: float, config: OptimConfig) -> optax.Schedule:
 
 
 def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
-  """Global-norm clip, then AdamW with its own learning rate for the LLM and for the contrastive head."""
-  adamw = lambda lr: optax.adamw(_schedule(lr, config), b1=config.b1, b2=config.b2, eps=config.eps,
-                                 weight_decay=config.weight_decay)
+  """AdamW with its own learning rate and its own global-norm clip for the LLM and for the contrastive head.
+
+  Separate clips, so the head's gradient (large while the head is new) never rescales the LLM's: with
+  repr_grad="head" and coupling="loss" the LLM then moves exactly as under GRPO. During the head
+  warm-up the LLM branch is masked: a zero update, and its Adam state and step count untouched.
+  """
+  def clipped_adamw(lr: float) -> optax.GradientTransformation:
+    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
+                       optax.adamw(_schedule(lr, config), b1=config.b1, b2=config.b2, eps=config.eps,
+                                   weight_decay=config.weight_decay))
+  lm = clipped_adamw(config.learning_rate)
+  if config.lm_frozen_updates > 0:
+    lm = optax.transforms.conditionally_mask(lm, lambda updates_done: updates_done >= config.lm_frozen_updates)
   labels = lambda params: {"lm": jax.tree.map(lambda _: "lm", params["lm"]), "head": "head"}
-  return optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
-                     optax.multi_transform({"lm": adamw(config.learning_rate),
-                                            "head": adamw(config.head_learning_rate)}, labels))
+  return optax.multi_transform({"lm": lm, "head": clipped_adamw(config.head_learning_rate)}, labels)
 
 
 def init_train_state(model: Transformer, optimizer: optax.GradientTransformation, *, proj_dim: int = 256,
@@ -297,6 +307,32 @@ def shard_batch(batch: dict[str, Any], mesh: Mesh | None) -> dict[str, jax.Array
       return jax.device_put(x, sharding)
     return from_host(x, sharding)
   return {k: place(v) for k, v in batch.items()}
+
+
+def deal_minibatches(group_domains: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+  """Whole prompt groups dealt into `count` minibatches, each holding every domain in proportion.
+
+  group_domains: [B] the domain of each group. Returns [count, B/count] group indices. Each domain's
+  groups are shuffled, placed at the midpoints of their share of [0, 1) and the merged order is cut
+  into equal blocks, so every minibatch holds within one group of B_d/count groups of each domain d:
+  mixed GRPO stays mixed in every optimizer step, whatever order the prompts arrived in.
+  """
+  groups = len(group_domains)
+  if groups % count:
+    raise ValueError(f"{groups} prompts per step do not split into {count} minibatches of whole groups; "
+                     "make config.train.minibatches divide config.data.prompts_per_step.")
+  position = np.empty(groups)  # [B] in [0, 1): where each group falls within its domain's share
+  for domain in np.unique(group_domains):
+    members = rng.permutation(np.flatnonzero(group_domains == domain))
+    position[members] = (np.arange(len(members)) + 0.5) / len(members)
+  order = np.lexsort((group_domains, position))  # by position, ties by domain
+  return order.reshape(count, groups // count)
+
+
+@jax.jit
+def take_rows(batch: dict[str, jax.Array], rows: jax.Array) -> dict[str, jax.Array]:
+  """The rows [R] of every [N, ...] entry of the batch (inside jit, so it also works on multi-host arrays)."""
+  return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), batch)
 
 
 def jit_update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, config: UpdateConfig,

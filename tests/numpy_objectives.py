@@ -1,6 +1,6 @@
-"""An independent reference of the MCPO objective (DESIGN.md §4), written with plain Python loops.
+"""An independent reference of the MCPO objective (docs/DESIGN.md §4), written with plain Python loops.
 
-Written from DESIGN.md §4 and the conventions stated in the docstrings of mcpo_jax/objectives.py,
+Written from docs/DESIGN.md §4 and the conventions stated in the docstrings of mcpo_jax/objectives.py,
 not from its code: per-group loops for advantages, per-token loops for the clipped surrogate and
 the KL, per-anchor / per-pair loops for the contrastive masks, an explicit sort for the top-k,
 a stable log-sum-exp over the listed denominator set, and explicit anchor counting.
@@ -260,7 +260,7 @@ def top_k(candidates: list[int], scores: dict[int, float], k: int) -> list[int]:
 
 def contrastive_loss(z, prompt_ids, domain_ids, correct, transfer, tau=0.05, cross_topk=4,
                      in_domain_scope="domain", negative_scope="prompt", require_negative=True,
-                     lambda_cross=1.0, lambda_in=1.0, details=False):
+                     lambda_cross=1.0, lambda_in=1.0, denominator="shared", details=False):
   """Supervised-contrastive MCPO term, anchor by anchor. z: N lists of P scalars (or an [N, P] array).
 
   Returns (l_cross, l_in, per_anchor list, metrics); with details=True also a dict of the per-anchor
@@ -291,20 +291,26 @@ def contrastive_loss(z, prompt_ids, domain_ids, correct, transfer, tau=0.05, cro
     negative_set = [j for j in range(n) if negatives[i][j]]
     kept = top_k(candidates, {j: _value(sim(i, j)) for j in candidates}, cross_topk)  # stop-gradient ranking
     kept_cross[i] = kept
-    denominator = sorted(set(kept) | set(in_positives) | set(negative_set))
     has_negative = bool(negative_set) or not require_negative
-    if not denominator:
-      continue
-    shift = max(_value(sim(i, k)) for k in denominator)  # a constant: log-sum-exp is shift invariant
-    lse = shift + _log(sum((_exp(sim(i, k) - shift) for k in denominator), 0.0))
+    if denominator == "shared":  # one set for both terms
+      cross_set = in_set = set(kept) | set(in_positives) | set(negative_set)
+    else:  # "per_term": each term over its own positives and the negatives
+      cross_set, in_set = set(kept) | set(negative_set), set(in_positives) | set(negative_set)
+
+    def lse(members):
+      shift = max(_value(sim(i, k)) for k in members)  # a constant: log-sum-exp is shift invariant
+      return shift + _log(sum((_exp(sim(i, k) - shift) for k in sorted(members)), 0.0))
+
     if kept and has_negative:
       counted_cross[i] = True
-      per_cross[i] = -sum((sim(i, j) - lse for j in kept), 0.0) / len(kept)
+      lse_cross = lse(cross_set)
+      per_cross[i] = -sum((sim(i, j) - lse_cross for j in kept), 0.0) / len(kept)
       pos_cos += [_value(cosine(i, j)) for j in kept]
       cross_positive_total += len(kept)
     if in_positives and has_negative:
       counted_in[i] = True
-      per_in[i] = -sum((sim(i, j) - lse for j in in_positives), 0.0) / len(in_positives)
+      lse_in = lse(in_set)
+      per_in[i] = -sum((sim(i, j) - lse_in for j in in_positives), 0.0) / len(in_positives)
       pos_cos += [_value(cosine(i, j)) for j in in_positives]
     if counted_cross[i] or counted_in[i]:
       neg_cos += [_value(cosine(i, j)) for j in negative_set]
@@ -343,7 +349,7 @@ def mcpo_loss(logp, pooled, head, batch, transfer, config, num_tokens=None, num_
     l_cross, l_in, per_anchor, contrastive_metrics = contrastive_loss(
         z, batch["prompt_ids"], batch["domain_ids"], batch["correct"], transfer, config.tau, config.cross_topk,
         config.in_domain_scope, config.negative_scope, config.require_negative, config.lambda_cross,
-        config.lambda_in)
+        config.lambda_in, config.denominator)
     contrastive = config.lambda_cross * l_cross + config.lambda_in * l_in
     metrics.update(contrastive_metrics, l_cross=l_cross, l_in=l_in)
     if config.coupling == "reward":

@@ -1,6 +1,6 @@
 """mcpo_jax.objectives against an independent plain-loop NumPy reference (tests/numpy_objectives.py).
 
-The reference is written from DESIGN.md §4 and the docstrings, scalar by scalar; its gradients come
+The reference is written from docs/DESIGN.md §4 and the docstrings, scalar by scalar; its gradients come
 from torch autograd (float64) running the same loops on tensors. JAX runs in float32 on inputs that
 are exactly representable in float32, so every difference below is float32 rounding of JAX alone.
 
@@ -219,7 +219,8 @@ def test_pool_response_and_project(spec):
 
 # ------------------------------------------------------------------------------------------ contrastive
 
-KNOBS = list(itertools.product([0, 1, 4], ["domain", "prompt"], ["prompt", "batch"], [True, False]))
+KNOBS = list(itertools.product([0, 1, 4], ["domain", "prompt"], ["prompt", "batch"], [True, False],
+                               ["shared", "per_term"]))
 
 
 @pytest.mark.parametrize("in_scope,neg_scope", [("domain", "prompt"), ("prompt", "batch")])
@@ -237,18 +238,18 @@ def test_contrastive_masks_random(spec, in_scope, neg_scope):
 
 @pytest.mark.parametrize("spec", BATCHES)
 def test_contrastive_loss_all_knobs(spec):
-  """Every combination of cross_topk × in_domain_scope × negative_scope × require_negative."""
+  """Every combination of cross_topk × in_domain_scope × negative_scope × require_negative × denominator."""
   batch = make_batch(*spec)
   z = random_z(len(batch["correct"]), spec[-1])
   args = (batch["prompt_ids"], batch["domain_ids"], batch["correct"], batch["transfer"])
   jax_args = tuple(jnp.asarray(a) for a in args)
   pruned = False
-  for topk, in_scope, neg_scope, require_negative in KNOBS:
+  for topk, in_scope, neg_scope, require_negative, denominator in KNOBS:
     knobs = dict(tau=0.05, cross_topk=topk, in_domain_scope=in_scope, negative_scope=neg_scope,
-                 require_negative=require_negative, lambda_cross=0.7, lambda_in=0.3)
+                 require_negative=require_negative, lambda_cross=0.7, lambda_in=0.3, denominator=denominator)
     l_cross, l_in, per_anchor, metrics = obj.contrastive_loss(j32(z), *jax_args, **knobs)
     r_cross, r_in, r_per_anchor, r_metrics, details = ref.contrastive_loss(z, *args, **knobs, details=True)
-    what = f"topk={topk} in={in_scope} neg={neg_scope} req={require_negative}"
+    what = f"topk={topk} in={in_scope} neg={neg_scope} req={require_negative} denominator={denominator}"
     close(l_cross, r_cross, what=f"l_cross {what}")
     close(l_in, r_in, what=f"l_in {what}")
     close(per_anchor, r_per_anchor, what=f"per_anchor {what}")
@@ -273,6 +274,8 @@ def test_contrastive_knobs_change_the_loss():
   assert run(in_domain_scope="prompt") != base
   assert run(negative_scope="batch") != base
   assert run(require_negative=False) != base
+  per_term = run(denominator="per_term")
+  assert per_term[0] != base[0] and per_term[1] != base[1]  # each term loses the other's positives
 
 
 # Hand-built toy batch: 2 domains × 2 prompts × 4 rollouts. Rows 0-3 prompt 0 and rows 4-7 prompt 1 are
@@ -425,6 +428,8 @@ MCPO_CONFIGS = [
     dict(agg="seq-mean-token-mean", kl_kind="k3", coupling="reward", lambda_cross=0.02, lambda_in=0.02),
     dict(agg="seq-mean-token-sum-norm", kl_kind="k1", coupling="reward", normalize_std=False, cross_topk=0),
     dict(algorithm="grpo", kl_kind="k2", agg="seq-mean-token-mean"),
+    dict(denominator="per_term", cross_topk=2),
+    dict(denominator="per_term", coupling="reward", in_domain_scope="prompt"),
 ]
 MCPO_METRICS = ("loss", "pg_loss", "kl", "contrastive", "pg_clipfrac", "pg_clipfrac_lower", "ppo_kl")
 CONTRASTIVE_METRICS = ("l_cross", "l_in", "pos_sim", "neg_sim", "anchors", "cross_pos_per_anchor")
@@ -483,13 +488,14 @@ def test_mcpo_loss_values_and_gradients(spec, overrides):
     assert np.any(np.asarray(grads[1]) != 0.0)
 
 
+@pytest.mark.parametrize("denominator", ["shared", "per_term"])
 @pytest.mark.parametrize("spec", BATCHES)
-def test_contrastive_gradient_wrt_z(spec):
+def test_contrastive_gradient_wrt_z(spec, denominator):
   """d(λ_cross·L_cross + λ_in·L_in)/dz against torch autograd of the reference loops."""
   batch = make_batch(*spec)
   z = random_z(len(batch["correct"]), spec[-1])
   args = (batch["prompt_ids"], batch["domain_ids"], batch["correct"], batch["transfer"])
-  knobs = dict(tau=0.05, cross_topk=2, negative_scope="batch")
+  knobs = dict(tau=0.05, cross_topk=2, negative_scope="batch", denominator=denominator)
 
   def jax_total(zz):
     l_cross, l_in, _, _ = obj.contrastive_loss(zz, *(jnp.asarray(a) for a in args), **knobs)
@@ -720,6 +726,7 @@ def test_bad_knobs_raise_clear_errors():
     obj.contrastive_masks(ids, ids, ids, jnp.ones((1, 1)), in_domain_scope="batch")
   with pytest.raises(ValueError, match="negative_scope"):
     obj.contrastive_masks(ids, ids, ids, jnp.ones((1, 1)), negative_scope="domain")
-  for field, value in [("coupling", "bonus"), ("repr_grad", "all"), ("agg", "mean"), ("algorithm", "ppo")]:
+  for field, value in [("coupling", "bonus"), ("repr_grad", "all"), ("agg", "mean"), ("algorithm", "ppo"),
+                       ("denominator", "joint")]:
     with pytest.raises(ValueError, match=f"objective.{field}"):
       obj.ObjectiveConfig(**{field: value})

@@ -160,3 +160,63 @@ def test_non_finite_update_is_skipped_and_counted():
   assert _max_diff(before, jax.tree.map(np.asarray, state.params)) == 0.0
   state, metrics = step(state, shard_batch(_batch(), None), TRANSFER)
   assert float(metrics["skipped"]) == 0 and int(state.nonfinite_streak) == 0 and int(state.step) == 1
+
+
+def _trained_params(objective: dict, steps: int, optim: OptimConfig):
+  """The params after `steps` jitted updates on the same batch, from the same init."""
+  optimizer = make_optimizer(optim)
+  graphdef, state = init_train_state(init_model(CONFIG, seed=1), optimizer, proj_dim=32)
+  config = UpdateConfig(objective=ObjectiveConfig(group_size=G, lambda_cross=1.0, lambda_in=1.0, **objective),
+                        logit_chunk=5)
+  step = jit_update_step(graphdef, optimizer, config, state)
+  history = [jax.tree.map(np.asarray, state.params)]
+  for _ in range(steps):
+    state, metrics = step(state, shard_batch(_batch(), None), TRANSFER)
+    assert float(metrics["skipped"]) == 0
+    history.append(jax.tree.map(np.asarray, state.params))
+  return history
+
+
+def test_head_only_mcpo_moves_the_llm_exactly_as_grpo_with_separate_clips():
+  """The head's gradient has its own global-norm clip: it never rescales the LLM's update."""
+  optim = OptimConfig(learning_rate=1e-3, head_learning_rate=1e-2, max_grad_norm=0.05)  # both clips bind
+  mcpo = _trained_params({"repr_grad": "head"}, 3, optim)
+  grpo = _trained_params({"algorithm": "grpo"}, 3, optim)
+  assert _max_diff(mcpo[0]["lm"], mcpo[-1]["lm"]) > 1e-4  # the LLM moved
+  assert _max_diff(mcpo[-1]["lm"], grpo[-1]["lm"]) <= 1e-7
+  assert _max_diff(mcpo[0]["head"], mcpo[-1]["head"]) > 1e-3  # and so did the head
+
+
+def test_head_warmup_trains_the_head_alone_then_the_llm():
+  optim = OptimConfig(learning_rate=1e-3, head_learning_rate=1e-2, lm_frozen_updates=2)
+  head_only = {"repr_grad": "head"}  # the LLM's gradient then does not depend on the head's warm-up
+  history = _trained_params(head_only, 3, optim)
+  for frozen in (1, 2):
+    assert _max_diff(history[0]["lm"], history[frozen]["lm"]) == 0.0  # no update, no weight decay
+    assert _max_diff(history[frozen - 1]["head"], history[frozen]["head"]) > 1e-4
+  assert _max_diff(history[2]["lm"], history[3]["lm"]) > 1e-5
+  # After the warm-up the LLM takes Adam's first step (its state was untouched): the same step as the
+  # first one of a run without warm-up, from the same LLM weights on the same batch.
+  unfrozen = _trained_params(head_only, 1, OptimConfig(learning_rate=1e-3, head_learning_rate=1e-2))
+  first_step = jax.tree.map(np.subtract, unfrozen[1]["lm"], unfrozen[0]["lm"])
+  late_step = jax.tree.map(np.subtract, history[3]["lm"], history[2]["lm"])
+  assert _max_diff(first_step, late_step) <= 1e-7
+
+
+@pytest.mark.parametrize("counts", [(43, 43, 42), (100, 20, 8), (6, 3, 3)])
+def test_minibatches_hold_every_domain_in_proportion(counts):
+  """The paper preset's 128 prompts arrive sorted by domain; every minibatch must still mix them."""
+  from mcpo_jax.train import deal_minibatches
+  group_domains = np.repeat(np.arange(len(counts)), counts)
+  minibatches = 4 if sum(counts) % 4 == 0 else 2
+  dealt = deal_minibatches(group_domains, minibatches, np.random.default_rng(0))
+  assert dealt.shape == (minibatches, sum(counts) // minibatches)
+  assert sorted(dealt.reshape(-1).tolist()) == list(range(sum(counts)))  # every group exactly once
+  for block in dealt:
+    for domain, total in enumerate(counts):
+      assert abs(np.sum(group_domains[block] == domain) - total / minibatches) < 1.0 + 1e-9, (block, domain)
+  again = deal_minibatches(group_domains, minibatches, np.random.default_rng(0))
+  other = deal_minibatches(group_domains, minibatches, np.random.default_rng(1))
+  assert np.array_equal(dealt, again) and not np.array_equal(dealt, other)  # seeded, and seeds matter
+  with pytest.raises(ValueError, match="minibatches"):
+    deal_minibatches(group_domains[:-1] if sum(counts) % 2 == 0 else group_domains, 2, np.random.default_rng(0))
