@@ -46,7 +46,7 @@ def world(tmp_path_factory):
   listener.close()
 
 
-def _escapes(world) -> dict[str, str]:
+def escapes(world) -> dict[str, str]:
   """Attacks on the machine; each ends with `ok()`-able code only if the attack got through."""
   out, work, ckpt = world["root"] / "escaped.txt", world["workdir"], world["workdir"] / "checkpoints" / "1" / "state"
   return {
@@ -145,10 +145,10 @@ def test_the_control_scores_one():
   assert code.score("```python\nprint('hi')\n```", _example()) == 1.0
 
 
-@pytest.mark.parametrize("name", list(_escapes({"root": Path("/r"), "workdir": Path("/w"), "port": 1})))
+@pytest.mark.parametrize("name", list(escapes({"root": Path("/r"), "workdir": Path("/w"), "port": 1})))
 @pytest.mark.parametrize("audit_hook", [True, False], ids=["with hook", "kernel alone"])
 def test_an_escape_is_contained(world, name, audit_hook):
-  program, canary = _escapes(world)[name], _tree(world["workdir"])
+  program, canary = escapes(world)[name], _tree(world["workdir"])
   started = time.monotonic()
   if audit_hook:  # the verifier's own path
     assert code.score(f"```python\n{program}\n```", _example()) == 0.0

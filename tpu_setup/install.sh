@@ -113,6 +113,17 @@ if ! { command -v "$PYTHON" >/dev/null && "$PYTHON" -c 'import ensurepip, venv' 
   "${APT[@]}" install "$PYTHON" "$PYTHON-venv" >/dev/null
 fi
 
+if ! command -v bwrap >/dev/null; then  # the code sandbox (mcpo_jax/rewards/sandbox.py) needs it
+  [[ "$SYSTEM_PACKAGES" == 1 ]] || fail "bwrap (bubblewrap) is missing (and --no-system-packages)"
+  say "installing bubblewrap with apt"
+  sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -y -q update >/dev/null
+  sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -y -q install bubblewrap >/dev/null
+fi
+if ! bwrap --unshare-all --unshare-user --ro-bind / / true 2>/dev/null; then
+  say "WARNING: bwrap cannot create user namespaces here; code verification will refuse to run" \
+    "(Ubuntu 24.04: sudo sysctl kernel.apparmor_restrict_unprivileged_userns=0)"
+fi
+
 if [[ -x .venv/bin/python ]] &&
   ! .venv/bin/python -c "import sys; sys.exit(sys.version_info[:2] != tuple(map(int, '$PYTHON_VERSION'.split('.'))))"; then
   say "replacing .venv (built with another Python)"

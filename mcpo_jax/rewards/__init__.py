@@ -4,12 +4,23 @@
     rewards.get("math")(completion, example)                      # -> 1.0 or 0.0
     with rewards.RewardPool(processes=8, format_weight=0.1, sandbox="bwrap") as pool:
       result = pool.score(completions, examples, verifier_names)  # result.rewards [N] float32
+
+Names are imported on first use, so a reward worker (which imports this package) starts without numpy.
 """
 
-from mcpo_jax.rewards.formats import FORMATS, format_score, get_format
-from mcpo_jax.rewards.pool import RewardPool, ScoreResult, score_batch
-from mcpo_jax.rewards.registry import VERIFIERS, UnknownVerifierError, Verifier, check_name, get
-from mcpo_jax.rewards.sandbox import SandboxUnavailable
+import importlib
 
-__all__ = ["FORMATS", "VERIFIERS", "RewardPool", "SandboxUnavailable", "ScoreResult", "UnknownVerifierError", "Verifier", "check_name",
-           "format_score", "get", "get_format", "score_batch"]
+_HOMES = {
+    "FORMATS": "formats", "format_score": "formats", "get_format": "formats",
+    "RewardPool": "pool", "ScoreResult": "pool", "score_batch": "pool",
+    "VERIFIERS": "registry", "UnknownVerifierError": "registry", "Verifier": "registry", "check_name": "registry",
+    "get": "registry", "score_one": "registry",
+    "SandboxUnavailable": "sandbox",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+  if name not in _HOMES:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)

@@ -4,7 +4,7 @@ Workers are fresh interpreters (never forked from a process that runs JAX), one 
 and call verifiers in their main thread, where math-verify's signal-based timeouts are legal. They
 ignore SIGINT and SIGTERM (see worker.py) and share nothing, no queue and no lock, so killing one never
 blocks another or this process. A verifier that raises scores 0 and is counted; a worker that dies
-mid-task scores its row 0, counted, and is replaced; a batch that overruns its deadline has its
+mid-task is replaced and its row retried once, then scored 0 and counted; a batch that overruns its deadline has its
 unfinished rows scored 0 and counted, and its busy workers killed and replaced, so scoring never stops
 training. `close()` asks the workers to exit, kills what remains after a deadline, and reaps them all.
 """
@@ -26,7 +26,7 @@ import numpy as np
 
 from mcpo_jax.rewards import sandbox as code_sandbox
 from mcpo_jax.rewards.formats import format_score
-from mcpo_jax.rewards.registry import check_name, get
+from mcpo_jax.rewards.registry import check_name, score_one
 from mcpo_jax.rewards.worker import BOOTSTRAP
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
@@ -41,14 +41,6 @@ class ScoreResult:
   errors: int                  # verifier exceptions and rows unfinished at the deadline
   first_error: str | None      # one message, to log
   untrusted_tests: int = 0     # code rows whose tests ran inside the candidate's process (code.harness)
-
-
-def score_one(verifier_name: str, completion: str, example: dict) -> tuple[float, str | None]:
-  """(score, None), or (0.0, error message) if the verifier raised."""
-  try:
-    return float(get(verifier_name)(completion, example)), None
-  except Exception as error:  # noqa: BLE001 - any verifier failure is a 0 reward, counted
-    return 0.0, f"{verifier_name}: {type(error).__name__}: {error}"
 
 
 class _Worker:
@@ -68,9 +60,10 @@ class _Worker:
     self.exited = os.pidfd_open(self.process.pid)
 
   def close(self) -> None:
-    for handle in (self.tasks, self.answers):
-      handle.close()
-    os.close(self.exited)
+    if not self.tasks.closed:
+      self.tasks.close()
+      self.answers.close()
+      os.close(self.exited)
 
 
 def _stop(workers: list[_Worker], timeout_s: float) -> None:
@@ -146,6 +139,7 @@ class RewardPool:
     results: list[tuple[float, str | None] | None] = [None] * len(tasks)
     queue = collections.deque(enumerate(tasks))
     busy: dict[_Worker, int] = {}
+    deaths = collections.Counter()  # per row: workers that died holding it
     deadline = time.monotonic() + self.timeout_s
     while queue or busy:
       for worker in [w for w in self._workers if w not in busy]:
@@ -168,9 +162,14 @@ class RewardPool:
           index, value = worker.answers.recv()
           results[index] = value
           del busy[worker]
-        except (EOFError, OSError):  # the worker died mid-task (a verifier crashed it)
+        except (EOFError, OSError):  # the worker died: killed from outside, or the row's verifier crashed it
           index = busy.pop(worker)
-          results[index] = (0.0, f"{tasks[index][0]}: the scoring worker died (exit code {worker.process.wait()})")
+          deaths[index] += 1
+          if deaths[index] < 2:
+            queue.appendleft((index, tasks[index]))
+          else:
+            results[index] = (0.0, f"{tasks[index][0]}: the scoring worker died twice on this row "
+                                   f"(exit code {worker.process.wait()})")
           self._kill(worker)
           self._workers.append(_Worker(self.sandbox))
     for worker in list(busy):  # a stuck worker would stall every later batch: replace it

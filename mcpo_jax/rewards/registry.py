@@ -37,3 +37,11 @@ def check_name(name: str) -> str:
 def get(name: str) -> Verifier:
   """The verifier registered as `name`."""
   return importlib.import_module(VERIFIERS[check_name(name)]).score
+
+
+def score_one(verifier_name: str, completion: str, example: dict) -> tuple[float, str | None]:
+  """(score, None), or (0.0, error message) if the verifier raised."""
+  try:
+    return float(get(verifier_name)(completion, example)), None
+  except Exception as error:  # noqa: BLE001 - any verifier failure is a 0 reward, counted
+    return 0.0, f"{verifier_name}: {type(error).__name__}: {error}"

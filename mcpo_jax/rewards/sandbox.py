@@ -127,20 +127,16 @@ def bwrap_command(info_fd: int) -> list[str]:
 
 @functools.cache
 def unavailable_reason() -> str | None:
-  """Why bwrap sandboxes cannot start here (probed once per process), or None."""
+  """Why bwrap sandboxes cannot start here (probed once per process, with a real run), or None."""
   if shutil.which("bwrap") is None:
     return "bwrap is not installed"
-  read, write = os.pipe()
   try:
-    probe = subprocess.run([*bwrap_command(write), _interpreter(), "-I", "-S", "-c", "pass"], capture_output=True,
-                           text=True, timeout=30, pass_fds=(write,), env={"PATH": "/usr/bin:/bin"})
-  except (OSError, subprocess.TimeoutExpired) as error:
+    probe = _execute([("probe.py", "")], (), "", Limits(wall_s=30.0), True, isolated=True)
+  except OSError as error:
     return f"bwrap failed to start: {error}"
-  finally:
-    os.close(read)
-    os.close(write)
-  if probe.returncode:
-    return f"bwrap failed: {probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else probe.returncode}"
+  if not probe.finished:
+    lines = probe.stderr.strip().splitlines()
+    return f"bwrap failed: {lines[-1] if lines else f'exit code {probe.returncode}'}"
   return None
 
 
@@ -207,6 +203,10 @@ def run_python(sources: list[tuple[str, str]], *, calls: list[str] = (), stdin: 
   `calls` there; stdin is `stdin`. Raises SandboxUnavailable where bwrap cannot run (and mode is not unsafe).
   `audit_hook=False` leaves the kernel alone in the way (tests show it holds by itself)."""
   require()
+  return _execute(sources, calls, stdin, limits, audit_hook, isolated=_mode == "bwrap")
+
+
+def _execute(sources, calls, stdin: str, limits: Limits, audit_hook: bool, *, isolated: bool) -> RunResult:
   _adopt_orphans()
   job = json.dumps({"sources": sources, "calls": list(calls), "limits": asdict(limits),
                     "audit_hook": audit_hook}).encode()
@@ -216,7 +216,7 @@ def run_python(sources: list[tuple[str, str]], *, calls: list[str] = (), stdin: 
   workdir = None
   try:
     boot = [_interpreter(), "-I", "-S", "-B", "-c", BOOT_SOURCE, str(fds["job"]), str(fds["results"])]
-    if _mode == "bwrap":
+    if isolated:
       command, cwd, env = [*bwrap_command(info_write), *boot], "/", {"PATH": "/usr/bin:/bin"}
     else:
       workdir = tempfile.TemporaryDirectory(prefix="mcpo_sandbox_", ignore_cleanup_errors=True)
@@ -228,7 +228,7 @@ def run_python(sources: list[tuple[str, str]], *, calls: list[str] = (), stdin: 
     os.close(info_write)
     info_write = None
     exited = os.pidfd_open(process.pid)  # readable once bwrap exits (after its init, so after the namespace)
-    init = _init_pidfd(info_read, limits.wall_s) if _mode == "bwrap" else None
+    init = _init_pidfd(info_read, limits.wall_s) if isolated else None
     try:
       timed_out = not select.select([exited], [], [], limits.wall_s)[0]
       if init is not None and timed_out:

@@ -26,7 +26,7 @@ def main() -> None:
   if os.getppid() != parent:  # the trainer died before the line above
     return
   from mcpo_jax.rewards import sandbox
-  from mcpo_jax.rewards.pool import score_one
+  from mcpo_jax.rewards.registry import score_one
   sandbox.set_mode(mode)
   tasks, answers = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
   while True:
