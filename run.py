@@ -21,6 +21,7 @@ from ml_collections import config_flags
 from mcpo_jax import config as config_lib
 from mcpo_jax.mesh import MeshError, make_mesh, maybe_initialize_distributed
 from mcpo_jax.model import CheckpointError, ModelConfigError, from_pretrained, load_tokenizer
+from mcpo_jax.rewards import SandboxUnavailable
 from mcpo_jax.data.errors import DataError
 from mcpo_jax.rl_loop import TrainingDiverged, stop_token_ids, train
 from mcpo_jax.sampling import generate
@@ -42,7 +43,7 @@ def chat(model, tokenizer, config) -> str:
 
 
 USER_ERRORS = (config_lib.ConfigError, MeshError, CheckpointError, ModelConfigError, DataError, FileNotFoundError,
-               TrainingDiverged)
+               TrainingDiverged, SandboxUnavailable)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

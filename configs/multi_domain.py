@@ -74,6 +74,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   config.rewards.processes = 2
   config.rewards.timeout_s = 120.0
   config.rewards.format_weight = 0.0
+  config.rewards.sandbox = "bwrap"  # code runs in kernel namespaces; "unsafe": rlimits + audit hook only
 
   config.objective = ml_collections.ConfigDict()  # DESIGN.md §4
   config.objective.eps_low = 0.2

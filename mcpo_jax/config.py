@@ -30,6 +30,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice(config, "mode", ("train", "chat"))
   _choice(config, "algorithm", ("mcpo", "grpo"))
   _choice(config, "resume", ("auto", "none"))
+  _choice(config, "rewards.sandbox", ("bwrap", "unsafe"))
   _choice(config, "model.dtype", DTYPES)
   if config.model.param_dtype:
     _choice(config, "model.param_dtype", DTYPES)

@@ -138,7 +138,8 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   key = jax.random.key(config.seed)
   evaluations: dict[str, dict[str, float]] = {}
   with RewardPool(config.rewards.processes, timeout_s=config.rewards.timeout_s,
-                  format_weight=config.rewards.format_weight) as pool, PreemptionGuard() as preemption:
+                  format_weight=config.rewards.format_weight, sandbox=config.rewards.sandbox) as pool, \
+      PreemptionGuard() as preemption:
 
     def run_eval(label: str, step: int) -> dict[str, float]:
       policy = nnx.merge(graphdef, state.params["lm"])
@@ -188,7 +189,8 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
       step_metrics = rollout_metrics(names, domain_ids, rewards, scored.correct, to_host(rollouts.lengths),
                                      to_host(rollouts.truncated), group)
-      step_metrics.update(update_metrics, verifier_errors=float(scored.errors), rollout_s=rolled - started,
+      step_metrics.update(update_metrics, verifier_errors=float(scored.errors),
+                          untrusted_code_tests=float(scored.untrusted_tests), rollout_s=rolled - started,
                           reward_s=scored_at - rolled, update_s=updated - scored_at, step_s=updated - started)
       first, final = step == 0, step + 1 == config.train.steps
       if config.diag_every and (first or final or (step + 1) % config.diag_every == 0):  # start, every N, end
