@@ -6,7 +6,12 @@ of `--processes` workers (default: every CPU), after a warm-up batch that loads 
 reasoning-gym in every worker. Code completions each start a sandboxed Python process, which is what
 bounds the mix.
 
-  python benchmarks/rewards.py [--processes=8] [--per_verifier=250]
+First, in this process and on the same code rows, alternating: the cost of one code verification with
+the bubblewrap sandbox and with sandbox="unsafe" (rlimits + audit hook, no namespaces: the path before
+bubblewrap, less its `unshare --net`), and what creating the namespaces costs (`python -c pass` bare,
+under `unshare --user --map-root-user --net` as before, and under bwrap).
+
+  python benchmarks/rewards.py [--processes=8] [--per_verifier=250] [--code_rows=100]
 
 The last line is `RESULT completions_per_s=<x>` for the mixed batch.
 """
@@ -16,6 +21,8 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mcpo_jax import rewards  # noqa: E402
 from mcpo_jax.data import open_source  # noqa: E402
-from mcpo_jax.rewards.sandbox import network_isolation  # noqa: E402
+from mcpo_jax.rewards import code, sandbox  # noqa: E402
 
 
 def math_rows(rng: random.Random, count: int):
@@ -65,16 +72,48 @@ def code_rows(rng: random.Random, count: int):
       yield f"```python\n{program}\n```", {"tests": {"inputs": [f"{a} {b}\n"], "outputs": [f"{a + b}\n"]}}
 
 
+def code_cost(rows: list[tuple[str, dict]]) -> None:
+  """Milliseconds per code verification, bwrap vs unsafe, alternating row by row (timings are noisy)."""
+  seconds = {"bwrap": [], "unsafe": []}
+  for completion, example in rows:
+    for mode in seconds:
+      sandbox.set_mode(mode)
+      started = time.perf_counter()
+      code.score(completion, example)
+      seconds[mode].append(time.perf_counter() - started)
+  sandbox.set_mode("bwrap")
+  median = {mode: 1e3 * statistics.median(values) for mode, values in seconds.items()}
+  print(f"code verification, median of {len(rows)}: bwrap {median['bwrap']:.1f} ms, unsafe {median['unsafe']:.1f} ms "
+        f"(ratio {median['bwrap'] / median['unsafe']:.2f})")
+  interpreter = [sandbox._interpreter(), "-I", "-S", "-c", "pass"]
+  read, write = os.pipe()
+  prefixes = {"bare": [], "unshare --user --net": ["unshare", "--user", "--map-root-user", "--net"],
+              "bwrap": sandbox.bwrap_command(write)}
+  starts = {name: [] for name in prefixes}
+  for _ in range(len(rows)):
+    for name, prefix in prefixes.items():
+      started = time.perf_counter()
+      subprocess.run([*prefix, *interpreter], check=True, pass_fds=(write,), stdout=subprocess.DEVNULL)
+      starts[name].append(time.perf_counter() - started)
+  os.close(read)
+  os.close(write)
+  bare = statistics.median(starts["bare"])
+  print("namespace creation (median `python -c pass` minus bare " + f"{1e3 * bare:.1f} ms): " + ", ".join(
+      f"{name} +{1e3 * (statistics.median(values) - bare):.1f} ms" for name, values in starts.items() if name != "bare"))
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--processes", type=int, default=os.cpu_count())
   parser.add_argument("--per_verifier", type=int, default=250)
+  parser.add_argument("--code_rows", type=int, default=100)
   args = parser.parse_args()
   rng = random.Random(0)
   makers = {"math": math_rows, "choice": choice_rows, "gym": gym_rows, "code": code_rows}
   batches = {name: list(make(rng, args.per_verifier)) for name, make in makers.items()}
-  print(f"{args.processes} worker processes; sandbox network isolation: "
-        f"{' '.join(network_isolation()) or 'audit hook only'}")
+  sandbox.require()
+  code_cost(list(code_rows(random.Random(1), args.code_rows)))
+  print(f"{args.processes} worker processes; code sandbox: bwrap")
   with rewards.RewardPool(args.processes) as pool:
     warm = [row for rows in batches.values() for row in rows[:2 * args.processes]]
     warm_names = [name for name, rows in batches.items() for _ in rows[:2 * args.processes]]

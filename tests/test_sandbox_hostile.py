@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mcpo_jax.rewards import code, sandbox
+from mcpo_jax.rewards import code, sandbox, seccomp
 
 SECRET = "mcpo-test-secret-71d3"
 ANSWER = "the-hidden-answer-4417"
@@ -81,6 +81,11 @@ def escapes(world) -> dict[str, str]:
                  f"        open({str(out)!r}, 'w').write('x')\n    os._exit(0)\nos.wait()\nos._exit(0)"),
       "subinterpreter": ("import _xxsubinterpreters as interpreters\nwhich = interpreters.create()\n"
                          f"interpreters.run_string(which, \"open({str(out)!r}, 'w').write('x')\")"),
+      **({"kernel attack surface": (  # passes if any of these system calls gets past the seccomp filter
+          "import ctypes, errno\nlibc = ctypes.CDLL(None, use_errno=True)\nreached = 0\n"
+          "for number in (101, 250, 321, 425, 298):  # ptrace, keyctl, bpf, io_uring_setup, perf_event_open\n"
+          "    reached += libc.syscall(number, 0, 0, 0, 0, 0) != -1 or ctypes.get_errno() != errno.EPERM\n"
+          "assert reached")} if seccomp.program() else {}),
       "hook off via globals": ("import sys\nmain = vars(sys.modules['__main__'])\n"
                                "for name in ('DENIED_EVENTS', 'DENIED_PREFIXES', 'DENIED_IMPORTS', 'PATH_EVENTS'):\n"
                                "    main[name] = type(main[name])()\nmain['os'] = None\n"

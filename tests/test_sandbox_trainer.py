@@ -139,11 +139,13 @@ def test_200_open_score_close_cycles_leave_nothing_behind(subreaper):
 
 def _hostile_run(tmp_path, workdir: Path, *extra: str) -> subprocess.Popen:
   """A tiny GRPO run on one code domain whose every completion is replaced by a hostile program."""
-  rows = [{"question": f"Write f. ({i})", "tests": "assert True"} for i in range(16)]
-  data = tmp_path / "code.jsonl"
-  data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-  domains = {"code": {"source": {"kind": "jsonl", "fields": {"prompt": "question", "tests": "tests"},
-                                 "path": {"train": str(data), "test": str(data)}}, "verifier": "code"}}
+  paths = {}
+  for split in ("train", "test"):
+    paths[split] = str(tmp_path / f"code_{split}.jsonl")
+    Path(paths[split]).write_text("".join(json.dumps({"question": f"Write f ({split} {i}).", "tests": "assert True"})
+                                          + "\n" for i in range(16)))
+  domains = {"code": {"source": {"kind": "jsonl", "fields": {"prompt": "question", "tests": "tests"}, "path": paths},
+                      "verifier": "code"}}
   world = {"root": tmp_path, "workdir": workdir, "port": 9}
   programs = list(escapes(world).values()) + ["import os, signal\nos.kill(TRAINER_PID, signal.SIGKILL)"]
   script = tmp_path / "hostile_run.py"

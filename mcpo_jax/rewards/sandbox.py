@@ -2,14 +2,17 @@
 
 Each run is `bwrap --unshare-all --unshare-user`: fresh user, PID, mount, network, IPC, UTS and cgroup
 namespaces. Inside it sees a read-only interpreter and standard library (site-packages hidden), the
-shared libraries under /usr/lib, a private /proc of its own PID namespace, a minimal /dev, and a
-size-capped tmpfs as work directory, and nothing else: not the trainer's files, the datasets, /etc, or
-the host's environment. It runs as uid/gid 65534 with no capabilities (outside, that uid maps to the
-trainer's, which it cannot act as: it sees no file or process of the host), cannot create further user
-namespaces, has no network interface but its own loopback, and dies with its parent. `sandbox_boot.py`
-applies the rlimits inside the namespaces (RLIMIT_NPROC counts per user namespace there) and keeps an
-audit hook as a second layer. The wall-clock kill goes to the namespace's init, and the kernel kills
-every process in a PID namespace whose init dies, so nothing is left running.
+shared libraries under /usr/lib, a private /proc of its own PID namespace, a minimal /dev, and a size-
+capped tmpfs as work directory, and nothing else: not the trainer's files, the datasets, /etc, or the
+host's environment. A seccomp filter (seccomp.py, x86-64) refuses new processes (threads are allowed),
+ptrace, bpf, io_uring, keyrings, mounts and the other calls that reach kernel code a program has no use
+for. It runs as uid/gid 65534 with no capabilities (outside, that uid maps to the trainer's, which it
+cannot act as: it sees no file or process of the host), cannot create further user namespaces, has no
+network interface but its own loopback, and dies with its parent. `sandbox_boot.py` applies the rlimits
+inside the namespaces (RLIMIT_NPROC counts per user namespace there, but the kernel skips it for root's
+processes: when the trainer is root, the seccomp filter is what stops a fork bomb) and keeps an audit
+hook as a second layer. The wall-clock kill goes to the namespace's init, and the kernel kills every
+process in a PID namespace whose init dies, so nothing is left running.
 
 The program's job (its sources and the calls to evaluate) arrives on a file descriptor; stdout,
 stderr and the structured results go to memory files that RLIMIT_FSIZE caps. Nothing secret enters the
@@ -36,6 +39,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mcpo_jax.rewards import seccomp
+
 BOOT_SOURCE = Path(__file__).with_name("sandbox_boot.py").read_text(encoding="utf-8")
 LIBC = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG = 1
@@ -44,6 +49,7 @@ MODES = ("bwrap", "unsafe")
 WORK = "/work"
 SANDBOX_UID = 65534  # nobody
 TMPFS_BYTES = 64 * 2**20
+SECCOMP = seccomp.program()
 FIX = ("install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap) and allow user namespaces "
        "(sysctl kernel.unprivileged_userns_clone=1; on Ubuntu 24.04 also kernel.apparmor_restrict_unprivileged_userns=0), "
        "or set --config.rewards.sandbox=unsafe to run model-written code without kernel isolation")
@@ -116,9 +122,10 @@ def _mounts() -> tuple[str, ...]:
   return tuple(args)
 
 
-def bwrap_command(info_fd: int) -> list[str]:
-  """The bwrap prefix; `info_fd` receives {"child-pid": <the namespace's init, as seen from here>}."""
-  return ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
+def bwrap_command(info_fd: int, seccomp_fd: int | None = None) -> list[str]:
+  """The bwrap prefix; `info_fd` receives {"child-pid": <the namespace's init, as seen from here>};
+  `seccomp_fd` holds a filter (seccomp.py) to apply to the program."""
+  return ["bwrap", *(["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []), "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
           "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--cap-drop", "ALL", "--hostname", "sandbox",
           "--clearenv", "--setenv", "HOME", WORK, "--setenv", "TMPDIR", WORK, "--setenv", "LANG", "C.UTF-8",
           *_mounts(), "--proc", "/proc", "--dev", "/dev", "--size", str(TMPFS_BYTES), "--tmpfs", WORK,
@@ -210,20 +217,22 @@ def _execute(sources, calls, stdin: str, limits: Limits, audit_hook: bool, *, is
   _adopt_orphans()
   job = json.dumps({"sources": sources, "calls": list(calls), "limits": asdict(limits),
                     "audit_hook": audit_hook}).encode()
-  fds = {name: _memfile(name, content) for name, content in
-         (("job", job), ("stdin", stdin.encode()), ("stdout", b""), ("stderr", b""), ("results", b""))}
+  files = [("job", job), ("stdin", stdin.encode()), ("stdout", b""), ("stderr", b""), ("results", b"")]
+  if isolated and SECCOMP is not None:
+    files.append(("seccomp", SECCOMP))
+  fds = {name: _memfile(name, content) for name, content in files}
   info_read, info_write = os.pipe()
   workdir = None
   try:
     boot = [_interpreter(), "-I", "-S", "-B", "-c", BOOT_SOURCE, str(fds["job"]), str(fds["results"])]
     if isolated:
-      command, cwd, env = [*bwrap_command(info_write), *boot], "/", {"PATH": "/usr/bin:/bin"}
+      command, cwd, env = [*bwrap_command(info_write, fds.get("seccomp")), *boot], "/", {"PATH": "/usr/bin:/bin"}
     else:
       workdir = tempfile.TemporaryDirectory(prefix="mcpo_sandbox_", ignore_cleanup_errors=True)
       command, cwd = boot, workdir.name
       env = {"PATH": "/usr/bin:/bin", "HOME": cwd, "TMPDIR": cwd, "LANG": "C.UTF-8"}
     process = subprocess.Popen(command, cwd=cwd, env=env, stdin=fds["stdin"], stdout=fds["stdout"],
-                               stderr=fds["stderr"], pass_fds=(fds["job"], fds["results"], info_write),
+                               stderr=fds["stderr"], pass_fds=(*fds.values(), info_write),
                                start_new_session=True, preexec_fn=_in_child)
     os.close(info_write)
     info_write = None
