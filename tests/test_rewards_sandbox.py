@@ -91,3 +91,60 @@ def test_a_stuck_batch_is_scored_zero_and_the_pool_replaced():
     result = pool.score([_code("while True:\n    pass")], [slow], ["code"])
     assert result.rewards.tolist() == [0.0] and result.errors == 1 and "deadline" in result.first_error
     assert pool.score(["(A)"], [{"answer": "A"}], ["choice"]).rewards.tolist() == [1.0]
+
+
+def test_unsafe_mode_is_explicit_and_warns_once(monkeypatch, capsys):
+  from mcpo_jax.rewards import pool as pool_module
+  from mcpo_jax.rewards import sandbox
+  monkeypatch.setattr(pool_module, "_warned_unsafe", False)
+  try:
+    for _ in range(2):
+      with rewards.RewardPool(processes=0, sandbox="unsafe") as inline:
+        result = inline.score([_code("def f():\n    return 1"), _code("import os\nos._exit(0)")],
+                              [{"tests": "assert f() == 1"}] * 2, ["code"] * 2)
+        assert result.rewards.tolist() == [1.0, 0.0]
+    assert capsys.readouterr().err.count("rewards.sandbox='unsafe'") == 1
+  finally:
+    sandbox.set_mode("bwrap")
+  with pytest.raises(ValueError, match="rewards.sandbox='nope'"):
+    rewards.RewardPool(processes=0, sandbox="nope")
+
+
+def test_the_config_field_is_checked():
+  from configs.multi_domain import get_config
+  from mcpo_jax import config as config_lib
+  config = get_config("tiny")
+  assert config.rewards.sandbox == "bwrap"
+  config.rewards.sandbox = "none"
+  with pytest.raises(config_lib.ConfigError, match="rewards.sandbox"):
+    config_lib.validate(config)
+
+
+def test_asserts_are_parsed_into_trusted_calls_and_other_tests_are_counted(pool):
+  from mcpo_jax.rewards.code import harness, parse_asserts
+  human_eval = "METADATA = {}\n\ndef check(candidate):\n    assert candidate([1, 2]) == 3\n    assert not candidate([])\n"
+  parsed = parse_asserts(human_eval, "total")
+  assert parsed.calls == ("total([1, 2])", "total([])") and parsed.checks == (("==", 3), ("falsy", None))
+  mbpp = "import math\nassert f(1, x=(2, 3)) != [4]\nassert Solution().g('a')\nassert True"
+  parsed = parse_asserts(mbpp, None)
+  assert parsed.setup == "import math" and parsed.calls == ("f(1, x=(2, 3))", "Solution().g('a')")
+  # Anything the parent cannot compare by itself is a script: an operator on the candidate's value, a call
+  # in the arguments, a loop, a non-literal expected value.
+  for script in ("assert abs(f(1) - 2) < 1e-6", "assert f(g(1)) == 2", "for x in range(3):\n    assert f(x) == x",
+                 "assert f(1) == g(1)", "assert f(1) == 2 == 2", "x = f(1)\nassert x == 2"):
+    assert parse_asserts(script, None) is None and harness({"tests": script}) == "script"
+  assert harness({"tests": {"inputs": [], "outputs": []}}) == "io"
+  assert harness({"tests": {"inputs": [], "outputs": [], "fn_name": "f"}}) == "calls"
+  program = _code("def f(x):\n    return x")
+  result = pool.score([program] * 3, [{"tests": "assert f(1) == 1"}, {"tests": "assert abs(f(1) - 1) < 1e-6"},
+                                      {"tests": "assert f(1) == 2"}], ["code"] * 3)
+  assert result.rewards.tolist() == [1.0, 1.0, 0.0] and result.untrusted_tests == 1
+
+
+def test_returned_values_are_compared_with_python_semantics_in_the_parent():
+  cases = [("return (1, 2)", "assert f() == (1, 2)", 1.0), ("return [1, 2]", "assert f() == (1, 2)", 0.0),
+           ("return 2", "assert f() == 2.0", 1.0), ("return {'a': {1, 2}}", "assert f() == {'a': {2, 1}}", 1.0),
+           ("return b'x'", "assert f() == b'x'", 1.0), ("return print", "assert f()", 0.0),
+           ("raise SystemExit(0)", "assert not f()", 0.0)]
+  for body, tests, want in cases:
+    assert rewards.get("code")(_code(f"def f():\n    {body}"), {"tests": tests}) == want, (body, tests)
