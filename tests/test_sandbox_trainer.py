@@ -23,7 +23,8 @@ from mcpo_jax.rewards import sandbox
 REPO = Path(__file__).resolve().parents[1]
 PR_SET_CHILD_SUBREAPER = 36
 LOOP = "```python\nwhile True:\n    pass\n```"
-# run.py with RewardPool.score replacing each code completion by the next program of $MCPO_HOSTILE
+# run.py with RewardPool.score replacing each code completion by the next program of $MCPO_HOSTILE, and
+# touching $MCPO_SCORING_MARK when it starts
 HOSTILE_RUN = """
 import itertools, json, os, sys
 sys.path.insert(0, os.getcwd())
@@ -33,6 +34,7 @@ from mcpo_jax.rewards import pool
 programs = itertools.cycle(json.loads(os.environ["MCPO_HOSTILE"]))
 original = pool.RewardPool.score
 def score(self, completions, examples, names):
+  open(os.environ["MCPO_SCORING_MARK"], "a").close()  # the test's cue: scoring is under way
   completions = [f"```python\\n{next(programs).replace('TRAINER_PID', str(os.getpid()))}\\n```" if name == "code"
                  else completion for completion, name in zip(completions, names)]
   return original(self, completions, examples, names)
@@ -155,7 +157,7 @@ def _hostile_run(tmp_path, workdir: Path, *extra: str) -> subprocess.Popen:
              "--config.algorithm=grpo", "--config.rewards.processes=2", "--config.eval.at_start=false",
              "--config.eval.at_end=false", *extra]
   env = dict(os.environ, HF_HUB_OFFLINE="1", XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             MCPO_HOSTILE=json.dumps(programs))
+             MCPO_HOSTILE=json.dumps(programs), MCPO_SCORING_MARK=str(tmp_path / "scoring"))
   return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True)
 
@@ -183,20 +185,18 @@ def test_a_tiny_rl_run_on_hostile_code_completes_with_intact_checkpoints(model_d
   assert subreaper() == []
 
 
-@pytest.mark.parametrize("moment", ["1 s in", "5 s in", "10 s in", "at the first metrics", "at the second metrics"])
+@pytest.mark.parametrize("moment", ["1 s in", "5 s in", "10 s in", "while scoring", "at the first metrics"])
 def test_sigterm_to_the_process_group_ends_the_run_with_nothing_left(model_dir, subreaper, moment):
   tmp_path = model_dir / moment.replace(" ", "_")
   tmp_path.mkdir()
   workdir = tmp_path / "work"
   process = _hostile_run(tmp_path, workdir, "--config.train.steps=50", "--config.checkpoint.every=100")
   deadline = time.monotonic() + 600
-  if moment.endswith("s in"):
+  cue = {"while scoring": tmp_path / "scoring", "at the first metrics": workdir / "metrics.jsonl"}.get(moment)
+  if cue is None:
     time.sleep(float(moment.split()[0]))
-  else:
-    want = 1 if "first" in moment else 2
-    while time.monotonic() < deadline and process.poll() is None and not (
-        (workdir / "metrics.jsonl").exists() and len(read_metrics(workdir)) >= want):
-      time.sleep(0.1)
+  while cue is not None and not cue.exists() and process.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.05)
   assert process.poll() is None, process.communicate()[1][-3000:]
   os.killpg(process.pid, signal.SIGTERM)
   signalled = time.monotonic()

@@ -36,6 +36,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -178,7 +179,7 @@ def _in_child() -> None:
 
 
 def _memfile(name: str, content: bytes = b"") -> int:
-  fd = os.memfd_create(name, 0)  # inheritable is set by pass_fds
+  fd = os.memfd_create(name)  # close-on-exec: only pass_fds hands it on
   os.write(fd, content)
   os.lseek(fd, 0, os.SEEK_SET)
   return fd
@@ -231,15 +232,16 @@ def _execute(sources, calls, stdin: str, limits: Limits, audit_hook: bool, *, is
       workdir = tempfile.TemporaryDirectory(prefix="mcpo_sandbox_", ignore_cleanup_errors=True)
       command, cwd = boot, workdir.name
       env = {"PATH": "/usr/bin:/bin", "HOME": cwd, "TMPDIR": cwd, "LANG": "C.UTF-8"}
+    passed = tuple(fds[name] for name in ("job", "results", "seccomp") if name in fds) + (info_write,)
+    started = time.monotonic()
     process = subprocess.Popen(command, cwd=cwd, env=env, stdin=fds["stdin"], stdout=fds["stdout"],
-                               stderr=fds["stderr"], pass_fds=(*fds.values(), info_write),
-                               start_new_session=True, preexec_fn=_in_child)
+                               stderr=fds["stderr"], pass_fds=passed, start_new_session=True, preexec_fn=_in_child)
     os.close(info_write)
     info_write = None
-    exited = os.pidfd_open(process.pid)  # readable once bwrap exits (after its init, so after the namespace)
+    exited = os.pidfd_open(process.pid)  # readable once bwrap (or, unsafe, the boot) exits
     init = _init_pidfd(info_read, limits.wall_s) if isolated else None
     try:
-      timed_out = not select.select([exited], [], [], limits.wall_s)[0]
+      timed_out = not select.select([exited], [], [], max(0.0, started + limits.wall_s - time.monotonic()))[0]
       if init is not None and timed_out:
         try:
           signal.pidfd_send_signal(init, signal.SIGKILL)  # the kernel kills the PID namespace; then bwrap exits
@@ -249,7 +251,7 @@ def _execute(sources, calls, stdin: str, limits: Limits, audit_hook: bool, *, is
       os.killpg(process.pid, signal.SIGKILL)  # unreaped, the leader keeps the group id ours
       process.wait()
       if init is not None:
-        _reap(init)
+        _reap(init)  # returns once the namespace is gone: init exits last
     finally:
       for fd in (exited, *([init] if init is not None else [])):
         os.close(fd)
