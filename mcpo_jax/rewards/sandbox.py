@@ -173,7 +173,8 @@ def _reap(init: int) -> None:
 
 
 def _in_child() -> None:
-  """preexec_fn (between fork and exec; reward workers are single-threaded): die with the parent, no core."""
+  """preexec_fn for the unsafe mode (between fork and exec; reward workers are single-threaded): die with
+  the parent, no core. Without it, subprocess can use vfork; bwrap's --die-with-parent covers the rest."""
   LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
   resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
@@ -235,7 +236,8 @@ def _execute(sources, calls, stdin: str, limits: Limits, audit_hook: bool, *, is
     passed = tuple(fds[name] for name in ("job", "results", "seccomp") if name in fds) + (info_write,)
     started = time.monotonic()
     process = subprocess.Popen(command, cwd=cwd, env=env, stdin=fds["stdin"], stdout=fds["stdout"],
-                               stderr=fds["stderr"], pass_fds=passed, start_new_session=True, preexec_fn=_in_child)
+                               stderr=fds["stderr"], pass_fds=passed, start_new_session=True,
+                               preexec_fn=None if isolated else _in_child)  # bwrap: --die-with-parent
     os.close(info_write)
     info_write = None
     exited = os.pidfd_open(process.pid)  # readable once bwrap (or, unsafe, the boot) exits
