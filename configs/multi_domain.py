@@ -3,7 +3,7 @@
 `python run.py --config=configs/multi_domain.py[:preset] --config.<field>=<value>`. Presets:
   default               SmolLM2-135M-Instruct (embedded) on three offline reasoning-gym domains, CPU-sized
   tiny                  a few seconds per step: tests and smoke runs
-  compare               the default, sized for mcpo_jax.experiments.compare (18 runs in ≤ 90 min on 2 cores)
+  compare               the default with a held-out eval for mcpo_jax.experiments.compare (150 prompts, k = 4)
   qwen2.5-7b-instruct   paper scale on a TPU pod: math + code + logic files on gs://
   qwen3-8b              the same recipe for Qwen3-8B
 Plain GRPO is `--config.algorithm=grpo`; single-domain GRPO also sets the domains, e.g.
@@ -152,13 +152,13 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     config.objective.proj_dim = 16
     config.diag_every = 2
     config.export_hf = False
-  elif preset == "compare":  # one arm × seed of the comparison: about 3 min on 2 CPU cores
+  elif preset == "compare":  # one arm × seed of mcpo_jax.experiments.compare; its evaluation dominates the time
     config.workdir = "runs/compare"
     config.train.steps = 4
     config.optim.learning_rate = 1e-5  # 4 steps at the default 2e-6 would not move the policy
-    config.eval.every = 2  # accuracy curves at steps 0, 2, 4
-    config.eval.k = 0  # pass@1 only
-    config.eval.prompts_per_domain = 16
+    config.eval.every = 0  # the start and the end: 2 × 150 prompts × (1 greedy + 4 samples) per domain
+    config.eval.k = 4  # mean@4 beside greedy pass@1
+    config.eval.prompts_per_domain = 150  # a paired per-domain difference of ~0.15 is then detectable (README)
     config.checkpoint.every = 2
     config.diag_every = 4  # gradient cosines at the first and the last step
     config.export_hf = False

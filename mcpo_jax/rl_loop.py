@@ -143,10 +143,10 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
     def run_eval(label: str, step: int) -> dict[str, float]:
       policy = nnx.merge(graphdef, state.params["lm"])
-      summary = evaluate(policy, tokenizer, eval_set, pool, max_new_tokens=config.eval.max_new_tokens,
-                         k=config.eval.k, temperature=config.rollout.temperature, stop_token_ids=stops,
-                         key=jax.random.fold_in(key, 1_000_003))
-      write_eval(workdir, step, summary)
+      summary, records = evaluate(policy, tokenizer, eval_set, pool, max_new_tokens=config.eval.max_new_tokens,
+                                  k=config.eval.k, temperature=config.rollout.temperature, stop_token_ids=stops,
+                                  key=jax.random.fold_in(key, 1_000_003), label=f"eval at step {step}")
+      write_eval(workdir, step, summary, records)
       writer.write(step, summary)
       evaluations[label] = summary
       return summary

@@ -1,6 +1,7 @@
 """The comparison experiment end to end on the tiny preset: every arm × seed really runs, every table
-cell comes from a run's own final evaluation, and a rerun skips the finished runs and reproduces
-the report."""
+cell (accuracy and difference CIs, constant-answer baselines, collapse flags, answer shares) comes from
+the runs' own per-prompt evaluation records, and a rerun skips the finished runs and reproduces the
+report."""
 
 import json
 import os
@@ -9,16 +10,18 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import learnable_flags
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1)
 STEPS = 2
+K = 2
 
 
 def _compare(learnable_task, tmp_path) -> subprocess.CompletedProcess:
   command = [sys.executable, "-m", "mcpo_jax.experiments.compare", "--config=configs/multi_domain.py:tiny",
-             *learnable_flags(learnable_task, STEPS), "--config.eval.every=1", "--config.eval.k=0",
+             *learnable_flags(learnable_task, STEPS), "--config.eval.every=1", f"--config.eval.k={K}",
              f"--seeds={','.join(map(str, SEEDS))}", f"--runs_dir={tmp_path / 'runs'}", f"--out={tmp_path / 'out'}"]
   env = dict(os.environ, HF_HUB_OFFLINE="1", XLA_FLAGS="--xla_force_host_platform_device_count=8")
   return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -42,26 +45,85 @@ def test_comparison_runs_every_arm_and_reports_them(learnable_task, tmp_path):
       assert config["seed"] == seed
       assert config["algorithm"] == ("grpo" if arm.startswith("grpo") else "mcpo")
 
-  rows = json.loads((tmp_path / "out" / "compare.json").read_text())
-  by_label = dict(rows)
-  assert len(by_label) == 1 + 1 + 6  # the start, one row for the single-domain specialists, 6 arms
-  assert by_label["MCPO"]["seven"] == [final["mcpo", s]["eval/seven/pass@1"] for s in SEEDS]
-  assert by_label["GRPO, mixed domains"]["three"] == [final["grpo-mixed", s]["eval/three/pass@1"] for s in SEEDS]
-  specialists = by_label["GRPO, single-domain (one run per domain)"]
-  for domain in domains:
-    assert specialists[domain] == [final[f"grpo-single-{domain}", s][f"eval/{domain}/pass@1"] for s in SEEDS]
-  for label, row in rows.items():
-    assert set(row) == {*domains, "average"}, label
-    for column, values in row.items():
-      assert len(values) == len(SEEDS) and np.all(np.isfinite(values)), (label, column, values)
+  for arm, seed in final:  # the per-prompt records behind every summary number
+    workdir = tmp_path / "runs" / arm / f"seed{seed}"
+    records = [json.loads(line) for line in (workdir / "eval" / f"step_{STEPS:06d}.per_prompt.jsonl").open()]
+    for domain in (domains if not arm.startswith("grpo-single") else [arm.split("-")[-1]]):
+      rows = [r for r in records if r["domain"] == domain]
+      assert len(rows) == 8 and len({r["prompt_hash"] for r in rows}) == 8, (arm, domain)
+      assert all(len(r["sampled_correct"]) == len(r["sampled_answers"]) == K for r in rows)
+      assert np.mean([r["greedy_correct"] for r in rows]) == final[arm, seed][f"eval/{domain}/pass@1"]
+      assert np.mean([r["sampled_correct"] for r in rows]) == final[arm, seed][f"eval/{domain}/mean@{K}"]
+      # every reference answer of the learnable task is the domain's digit: one answer scores 1.0
+      assert final[arm, seed][f"eval/{domain}/constant_baseline"] == 1.0
+
+  report_data = json.loads((tmp_path / "out" / "compare.json").read_text())
+  assert report_data["constant_baseline"] == {"seven": 1.0, "three": 1.0}
+  for metric, field in (("pass@1", "pass@1"), (f"mean@{K}", f"mean@{K}")):
+    stats = report_data["metrics"][metric]
+    accuracy, difference = stats["accuracy"], stats["difference"]
+    assert len(accuracy) == 1 + 1 + 6 and len(difference) == 1 + 5  # mixed GRPO is the reference
+    mcpo = np.mean([final["mcpo", s][f"eval/seven/{field}"] for s in SEEDS])
+    assert np.isclose(accuracy["MCPO"]["seven"]["estimate"], mcpo)
+    specialist = np.mean([final["grpo-single-three", s][f"eval/three/{field}"] for s in SEEDS])
+    assert np.isclose(accuracy["GRPO, single-domain (one run per domain)"]["three"]["estimate"], specialist)
+    mixed = np.mean([final["grpo-mixed", s][f"eval/three/{field}"] for s in SEEDS])
+    assert np.isclose(difference["MCPO"]["three"]["estimate"],
+                      np.mean([final["mcpo", s][f"eval/three/{field}"] for s in SEEDS]) - mixed)
+    for label, row in accuracy.items():
+      assert set(row) == {*domains, "average"}, label
+      for column, cell in row.items():
+        assert cell["low"] <= cell["estimate"] <= cell["high"] and np.isfinite(cell["se"]), (label, column)
+        assert cell["collapsed"] == (cell["estimate"] <= 1.0), (label, column)  # nothing beats a constant here
+    for label, row in difference.items():
+      assert all(row[c]["verdict"].startswith("collapsed") for c in row), label  # never "better"
   report = (tmp_path / "out" / "compare.md").read_text()
-  table = [line for line in report.splitlines() if line.startswith("| ") and "±" in line]
-  assert len(table) == len(rows) and all(line.count("±") == 3 for line in table) and "nan" not in report
-  assert "MCPO − mixed GRPO" in report
+  assert "nan" not in report and "constant-answer baseline" in report and "**collapsed**" in report
+  assert "smallest detectable difference" in report and "MCPO − mixed GRPO" in report
+  table = [line for line in report.splitlines() if line.startswith("| MCPO |")]
+  assert len(table) == 2 * 2 + 1  # 2 metrics × (accuracy, difference), and the answer shares
+  assert sum(line.count("[") == 3 for line in table) == 4  # a CI in each domain and the average
   for figure in ("accuracy_curves.png", "interference.png"):
     assert (tmp_path / "out" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
   rerun = _compare(learnable_task, tmp_path)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert rerun.stdout.count("complete, skipped") == len(arms) * len(SEEDS)
-  assert json.loads((tmp_path / "out" / "compare.json").read_text()) == rows
+  assert json.loads((tmp_path / "out" / "compare.json").read_text()) == report_data
+
+
+def test_statistics_flags_collapse_and_calls_only_what_the_interval_shows():
+  from mcpo_jax.experiments.compare import MIXED, START, format_report, statistics
+  rng = np.random.default_rng(0)
+  draw = lambda p: (rng.random((2, 200)) < p).astype(float)  # [seeds, prompts] greedy corrects
+  tables = {START: {"a": draw(0.3), "b": draw(0.3)}, MIXED: {"a": draw(0.3), "b": draw(0.3)},
+            "MCPO": {"a": draw(0.6), "b": draw(0.3)},  # a planted +0.3 on a
+            "collapsed arm": {"a": draw(0.45), "b": draw(0.45)}}  # better than mixed, but not than a constant
+  baselines = {"a": 0.5, "b": 0.1}
+  stats = statistics(tables, baselines, draws=1000)
+  mcpo, collapsed = stats["difference"]["MCPO"], stats["difference"]["collapsed arm"]
+  assert mcpo["a"]["verdict"].startswith("better, CI [+") and mcpo["a"]["low"] > 0
+  assert mcpo["b"]["verdict"].startswith("no difference detected, CI [")
+  assert not any(stats["accuracy"]["MCPO"][c]["collapsed"] for c in ("a", "b", "average"))
+  assert collapsed["a"]["low"] > 0 and collapsed["a"]["verdict"].startswith("collapsed")
+  flags = {c: stats["accuracy"]["collapsed arm"][c]["collapsed"] for c in ("a", "b", "average")}
+  assert flags == {"a": True, "b": False, "average": False}
+  assert collapsed["b"]["verdict"].startswith("better")  # 0.45 vs 0.3, above its baseline of 0.1
+  assert mcpo["average"]["detectable"] == pytest.approx(2.8 * mcpo["average"]["se"])
+  report = format_report(stats, "pass@1", baselines, {}, [0, 1])
+  assert "| constant-answer baseline (best single answer) | 0.500 | 0.100 | 0.300 |" in report
+  assert "- a: MCPO − mixed GRPO = " in report and "better, CI [" in report
+
+
+def test_noise_floor_runs_on_a_real_evaluation(learnable_task, tmp_path):
+  out = tmp_path / "floor.json"
+  command = [sys.executable, "-m", "mcpo_jax.experiments.noise_floor", "--config=configs/multi_domain.py:tiny",
+             *learnable_flags(learnable_task, 1), f"--config.eval.k={K}", f"--out={out}"]
+  env = dict(os.environ, HF_HUB_OFFLINE="1", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "noise floor eval: 16/16 prompts" in result.stdout and "smallest detectable mean@2" in result.stdout
+  floor = json.loads(out.read_text())
+  assert floor["summary"]["eval/seven/constant_baseline"] == 1.0 and f"eval/three/mean@{2 * K}" in floor["summary"]
+  assert set(floor["floor"]) == {"seven", "three", "average"}
+  assert all(np.isfinite(v["se"]) and v["se"] >= 0 for v in floor["floor"].values())

@@ -6,9 +6,12 @@
 Every arm runs with the same seeds, step budget and held-out evaluation (the base config's), one
 run directory each under --runs_dir; a complete run (its evaluations.json holds the final eval) is
 skipped and an interrupted one resumes from its newest checkpoint, so the command can be rerun
-after a crash. The report in --out: compare.md (the per-domain table, mean ± std over seeds),
-accuracy_curves.png (per-domain pass@1 over steps) and interference.png (the D×D cosines of the
-per-domain policy gradients at the first and last step, mixed GRPO and MCPO).
+after a crash. The statistics use the runs' per-prompt eval records: per domain and on average,
+accuracy with a 95% CI and each arm − mixed GRPO paired by seed and prompt with a 95% CI (a
+two-way cluster bootstrap over seeds and prompts, stats.py), a verdict only where the CI excludes
+0, the constant-answer baseline and a collapse flag for arms at or below it. The report in --out:
+compare.md, compare.json (every number of it), accuracy_curves.png (per-domain pass@1 over steps)
+and interference.png (the D×D cosines of the per-domain policy gradients, mixed GRPO and MCPO).
 """
 
 from __future__ import annotations
@@ -18,13 +21,25 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ml_collections
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
+
+from mcpo_jax.experiments.stats import cluster_bootstrap, verdict
+
+METHOD = (
+    "How to read it. Accuracy: the mean over seeds and held-out prompts of the final evaluation, with a 95% "
+    "interval from a two-way cluster bootstrap (seeds and prompts resampled independently; 2000 draws). "
+    "Differences: arm − mixed GRPO on the same prompt with the same seed, with the same bootstrap. A difference "
+    "is called better or worse only when its interval excludes 0. The constant-answer baseline is the best "
+    "accuracy one fixed answer gets on that eval set; an arm at or below it is flagged **collapsed** and never "
+    "called better. The smallest detectable difference is 2.8 bootstrap standard errors: a true difference that "
+    "large is found 80% of the time by this 5% test. With few seeds, a run-wide shift of one seed is estimated "
+    "from few values (see mcpo_jax/experiments/stats.py).")
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/multi_domain.py:compare", "Base run config file[:preset].")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds; every arm runs each of them.")
@@ -92,66 +107,136 @@ def is_complete(workdir: Path) -> bool:
 
 
 def read_run(workdir: Path) -> dict:
-  """{"curve": {step: {metric: value}}, "cosines": [(step, D×D)]} from a finished run directory."""
-  curve = {int(p.stem.split("_")[1]): json.loads(p.read_text()) for p in sorted((workdir / "eval").glob("step_*.json"))}
+  """{"curve": {step: {metric: value}}, "records": {step: [per-prompt record]}, "cosines": [(step, D×D)]}."""
+  from mcpo_jax.evaluation import read_per_prompt
   from mcpo_jax.metrics import read_metrics
+  curve = {int(p.name.split("_")[1].split(".")[0]): json.loads(p.read_text())
+           for p in sorted((workdir / "eval").glob("step_*[0-9].json"))}
+  records = {step: read_per_prompt(str(workdir), step) for step in curve
+             if (workdir / "eval" / f"step_{step:06d}.per_prompt.jsonl").exists()}
   cosines = [(s, np.asarray(r["diag/grad_cosine"])) for s, r in sorted(read_metrics(workdir).items())
              if "diag/grad_cosine" in r]
-  return {"curve": curve, "cosines": cosines}
+  return {"curve": curve, "records": records, "cosines": cosines}
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-  values = np.asarray(values, float)
-  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+START = "start (the initial policy)"
+MIXED = "GRPO, mixed domains"
 
 
-def summarize(runs: dict[tuple[str, int], dict], arm_list: Sequence[Arm], domains: Sequence[str],
-              seeds: Sequence[int], metric: str = "pass@1") -> dict[str, dict[str, list[float]]]:
-  """{row label: {domain or "average": [value per seed]}} of the final held-out evaluation."""
-  final = lambda run: run["curve"][max(run["curve"])]
-  # Every arm starts from the same weights and evaluates the same prompts: the mixed runs' step-0 eval.
-  rows = {"start (the initial policy)": {d: [runs[("grpo-mixed", s)]["curve"][0][f"eval/{d}/{metric}"] for s in seeds]
-                                         for d in domains}}
+def score_tables(runs: dict[tuple[str, int], dict], arm_list: Sequence[Arm], domains: Sequence[str],
+                 seeds: Sequence[int], metric: str) -> dict[str, dict[str, np.ndarray]]:
+  """{row label: {domain: [S, P] per-(seed, prompt) score}} of the final evaluation (the start row: step 0).
+
+  metric "pass@1" scores the greedy answer (0/1), "mean@k" the share of the k samples that are right.
+  Prompts are in the order of mixed GRPO's first seed, matched by domain, eval index and content hash,
+  so every table's column p is the same question.
+  """
+  score = ((lambda r: float(r["greedy_correct"])) if metric == "pass@1" else
+           (lambda r: float(np.mean(r["sampled_correct"]))))
+  reference = runs[("grpo-mixed", seeds[0])]["records"][0]
+  order = {d: [(r["index"], r["prompt_hash"]) for r in reference if r["domain"] == d] for d in domains}
+
+  def table(run: dict, step: int, domain: str) -> list[float]:
+    if step not in run["records"]:
+      raise FileNotFoundError(f"a run has no per-prompt records for step {step}; rerun it with this version "
+                              "(delete its run directory).")
+    by_key = {(r["index"], r["prompt_hash"]): r for r in run["records"][step] if r["domain"] == domain}
+    if set(by_key) != set(order[domain]):
+      raise ValueError(f"runs evaluated different {domain!r} prompts; every arm must use the same eval set.")
+    return [score(by_key[key]) for key in order[domain]]
+
+  final = lambda run: max(run["curve"])
+  tables = {START: {d: np.array([table(runs[("grpo-mixed", s)], 0, d) for s in seeds]) for d in domains}}
   for arm in arm_list:
-    row = rows.setdefault(arm.label, {d: [] for d in domains})
-    for seed in seeds:
-      evaluation = final(runs[(arm.name, seed)])
-      for d in ([arm.domain] if arm.domain else domains):
-        row[d].append(evaluation[f"eval/{d}/{metric}"])
-  for row in rows.values():
-    row["average"] = [float(np.mean([row[d][i] for d in domains])) for i in range(len(seeds))]
-  return rows
+    row = tables.setdefault(arm.label, {})
+    for d in ([arm.domain] if arm.domain else domains):
+      row[d] = np.array([table(runs[(arm.name, s)], final(runs[(arm.name, s)]), d) for s in seeds])  # [S, P]
+  return tables
 
 
-def format_report(rows: dict[str, dict[str, list[float]]], domains: Sequence[str], seeds: Sequence[int]) -> str:
-  columns = [*domains, "average"]
-  lines = ["| arm | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-  for label, row in rows.items():
-    cells = []
-    for column in columns:
-      mean, std = _mean_std(row[column])
-      cells.append(f"{mean:.3f} ± {std:.3f}")
+def statistics(tables: dict[str, dict[str, np.ndarray]], baselines: dict[str, float], *, draws: int = 2000
+               ) -> dict[str, dict]:
+  """Per row: accuracy intervals with collapse flags; per arm: the paired difference to mixed GRPO and its verdict.
+
+  An arm whose accuracy is at or below the constant-answer baseline of a column is collapsed there, and
+  its difference is never called better. The bootstrap seed is fixed, so the report is reproducible.
+  """
+  columns = list(next(iter(tables.values())))
+  baseline = {**baselines, "average": float(np.mean([baselines[d] for d in columns]))} if baselines else {}
+  result = {"accuracy": {}, "difference": {}}
+  for label, table in tables.items():
+    intervals = cluster_bootstrap(table, draws=draws)
+    result["accuracy"][label] = {
+        column: {**asdict(interval), "collapsed": bool(column in baseline and interval.estimate <= baseline[column])}
+        for column, interval in intervals.items()}
+    if label in (START, MIXED):
+      continue
+    difference = cluster_bootstrap({d: table[d] - tables[MIXED][d] for d in columns}, draws=draws)
+    result["difference"][label] = {
+        column: {**asdict(interval), "detectable": interval.detectable,
+                 "verdict": verdict(interval, result["accuracy"][label][column]["collapsed"])}
+        for column, interval in difference.items()}
+  return result
+
+
+def _ci(entry: dict, signed: bool = False) -> str:
+  number = "{:+.3f}" if signed else "{:.3f}"
+  return f"{number.format(entry['estimate'])} [{number.format(entry['low'])}, {number.format(entry['high'])}]"
+
+
+def _short(verdict_text: str) -> str:
+  """The table cell's word: "better", "worse", "no difference detected" or "collapsed: <word>"."""
+  word = verdict_text.rsplit(", CI", 1)[0]
+  return word.replace(" (at or below the constant-answer baseline)", "")
+
+
+def format_report(stats: dict[str, dict], metric: str, baselines: dict[str, float],
+                  shares: dict[str, dict[str, float]], seeds: Sequence[int]) -> str:
+  """Markdown: accuracy with 95% CIs and collapse flags, the baselines, and each arm − mixed GRPO with verdicts."""
+  columns = list(next(iter(stats["accuracy"].values())))
+  header = lambda first: [f"| {first} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+  lines = [f"### {metric}: accuracy (95% CI over seeds {list(seeds)} and prompts)", "", *header("arm")]
+  for label, row in stats["accuracy"].items():
+    cells = [_ci(row[c]) + (" **collapsed**" if row[c]["collapsed"] else "") for c in columns]
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
-  lines.append("")
-  lines.append(f"Held-out test pass@1 (greedy) after the last step: mean ± sample std over seeds {list(seeds)}.")
+  if baselines:
+    average = {**baselines, "average": float(np.mean(list(baselines.values())))}
+    lines.append("| constant-answer baseline (best single answer) | " +
+                 " | ".join(f"{average[c]:.3f}" for c in columns) + " |")
+  lines += ["", f"### {metric}: each arm − mixed GRPO, paired by seed and prompt", "", *header("arm − mixed GRPO")]
+  for label, row in stats["difference"].items():
+    lines.append(f"| {label} | " + " | ".join(f"{_ci(row[c], True)}: {_short(row[c]['verdict'])}"
+                                              for c in columns) + " |")
+  mcpo = stats["difference"].get("MCPO")
+  if mcpo:
+    lines.append("| smallest detectable difference (2.8 SE of MCPO − mixed GRPO: 80% power at 5%) | " +
+                 " | ".join(f"{mcpo[c]['detectable']:.3f}" for c in columns) + " |")
+    lines += ["", *[f"- {c}: MCPO − mixed GRPO = {mcpo[c]['estimate']:+.3f}: {mcpo[c]['verdict']}." for c in columns]]
+  if shares and metric == "pass@1":
+    lines += ["", "### Share of the most common greedy answer (mean over seeds; 1.0 = one answer to everything)", "",
+              *header("arm")]
+    for label, row in shares.items():
+      lines.append(f"| {label} | " + " | ".join(f"{row[c]:.3f}" if c in row else "–" for c in columns) + " |")
   return "\n".join(lines)
 
 
-def verdict(rows: dict[str, dict[str, list[float]]], domains: Sequence[str]) -> str:
-  """MCPO against mixed GRPO per domain, each difference next to the seed spread."""
-  mcpo, mixed = rows["MCPO"], rows["GRPO, mixed domains"]
-  parts = []
-  for column in [*domains, "average"]:
-    diff = np.asarray(mcpo[column]) - np.asarray(mixed[column])  # paired by seed
-    mean, std = _mean_std(diff)
-    spread = max(_mean_std(mcpo[column])[1], _mean_std(mixed[column])[1])
-    if abs(mean) <= max(std, spread):
-      word = "no difference beyond the seed spread"
-    else:
-      word = "MCPO better" if mean > 0 else "mixed GRPO better"
-    parts.append(f"- {column}: MCPO − mixed GRPO = {mean:+.3f} (paired over seeds, std {std:.3f}; seed spread "
-                 f"{spread:.3f}): {word}.")
-  return "\n".join(parts)
+def answer_shares(runs, arm_list: Sequence[Arm], domains: Sequence[str], seeds: Sequence[int]
+                  ) -> dict[str, dict[str, float]]:
+  """{row label: {domain or "average": mean over seeds of the most common greedy answer's share}}."""
+  def share(run, step, domain):
+    return run["curve"][step].get(f"eval/{domain}/top_answer_share")
+  rows = {START: {d: float(np.mean([share(runs[("grpo-mixed", s)], 0, d) for s in seeds])) for d in domains
+                  if share(runs[("grpo-mixed", seeds[0])], 0, d) is not None}}
+  for arm in arm_list:
+    row = rows.setdefault(arm.label, {})
+    for d in ([arm.domain] if arm.domain else domains):
+      values = [share(runs[(arm.name, s)], max(runs[(arm.name, s)]["curve"]), d) for s in seeds]
+      if all(v is not None for v in values):
+        row[d] = float(np.mean(values))
+  for row in rows.values():
+    if row and len(row) == len(domains):
+      row["average"] = float(np.mean(list(row.values())))
+  return rows
 
 
 def plot_curves(runs, arm_list, domains, seeds, path: Path, metric: str = "pass@1") -> None:
@@ -241,20 +326,28 @@ def compare(base: ml_collections.ConfigDict, seeds: Sequence[int], runs_dir: str
 
   runs = {(arm.name, seed): read_run(Path(run_config(base, arm, seed, runs_dir).workdir))
           for arm in arm_list for seed in seeds}
-  rows = summarize(runs, arm_list, domains, seeds)
+  end = runs[("grpo-mixed", seeds[0])]["curve"]
+  end = end[max(end)]
+  baselines = {d: end[f"eval/{d}/constant_baseline"] for d in domains if f"eval/{d}/constant_baseline" in end}
+  metrics = ["pass@1", *([f"mean@{base.eval.k}"] if base.eval.k > 0 else [])]
+  stats = {metric: statistics(score_tables(runs, arm_list, domains, seeds, metric), baselines) for metric in metrics}
+  shares = answer_shares(runs, arm_list, domains, seeds)
   out_dir = Path(out)
   out_dir.mkdir(parents=True, exist_ok=True)
   plot_curves(runs, arm_list, domains, seeds, out_dir / "accuracy_curves.png")
   plot_interference(runs, domains, seeds, out_dir / "interference.png")
-  (out_dir / "compare.json").write_text(json.dumps(rows, indent=2))
+  (out_dir / "compare.json").write_text(json.dumps(
+      {"seeds": list(seeds), "constant_baseline": baselines, "top_answer_share": shares, "metrics": stats}, indent=2))
   report = "\n\n".join([
       "# Single-domain GRPO vs mixed GRPO vs MCPO",
       f"Command: `{command}`\n\nCommit: `{_commit()}`. Base config: {base.model.name}, {base.train.steps} RL steps "
       f"of {base.data.prompts_per_step} prompts × {base.rollout.group_size} rollouts, "
       f"{base.rollout.max_new_tokens} new tokens, learning rate {base.optim.learning_rate}; evaluation: "
-      f"{base.eval.prompts_per_domain} held-out '{base.eval.split}' prompts per domain.",
-      format_report(rows, domains, seeds),
-      "## MCPO against mixed GRPO\n\n" + verdict(rows, domains),
+      f"{base.eval.prompts_per_domain} held-out '{base.eval.split}' prompts per domain, greedy pass@1"
+      + (f" and mean@{base.eval.k} (k samples at temperature {base.rollout.temperature})" if base.eval.k > 0 else "")
+      + ".",
+      METHOD,
+      *[format_report(stats[metric], metric, baselines, shares, seeds) for metric in metrics],
       "![per-domain accuracy](accuracy_curves.png)\n\n![gradient interference](interference.png)",
   ])
   (out_dir / "compare.md").write_text(report + "\n")
