@@ -19,6 +19,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mcpo_jax import config as config_lib
+from mcpo_jax.checkpointing import PREEMPTED_EXIT_CODE, Preempted, ResumeError
 from mcpo_jax.mesh import MeshError, make_mesh, maybe_initialize_distributed
 from mcpo_jax.model import CheckpointError, ModelConfigError, from_pretrained, load_tokenizer
 from mcpo_jax.rewards import SandboxUnavailable
@@ -43,7 +44,7 @@ def chat(model, tokenizer, config) -> str:
 
 
 USER_ERRORS = (config_lib.ConfigError, MeshError, CheckpointError, ModelConfigError, DataError, FileNotFoundError,
-               TrainingDiverged, SandboxUnavailable)
+               TrainingDiverged, ResumeError, SandboxUnavailable)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -65,6 +66,9 @@ def main(argv) -> None:
     run(config_lib.validate(_CONFIG.value))
   except USER_ERRORS as error:
     sys.exit(f"error: {error}")
+  except Preempted as preempted:  # a documented exit status, so a scheduler can tell it from a failure
+    print(preempted, file=sys.stderr)
+    sys.exit(PREEMPTED_EXIT_CODE)
 
 
 def run(config) -> None:

@@ -43,6 +43,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   config.seed = 0
   config.workdir = "runs/default"
   config.resume = "auto"  # "auto": continue from the newest complete checkpoint in workdir; "none"
+  config.overwrite = False  # with resume="none": move a previous run in workdir aside (to <workdir>.overwritten-*)
   config.export_hf = True  # write the final policy as an HF directory to workdir/hf_export
   config.diag_every = 5  # D×D per-domain gradient cosines at the first and last step and every N (0 = never)
 
@@ -130,7 +131,8 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   config.checkpoint.every = 5
   config.checkpoint.keep_last = 2
   config.checkpoint.keep_best = 1
-  config.checkpoint.best_metric = "eval/mean/pass@1"
+  config.checkpoint.best_metric = "eval/mean/pass@1"  # "" = keep no best; else an eval/<domain|mean>/<metric>
+  config.checkpoint.preemption_grace_s = 25.0  # after SIGTERM, the save starts at the next phase boundary
 
   config.chat = ml_collections.ConfigDict()
   config.chat.prompt = "What is the capital of France? Answer in one sentence."

@@ -26,6 +26,13 @@ def tensorboard_tag(name: str) -> str:
   return re.sub(r"[^A-Za-z0-9_.\-/]", "_", name)
 
 
+def _row_step(line: str) -> int | None:
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError):
+    return None
+
+
 def _scalar(value: Any) -> float | None:
   if isinstance(value, (int, float, np.number)) or (isinstance(value, np.ndarray) and value.ndim == 0):
     return float(value)
@@ -33,16 +40,30 @@ def _scalar(value: Any) -> float | None:
 
 
 class MetricsWriter:
-  """Writes each step's flat {name: value} dict to metrics.jsonl and TensorBoard (scalars + images)."""
+  """Writes each step's flat {name: value} dict to metrics.jsonl and TensorBoard (scalars + images).
 
-  def __init__(self, workdir: str | Path, *, tensorboard: bool = True):
+  A run that starts at step `start_step` (None: append to whatever is there) supersedes what an earlier
+  try logged after it, so that a step re-trained after a crash appears once: metrics.jsonl loses those
+  rows, and the new event file opens with TensorBoard's purge marker, which hides the earlier files'
+  events from that step on. Rows at `start_step` belong to the restored state and stay, except at 0.
+  """
+
+  def __init__(self, workdir: str | Path, *, tensorboard: bool = True, start_step: int | None = None):
     self.enabled = jax.process_index() == 0
     self.path = epath.Path(workdir) / "metrics.jsonl"
     self._tb = None
     if self.enabled:
       self.path.parent.mkdir(parents=True, exist_ok=True)
+      first_superseded = None if start_step is None else start_step + 1 if start_step > 0 else 0
+      if self.path.exists() and first_superseded is not None:
+        kept = [line for line in self.path.read_text().splitlines(keepends=True)
+                if (_row_step(line) if line.endswith("\n") else None) is not None  # a line torn by a kill: dropped
+                and _row_step(line) < first_superseded]
+        partial = self.path.parent / (self.path.name + ".tmp")
+        partial.write_text("".join(kept))
+        partial.replace(self.path)  # atomic: a crash here leaves either the old file or the new one
       if tensorboard:
-        self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
+        self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"), purge_step=first_superseded)
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if not self.enabled:
@@ -67,7 +88,7 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str | Path) -> dict[int, dict[str, Any]]:
-  """metrics.jsonl as {step: every metric logged at that step}; a resumed step's values replace its earlier try's."""
+  """metrics.jsonl as {step: every metric logged at that step} (the training row and any eval row merged)."""
   merged: dict[int, dict[str, Any]] = {}
   for line in (epath.Path(workdir) / "metrics.jsonl").read_text().splitlines():
     record = json.loads(line)

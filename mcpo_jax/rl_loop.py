@@ -19,7 +19,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from mcpo_jax.checkpointing import Checkpointer, PreemptionGuard, abstract_like
+from mcpo_jax.checkpointing import Preempted, PreemptionGuard, abstract_like, open_checkpoints
 from mcpo_jax.data.batches import PromptIterator
 from mcpo_jax.data.domains import Domain, parse_domains
 from mcpo_jax.diagnostics import domain_gradient_cosines
@@ -95,6 +95,7 @@ def rollout_metrics(names: Sequence[str], domain_ids: np.ndarray, rewards: np.nd
 def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Runs config.train.steps RL steps (resuming when asked); returns the final evaluation summary."""
   workdir = config.workdir
+  checkpointer = open_checkpoints(config)  # refuses an incompatible resume or an overwrite before anything loads
   mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   model = from_pretrained(config.model.name, mesh=mesh, dtype=config.model.dtype,
                           param_dtype=config.model.param_dtype or None, remat=config.model.remat)
@@ -120,26 +121,26 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   logprobs = jax.jit(functools.partial(sequence_logprobs, graphdef, temperature=config.rollout.temperature,
                                        chunk=config.train.logit_chunk))
 
-  checkpointer = Checkpointer(f"{workdir}/checkpoints", keep_last=config.checkpoint.keep_last,
-                              keep_best=config.checkpoint.keep_best, best_metric=config.checkpoint.best_metric)
   start_step = 0
   if config.resume == "auto":
-    restored = checkpointer.restore_latest(abstract_like(state))
+    restored = checkpointer.restore_latest(abstract_like(state), config)
     if restored is not None:
       start_step, state, extra = restored
+      evaluations_file = epath.Path(workdir) / "evaluations.json"
+      if start_step >= config.train.steps and (extra.get("final") or evaluations_file.exists()):  # nothing left
+        checkpointer.close()
+        print(f"the run in {workdir} is complete (step {start_step}); raise --config.train.steps to continue it")
+        return json.loads(evaluations_file.read_text()) if evaluations_file.exists() else {}
       iterator.set_state(extra["data"])
       print(f"resumed from {workdir}/checkpoints at step {start_step}")
-  elif config.resume != "none":
-    raise ValueError(f"--config.resume={config.resume!r}; use 'auto' (continue from the newest checkpoint) or "
-                     "'none' (start fresh).")
 
-  writer = MetricsWriter(workdir)
+  writer = MetricsWriter(workdir, start_step=start_step)
   progress = Progress(config.train.steps, start_step)
   key = jax.random.key(config.seed)
   evaluations: dict[str, dict[str, float]] = {}
   with RewardPool(config.rewards.processes, timeout_s=config.rewards.timeout_s,
                   format_weight=config.rewards.format_weight, sandbox=config.rewards.sandbox) as pool, \
-      PreemptionGuard() as preemption:
+      PreemptionGuard(config.checkpoint.preemption_grace_s) as preemption:
 
     def run_eval(label: str, step: int) -> dict[str, float]:
       policy = nnx.merge(graphdef, state.params["lm"])
@@ -151,11 +152,26 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
       evaluations[label] = summary
       return summary
 
+    def save(step: int, data_state: dict, metrics: dict[str, float] | None = None, **marks) -> None:
+      checkpointer.save(step, state, {"data": data_state, "config": config.to_json(), **marks}, metrics=metrics)
+
+    def stop_if_preempted(step: int, data_state: dict) -> None:
+      """Between the phases of step `step` + 1 (state still that of step `step`): on a signal, save and stop."""
+      if preemption.requested:
+        preemption.saving()
+        if step > 0 and step not in checkpointer.steps():
+          save(step, data_state)
+        checkpointer.close()
+        raise Preempted(step, f"{workdir}/checkpoints")
+
     if config.eval.at_start and start_step == 0:
       run_eval("start", 0)
+    elif start_step and extra.get("eval_due"):  # the preempted run skipped this step's eval
+      run_eval(f"step {start_step}", start_step)
     last_diag_rewards: dict[str, float] = {}
     for step in range(start_step, config.train.steps):
       started = time.perf_counter()
+      data_before = iterator.get_state()  # the last completed step's, saved if a signal stops this one
       prompts = next(iterator)
       policy = nnx.merge(graphdef, state.params["lm"])
       rollouts = generate(policy, prompts.prompt_ids, prompts.prompt_mask, group_size=group,
@@ -164,11 +180,13 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
                           step=step, pad_id=tokenizer.pad_token_id)
       tokens, response_mask = to_host(rollouts.tokens), to_host(rollouts.response_mask)
       rolled = time.perf_counter()
+      stop_if_preempted(step, data_before)
 
       examples = [example for example in prompts.examples for _ in range(group)]
       scored = pool.score(_decode(tokenizer, tokens, response_mask), examples, [e["verifier"] for e in examples])
       rewards = scored.rewards.astype(np.float32)
       scored_at = time.perf_counter()
+      stop_if_preempted(step, data_before)
 
       domain_ids = np.repeat(prompts.domain_id, group)
       batch = dict(prompt_tokens=rollouts.prompt_ids, prompt_mask=rollouts.prompt_mask, tokens=rollouts.tokens,
@@ -182,6 +200,8 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
       update_metrics = []
       for _ in range(config.train.epochs):
         for minibatch in _minibatches(batch, config.train.minibatches, group):
+          if not update_metrics:  # after the first update the state is this step's (the old one is donated)
+            stop_if_preempted(step, data_before)
           state, metrics = update(state, minibatch, transfer)
           update_metrics.append(metrics)
       update_metrics = jax.tree.map(lambda *xs: float(np.mean([to_host(x) for x in xs])), *update_metrics)
@@ -193,7 +213,8 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
                           untrusted_code_tests=float(scored.untrusted_tests), rollout_s=rolled - started,
                           reward_s=scored_at - rolled, update_s=updated - scored_at, step_s=updated - started)
       first, final = step == 0, step + 1 == config.train.steps
-      if config.diag_every and (first or final or (step + 1) % config.diag_every == 0):  # start, every N, end
+      diag_due = config.diag_every and (first or final or (step + 1) % config.diag_every == 0)  # start, every N, end
+      if diag_due and not preemption.requested:
         cosines = domain_gradient_cosines(graphdef, state.params, batch, transfer, update_config, len(domains))
         step_metrics["diag/grad_cosine"] = cosines
         for name in names:
@@ -210,21 +231,20 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
         checkpointer.close()
         raise TrainingDiverged(f"{config.train.max_nonfinite_steps} consecutive updates had a non-finite loss or "
                                "gradient; lower the learning rate or check the data (see metrics.jsonl).")
-      eval_metrics = None
-      if config.eval.every and (step + 1) % config.eval.every == 0 and step + 1 < config.train.steps:
-        eval_metrics = run_eval(f"step {step + 1}", step + 1)
-      periodic = config.checkpoint.every and (step + 1) % config.checkpoint.every == 0
-      if preemption.requested or (periodic and not final):  # the final one is saved after the last eval
-        checkpointer.save(step + 1, state, {"data": iterator.get_state(), "config": config.to_json()},
-                          metrics=eval_metrics)
-      if preemption.requested:
+      eval_due = bool(config.eval.every and (step + 1) % config.eval.every == 0 and step + 1 < config.train.steps)
+      if preemption.requested:  # the step is complete: save it now, its eval (if due) runs on resume
+        preemption.saving()
+        save(step + 1, iterator.get_state(), eval_due=eval_due)
         checkpointer.close()
-        raise SystemExit(f"preempted: checkpoint of step {step + 1} saved in {workdir}/checkpoints")
+        raise Preempted(step + 1, f"{workdir}/checkpoints")
+      eval_metrics = run_eval(f"step {step + 1}", step + 1) if eval_due else None
+      periodic = config.checkpoint.every and (step + 1) % config.checkpoint.every == 0
+      if periodic and not final:  # the final one is saved after the last eval
+        save(step + 1, iterator.get_state(), metrics=eval_metrics)
 
     summary = run_eval("end", config.train.steps) if config.eval.at_end else None
-    if config.train.steps not in checkpointer.steps():
-      checkpointer.save(config.train.steps, state, {"data": iterator.get_state(), "config": config.to_json()},
-                        metrics=summary)
+    if config.train.steps not in checkpointer.steps():  # present when a preemption saved the last step
+      save(config.train.steps, iterator.get_state(), metrics=summary, final=True)
   checkpointer.close()
   writer.close()
   if evaluations and jax.process_index() == 0:

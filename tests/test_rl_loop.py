@@ -1,4 +1,5 @@
-"""The RL loop end to end on a tiny model: metrics, checkpoints, exact resume after kill -9, SIGTERM."""
+"""The RL loop end to end on a tiny model: metrics, checkpoints, exact resume after kill -9 mid-save, SIGTERM to the
+process group within the preemption grace period."""
 
 import json
 import os
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 from conftest import learnable_flags
+from test_metrics import purged_event_scalars
 
+from mcpo_jax.checkpointing import PREEMPTED_EXIT_CODE
 from mcpo_jax.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +43,7 @@ def test_a_tiny_run_raises_the_reward_on_a_learnable_task(learnable_task, tmp_pa
     assert evaluations["end"][f"eval/{domain}/pass@1"] >= evaluations["start"][f"eval/{domain}/pass@1"] + 0.5
 
 
-def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
+def test_kill_9_during_an_async_save_then_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
   reference = subprocess.run(_command(tiny_model_dir, tmp_path / "ref"), cwd=REPO, env=_env(), capture_output=True,
                              text=True, timeout=600)
   assert reference.returncode == 0, reference.stderr[-3000:]
@@ -54,33 +57,68 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp
   relative = os.path.relpath(interrupted, REPO)
   process = subprocess.Popen(_command(tiny_model_dir, relative), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
-  deadline = time.time() + 600
-  while not (interrupted / "checkpoints" / "2").is_dir() and process.poll() is None and time.time() < deadline:
-    time.sleep(0.2)
+  deadline, metrics = time.time() + 600, interrupted / "metrics.jsonl"
+  # Step 3's row is written just before its checkpoint's async save starts: kill -9 within 10 ms of it.
+  while process.poll() is None and time.time() < deadline and not (
+      metrics.exists() and '"step": 3' in metrics.read_text()):
+    time.sleep(0.01)
   process.send_signal(signal.SIGKILL)
   process.wait()
+  assert not (interrupted / "checkpoints" / "3").exists()  # the save of step 3 did not complete
   resumed = subprocess.run(_command(tiny_model_dir, relative), cwd=REPO, env=_env(), capture_output=True,
                            text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert "resumed from" in resumed.stdout
+  assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
+  rows = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+  assert rows == [1, 2, 3, 4]  # step 3 was trained twice and appears once
   got = read_metrics(interrupted)
   compared = [k for k in ("loss", "reward", "pg_loss", "kl", "contrastive", "entropy", "grad_norm") if k in want[4]]
   assert {"loss", "grad_norm", "entropy"} <= set(compared)
   for step in (3, 4):
     for name in compared:
       assert abs(got[step][name] - want[step][name]) <= 1e-6, (step, name, got[step][name], want[step][name])
+  scalars = purged_event_scalars(interrupted / "tensorboard")  # raises on a step shown twice
+  assert sorted(step for step, tag in scalars if tag == "grad_norm") == [1, 2, 3, 4]
+  for step in (1, 2, 3, 4):
+    assert abs(scalars[(step, "grad_norm")] - got[step]["grad_norm"]) <= 1e-6 * max(1.0, got[step]["grad_norm"])
 
 
-def test_sigterm_leaves_a_complete_checkpoint(tiny_model_dir, tmp_path):
-  workdir = tmp_path / "term"
-  process = subprocess.Popen(_command(tiny_model_dir, workdir, "--config.train.steps=50",
-                                      "--config.checkpoint.every=100"),
-                             cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _alive(pgid: int) -> bool:
+  try:
+    os.killpg(pgid, 0)
+  except ProcessLookupError:
+    return False
+  return True
+
+
+def test_sigterm_to_the_process_group_saves_the_last_step_within_the_grace_period(tiny_model_dir, tmp_path):
+  """What `timeout`, systemd and a TPU maintenance event do: SIGTERM to the trainer and its reward workers."""
+  workdir, grace = tmp_path / "term", 25
+  process = subprocess.Popen(_command(tiny_model_dir, workdir, "--config.train.steps=50", "--config.rewards.processes=2",
+                                      "--config.checkpoint.every=100", f"--config.checkpoint.preemption_grace_s={grace}"),
+                             cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
   deadline = time.time() + 600
-  while not (workdir / "metrics.jsonl").exists() and time.time() < deadline:
-    time.sleep(0.2)
-  process.send_signal(signal.SIGTERM)
-  _, stderr = process.communicate(timeout=600)
-  assert process.returncode != 0 and "preempted: checkpoint of step" in stderr, stderr[-2000:]
-  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-  assert steps and np.all(np.array(steps) < 50)
+  while not (workdir / "metrics.jsonl").exists() and process.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  time.sleep(0.5)  # into step 2's rollout
+  signalled = time.time()
+  os.killpg(process.pid, signal.SIGTERM)
+  try:
+    _, stderr = process.communicate(timeout=grace + 60)
+  finally:
+    if _alive(process.pid):
+      os.killpg(process.pid, signal.SIGKILL)
+  exited = time.time() - signalled
+  assert process.returncode == PREEMPTED_EXIT_CODE, stderr[-3000:]
+  assert "preempted: checkpoint of step" in stderr, stderr[-3000:]
+  step = int(stderr.split("preempted: checkpoint of step ")[1].split()[0])
+  last_logged = max(read_metrics(workdir))
+  assert step == last_logged and (workdir / "checkpoints" / str(step)).is_dir()  # the last completed step
+  saved = (workdir / "checkpoints" / str(step) / "commit_success.txt").stat().st_mtime
+  assert saved - signalled < grace and exited < grace, (saved - signalled, exited)
+  assert "outlasted" not in stderr
+  wait = time.time() + 10
+  while _alive(process.pid) and time.time() < wait:
+    time.sleep(0.1)
+  assert not _alive(process.pid), "processes of the run are left after it exited"
