@@ -4,6 +4,7 @@
   default               SmolLM2-135M-Instruct (embedded) on three offline reasoning-gym domains, CPU-sized
   tiny                  a few seconds per step: tests and smoke runs
   compare               the default with a held-out eval for mcpo_jax.experiments.compare (150 prompts, k = 4)
+  transfer              the default on addition in three formats (digits, words, story): known transfer
   qwen2.5-7b-instruct   paper scale on a TPU pod: math + code + logic files on gs://
   qwen3-8b              the same recipe for Qwen3-8B
 Plain GRPO is `--config.algorithm=grpo`; single-domain GRPO also sets the domains, e.g.
@@ -13,8 +14,9 @@ Plain GRPO is `--config.algorithm=grpo`; single-domain GRPO also sets the domain
 import ml_collections
 
 from mcpo_jax.data.domains import default_domains
+from mcpo_jax.data.transfer import transfer_domains
 
-PRESETS = ("default", "tiny", "compare", "qwen2.5-7b-instruct", "qwen3-8b")
+PRESETS = ("default", "tiny", "compare", "transfer", "qwen2.5-7b-instruct", "qwen3-8b")
 
 
 def _paper_scale_domains(bucket: str) -> dict:
@@ -164,6 +166,11 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     config.checkpoint.every = 2
     config.diag_every = 4  # gradient cosines at the first and the last step
     config.export_hf = False
+  elif preset == "transfer":  # one skill, three surface formats, each a domain; held-out operand pairs
+    config.workdir = "runs/transfer"
+    config.data.domains = transfer_domains()
+    config.eval.prompts_per_domain = 150  # no constant answer is right on more than 3% of them
+    config.eval.k = 4
   elif preset in ("qwen2.5-7b-instruct", "qwen3-8b"):
     bucket = "gs://YOUR_BUCKET"
     config.workdir = f"{bucket}/runs/{preset}-mcpo"

@@ -20,7 +20,9 @@ import numpy as np
 from etils import epath
 
 from mcpo_jax.data.domains import Domain
+from mcpo_jax.data.errors import DataError
 from mcpo_jax.data.sources import open_source
+from mcpo_jax.data.splits import content_key
 from mcpo_jax.data.tokenize import encode_prompt, left_pad, render_messages
 from mcpo_jax.mesh import to_host
 from mcpo_jax.model.transformer import Transformer
@@ -40,20 +42,28 @@ class EvalSet:
 
 def build_eval_set(domains: Sequence[Domain], tokenizer, *, prompts_per_domain: int, split: str,
                    max_prompt_tokens: int) -> EvalSet:
+  """The first `prompts_per_domain` distinct problems of each domain's `split` that fit `max_prompt_tokens`;
+  a domain with fewer is a DataError (at start-up, not after training)."""
   rows, examples = [], []
   for domain in domains:
     source = open_source(domain.source, split, domain.name, f"domain {domain.name!r} source")
-    taken = 0
+    taken, seen = 0, set()
     for index in range(len(source)):
       if taken == prompts_per_domain:
         break
       example = {**source[index], "domain": domain.name, "verifier": domain.verifier,
                  "answer_format": domain.answer_format, "split": split, "index": index}
       tokens = encode_prompt(tokenizer, render_messages(domain, example))
-      if len(tokens) <= max_prompt_tokens:
+      if len(tokens) <= max_prompt_tokens and content_key(example["prompt"]) not in seen:
+        seen.add(content_key(example["prompt"]))
         rows.append(tokens)
         examples.append(example)
         taken += 1
+    if taken < prompts_per_domain:
+      raise DataError(f"domain {domain.name!r}: its {split} split has {taken} distinct problems of at most "
+                      f"{max_prompt_tokens} prompt tokens, fewer than eval.prompts_per_domain={prompts_per_domain}; "
+                      f"set --config.eval.prompts_per_domain={taken} or less, or give the domain more problems "
+                      "(a wider generator config or a larger file).")
   ids, mask = left_pad(rows, tokenizer.pad_token_id)
   return EvalSet(ids, mask, examples)
 

@@ -70,7 +70,8 @@ def test_parquet_deepscaler_style(tmp_path):
   pq.write_table(pa.Table.from_pylist(rows[:1]), tmp_path / "test.parquet")
   spec = {"kind": "parquet", "path": str(tmp_path / "{split}.parquet"),
           "fields": {"prompt": "problem", "answer": "answer"}}
-  assert [e["answer"] for e in open_source(spec, "train", "math")] == ["\\frac{3}{4}", "42"]
+  train = open_source(spec, "train", "math")
+  assert [e["answer"] for e in train] == ["42"] and train.overlap_rows == 1  # the test split's question is not trained on
   assert len(open_source(spec, "test", "math")) == 1
   pq.write_table(pa.Table.from_pylist([{"problem": "x", "answer": "1"}, {"problem": "y", "answer": ""}]),
                  tmp_path / "validation.parquet")
@@ -120,13 +121,15 @@ def test_reasoning_gym_splits_and_errors():
 
 def test_tfds_array_record_round_trip_without_tensorflow(tmp_path):
   fields = {"prompt": "question", "choices": "choices", "answer": "answer"}
-  files = {"train": FIXTURES / "mmlu_science.jsonl", "test": FIXTURES / "mmlu_science.jsonl"}
+  (tmp_path / "test.jsonl").write_text((FIXTURES / "mmlu_science.jsonl").read_text().splitlines()[0] + "\n")
+  files = {"train": FIXTURES / "mmlu_science.jsonl", "test": tmp_path / "test.jsonl"}
   directory = prepare_tfds("science_mc", files, str(tmp_path), fields=fields)
   assert sorted(p.name for p in directory.iterdir() if "array_record" in p.name) == [
       "science_mc-test.array_record-00000-of-00001", "science_mc-train.array_record-00000-of-00001"]
   spec = {"kind": "tfds", "name": "science_mc", "data_dir": str(tmp_path)}
   expected = open_source(jsonl("mmlu_science.jsonl", fields), "train", "science")
-  assert sorted(open_source(spec, "train", "science"), key=str) == sorted(expected, key=str)
+  assert list(open_source(spec, "test", "science")) == [expected[0]]
+  assert list(open_source(spec, "train", "science")) == [expected[1]]  # without the test split's question
   code_fields = {"prompt": "question", "tests": "input_output"}
   prepare_tfds("taco_code", {"train": FIXTURES / "taco.jsonl"}, str(tmp_path), fields=code_fields)
   code = open_source({"kind": "tfds", "name": "taco_code", "data_dir": str(tmp_path)}, "train", "code")

@@ -1,9 +1,16 @@
-"""Where a domain's examples come from: reasoning-gym generators, JSONL / Parquet files, TFDS.
+"""Where a domain's examples come from: reasoning-gym generators, the generated addition task, JSONL /
+Parquet files, TFDS.
 
-Every source is a random-access sequence of canonical examples (`records.py`) for one split.
-reasoning-gym generator item i is drawn from Random(seed + i), so the splits get disjoint seed ranges
-(train from `seed`, validation from `seed + 2**40`, test from `seed + 2**41`). Note that easy
-generators have few distinct problems, so equal questions can still occur in two splits.
+Every source is a random-access sequence of canonical examples (`records.py`) for one split, and the
+splits are disjoint by content (`splits.py`: the normalised question text):
+- generators (reasoning-gym): a drawn problem belongs to the split its question hashes to. Train item
+  i is the first of draws i·64 … i·64+63 that hashes to train (so random access stays O(1); train may
+  repeat a problem). A held-out split is the distinct problems, in draw order, among its first
+  `heldout_draws` draws that hash to it; a generator with few problems has few held-out ones.
+- files (JSONL, Parquet, TFDS), one per split: a held-out split keeps each question once, and a
+  question in the test file is dropped from validation and train, one in validation from train (the
+  held-out sets stay as given; the dropped rows are counted in `overlap_rows` / `duplicate_rows`).
+- addition (`transfer.py`): operand pairs are hashed, so no pair is in two splits in any format.
 """
 
 from __future__ import annotations
@@ -17,14 +24,19 @@ from etils import epath
 
 from mcpo_jax.data.errors import DataError
 from mcpo_jax.data.records import ANSWER_EXTRACTORS, CANONICAL_FIELDS, RowError, lookup, normalize_row
+from mcpo_jax.data.splits import DEFAULT_SHARES, SPLITS, check_shares, content_key, split_of
+from mcpo_jax.data.transfer import AdditionSource
 
-SPLITS = ("train", "validation", "test")
 SEED_STRIDE = 2**40
+TRAIN_ATTEMPTS = 64  # draws per train item; at a train share of 0.8, all 64 miss with probability 0.2**64
 SKIP_HINT = "fix the row, or set skip_bad_rows=True in the source to skip and count such rows"
 
 # kind -> (required keys, optional keys with defaults)
 SOURCE_KEYS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
-    "reasoning_gym": (("dataset",), {"config": {}, "seed": 0, "size": 100_000}),
+    "reasoning_gym": (("dataset",), {"config": {}, "seed": 0, "size": 100_000, "heldout_draws": 20_000,
+                                     "split_shares": list(DEFAULT_SHARES)}),
+    "addition": (("format",), {"low": 10, "high": 99, "second_low": -1, "second_high": -1,
+                               "split_shares": list(DEFAULT_SHARES)}),
     "jsonl": (("path", "fields"), {"answer_extract": "none", "skip_bad_rows": False, "domain_value": ""}),
     "parquet": (("path", "fields"), {"answer_extract": "none", "skip_bad_rows": False, "domain_value": ""}),
     "tfds": (("name",), {"data_dir": "", "fields": {}, "answer_extract": "none", "skip_bad_rows": False,
@@ -60,7 +72,9 @@ def check_source_spec(spec: Mapping[str, Any], where: str) -> dict[str, Any]:
     if key not in spec:
       raise DataError(f"{where}.{key} is missing; a {kind} source needs {', '.join(required)}.")
   spec = {"kind": kind, **optional, **spec}
-  if kind != "reasoning_gym":
+  if "split_shares" in spec:
+    spec["split_shares"] = list(check_shares(spec["split_shares"], where))
+  if kind in ("jsonl", "parquet", "tfds"):
     unknown = [name for name in spec["fields"] if name not in CANONICAL_FIELDS]
     if unknown:
       raise DataError(f"{where}.fields has {unknown}, which are not example fields; "
@@ -76,7 +90,9 @@ def check_source_spec(spec: Mapping[str, Any], where: str) -> dict[str, Any]:
 class ListSource:
   """Examples held in memory (files are read whole: RL prompt sets are small)."""
   examples: list[dict]
-  skipped_rows: int = 0
+  skipped_rows: int = 0    # unusable rows skipped (skip_bad_rows)
+  overlap_rows: int = 0    # rows dropped because their question is in a later split (validation, test)
+  duplicate_rows: int = 0  # held-out rows dropped because their question came earlier in the split
 
   def __len__(self) -> int:
     return len(self.examples)
@@ -87,13 +103,18 @@ class ListSource:
 
 @dataclass
 class GymSource:
-  """reasoning-gym items generated on demand: deterministic in (seed, index)."""
+  """The problems of one split of a reasoning-gym generator, made on demand: deterministic in
+  (seed, split, index). `seed` is the split's draw stream."""
   dataset: str
   config: dict
   seed: int
   size: int
+  split: str
+  shares: tuple[float, float, float] = DEFAULT_SHARES
+  heldout_draws: int = 20_000
   skipped_rows: int = 0
   _generator: Any = field(default=None, repr=False)
+  _draws: list[int] = field(default_factory=list, repr=False)  # held-out: the draw of each distinct problem
 
   def __post_init__(self):
     import reasoning_gym
@@ -106,18 +127,44 @@ class GymSource:
     if unknown:
       raise DataError(f"reasoning-gym {self.dataset} has no settings {unknown}; its settings: "
                       f"{', '.join(k for k in settings if k not in ('seed', 'size'))}.")
+    draws = max(self.size * TRAIN_ATTEMPTS, self.heldout_draws)
     try:
-      self._generator = reasoning_gym.create_dataset(self.dataset, seed=self.seed, size=self.size, **self.config)
+      self._generator = reasoning_gym.create_dataset(self.dataset, seed=self.seed, size=draws, **self.config)
     except (AssertionError, ValueError, TypeError) as error:
       raise DataError(f"reasoning-gym {self.dataset} rejected config {self.config}: {error}") from error
+    if self.split != "train":
+      seen: set[str] = set()
+      for draw in range(self.heldout_draws):
+        question = self._generator[draw]["question"]
+        key = content_key(question)
+        if key not in seen and split_of(question, self.shares) == self.split:
+          seen.add(key)
+          self._draws.append(draw)
+          if len(self._draws) == self.size:
+            break
+      if not self._draws:
+        raise DataError(f"reasoning-gym {self.dataset}: none of {self.heldout_draws} draws is a {self.split} "
+                        "problem; widen the generator's config or raise heldout_draws.")
 
   def __len__(self) -> int:
-    return self.size
+    return self.size if self.split == "train" else len(self._draws)
 
-  def __getitem__(self, index: int) -> dict:
-    entry = self._generator[index]
+  def _example(self, draw: int) -> dict:
+    entry = self._generator[draw]
     return {"prompt": entry["question"], "answer": entry["answer"], "gym_dataset": self.dataset,
             "gym_config": self.config, "metadata": entry["metadata"]}
+
+  def __getitem__(self, index: int) -> dict:
+    if not 0 <= index < len(self):
+      raise IndexError(f"index {index} of a {len(self)}-item {self.split} split")
+    if self.split != "train":
+      return self._example(self._draws[index])
+    for draw in range(index * TRAIN_ATTEMPTS, (index + 1) * TRAIN_ATTEMPTS):
+      example = self._example(draw)
+      if split_of(example["prompt"], self.shares) == "train":
+        return example
+    raise DataError(f"reasoning-gym {self.dataset}: {TRAIN_ATTEMPTS} draws in a row are held-out problems; the "
+                    "generator has too few distinct problems for a train split: widen its config.")
 
 
 def split_path(path: str | Mapping[str, str], split: str, where: str) -> str:
@@ -178,6 +225,62 @@ def load_rows(rows: Iterator[tuple[int, Any]], location: str, unit: str, fields:
   return ListSource(examples, skipped)
 
 
+def _read_split(spec: Mapping[str, Any], split: str, domain: str, where: str) -> ListSource:
+  """A file source's split as the file holds it."""
+  options = dict(answer_extract=spec["answer_extract"], skip_bad_rows=spec["skip_bad_rows"],
+                 domain_value=spec["domain_value"] or domain)
+  if spec["kind"] == "tfds":
+    from mcpo_jax.data.tfds_source import PREPARED_FIELDS, read_tfds
+    return load_rows(read_tfds(spec["name"], split, spec["data_dir"]), f"tfds:{spec['name']}/{split}", "record",
+                     dict(spec["fields"]) or PREPARED_FIELDS, **options)
+  path = split_path(spec["path"], split, where)
+  return load_rows(read_rows(path, spec["kind"]), path, "line" if spec["kind"] == "jsonl" else "row",
+                   dict(spec["fields"]), **options)
+
+
+def _configured(spec: Mapping[str, Any], split: str) -> bool:
+  """Does a file source have a `split` to read (a mapping entry, or a "{split}" path whose file exists)?"""
+  if spec["kind"] == "tfds":
+    return True
+  path = spec["path"]
+  if isinstance(path, Mapping):
+    return split in path
+  return "{split}" in path and epath.Path(path.replace("{split}", split)).exists()
+
+
+def _later_keys(spec: Mapping[str, Any], split: str, domain: str, where: str) -> set[str]:
+  """The questions of the splits after `split` (train < validation < test), which `split` must not hold."""
+  keys: set[str] = set()
+  for later in SPLITS[SPLITS.index(split) + 1:]:
+    if not _configured(spec, later):
+      continue
+    try:
+      keys |= {content_key(example["prompt"]) for example in _read_split(spec, later, domain, where)}
+    except DataError:
+      if spec["kind"] != "tfds":
+        raise
+      # a prepared TFDS dataset without this split: nothing to keep out
+  return keys
+
+
+def _disjoint(source: ListSource, later: set[str], deduplicate: bool, location: str) -> ListSource:
+  """`source` without the questions of later splits and, for a held-out split, without repeats."""
+  kept, seen, overlap, duplicate = [], set(), 0, 0
+  for example in source.examples:
+    key = content_key(example["prompt"])
+    if key in later:
+      overlap += 1
+    elif deduplicate and key in seen:
+      duplicate += 1
+    else:
+      seen.add(key)
+      kept.append(example)
+  if not kept:
+    raise DataError(f"{location}: all {len(source)} rows also occur in a later split (validation or test) or "
+                    "repeat; give this split its own questions.")
+  return ListSource(kept, source.skipped_rows, overlap, duplicate)
+
+
 def open_source(spec: Mapping[str, Any], split: str, domain: str, where: str = "source") -> Source:
   """The `split` of the source `spec` (as checked by check_source_spec) of domain `domain`."""
   if split not in SPLITS:
@@ -185,16 +288,16 @@ def open_source(spec: Mapping[str, Any], split: str, domain: str, where: str = "
   spec = check_source_spec(spec, where)
   kind = spec["kind"]
   if kind == "reasoning_gym":
-    if not 0 < spec["size"] <= SEED_STRIDE:
-      raise DataError(f"{where}.size={spec['size']}; it must be in [1, 2**40] so that splits keep disjoint seeds.")
+    if not 0 < spec["size"] <= SEED_STRIDE // TRAIN_ATTEMPTS:
+      raise DataError(f"{where}.size={spec['size']}; it must be in [1, 2**34] so that splits keep disjoint draws.")
+    if spec["heldout_draws"] < 1:
+      raise DataError(f"{where}.heldout_draws={spec['heldout_draws']}; it must be positive.")
     return GymSource(spec["dataset"], dict(spec["config"]), spec["seed"] + SPLITS.index(split) * SEED_STRIDE,
-                     spec["size"])
-  options = dict(answer_extract=spec["answer_extract"], skip_bad_rows=spec["skip_bad_rows"],
-                 domain_value=spec["domain_value"] or domain)
-  if kind == "tfds":
-    from mcpo_jax.data.tfds_source import PREPARED_FIELDS, read_tfds
-    return load_rows(read_tfds(spec["name"], split, spec["data_dir"]), f"tfds:{spec['name']}/{split}", "record",
-                     dict(spec["fields"]) or PREPARED_FIELDS, **options)
-  path = split_path(spec["path"], split, where)
-  return load_rows(read_rows(path, kind), path, "line" if kind == "jsonl" else "row", dict(spec["fields"]),
-                   **options)
+                     spec["size"], split, tuple(spec["split_shares"]), spec["heldout_draws"])
+  if kind == "addition":
+    second = (spec["second_low"], spec["second_high"])
+    return AdditionSource(spec["format"], spec["low"], spec["high"], split, tuple(spec["split_shares"]),
+                          None if second == (-1, -1) else second, where)
+  source = _read_split(spec, split, domain, where)
+  location = f"{where} ({split} split)"
+  return _disjoint(source, _later_keys(spec, split, domain, where), deduplicate=split != "train", location=location)
