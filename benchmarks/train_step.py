@@ -60,14 +60,22 @@ for path in (str(REPO), str(HERE)):
 
 from sampler import SMOLLM2, cpu_cores, cpu_model, matmul_params, worker_matmul  # noqa: E402  (benchmarks/sampler.py)
 
-PROMPT_LEN = 64
-ROWS = 32
-GROUP = 8  # 4 prompts × 8 rollouts
+# Batch shapes: (prompts, rollouts per prompt, prompt bucket). "bench" is the peer comparison's; "default-run"
+# is what `python run.py --config=configs/multi_domain.py` updates on (3 × 6 rows, ~96-128-token chat prompts).
+SHAPES = {"bench": (4, 8, 64), "default-run": (3, 6, 128)}
+PROMPT_LEN, ROWS, GROUP = 64, 32, 8  # set by use_shape
 DOMAINS = 3
 RESULT_TAG = "BENCH_JSON "
 DEFAULT_TUNIX_PYTHON = "/tmp/bench-venv/bin/python"
 INSTALL_HINT = ("python -m venv --system-site-packages /tmp/bench-venv && /tmp/bench-venv/bin/pip install "
                 "--no-deps -r benchmarks/requirements.txt (see benchmarks/README.md)")
+
+
+def use_shape(name: str) -> None:
+  """Sets the module's batch shape (the parent and each worker process call it with the same name)."""
+  global PROMPT_LEN, ROWS, GROUP
+  prompts, GROUP, PROMPT_LEN = SHAPES[name]
+  ROWS = prompts * GROUP
 
 
 def log(*parts) -> None:
@@ -154,6 +162,7 @@ def _planned_bytes(compiled, extra_live: int = 0) -> int:
 
 
 def worker_ours(spec: dict) -> dict:
+  use_shape(spec["shape"])
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -164,7 +173,8 @@ def worker_ours(spec: dict) -> dict:
   from mcpo_jax.train import (OptimConfig, UpdateConfig, forward_rollouts, init_train_state, jit_update_step,
                               make_optimizer, shard_batch)
 
-  t, label = spec["length"], f"ours {spec['algorithm']} T={spec['length']}"
+  prefix = "shared" if spec["shared_prefix"] else "unshared"
+  t, label = spec["length"], f"ours {spec['algorithm']} {prefix} T={spec['length']}"
   mesh = make_mesh(1, -1, 1)  # one CPU device, as rl_loop builds it
   model = init_model(ModelConfig(model_type="llama", tie_word_embeddings=True, **dims(spec)), seed=0, mesh=mesh,
                      remat=spec["remat"])
@@ -172,7 +182,8 @@ def worker_ours(spec: dict) -> dict:
   baseline = max_rss_bytes()
   optimizer = make_optimizer(OptimConfig(learning_rate=1e-6))
   objective = ObjectiveConfig(algorithm=spec["algorithm"], group_size=GROUP)
-  config = UpdateConfig(objective=objective, micro_batches=spec["micro_batches"], logit_chunk=spec["logit_chunk"])
+  config = UpdateConfig(objective=objective, micro_batches=spec["micro_batches"], logit_chunk=spec["logit_chunk"],
+                        shared_prefix=spec["shared_prefix"])
   graphdef, state = init_train_state(model, optimizer, proj_dim=256)
   del model
   batch = shard_batch(make_batch(t), mesh)
@@ -207,7 +218,7 @@ def worker_ours(spec: dict) -> dict:
 
     def forward(lm_params):
       logp, _, pooled = forward_rollouts(nnx.merge(graphdef, lm_params), batch, config.temperature,
-                                         config.logit_chunk)
+                                         config.logit_chunk, config.prompt_group)
       return jnp.sum(logp * batch["mask"]) + jnp.sum(pooled)
 
     fwd = jax.jit(forward)
@@ -224,6 +235,7 @@ def worker_ours(spec: dict) -> dict:
 
 
 def worker_tunix(spec: dict) -> dict:
+  use_shape(spec["shape"])
   try:
     import tunix  # noqa: F401
     from tunix.models.llama3 import model as tunix_llama3
@@ -386,6 +398,12 @@ def main() -> None:
   parser.add_argument("--micro_batches", default="4,1",
                       help="ours: gradient-accumulation micro-batches, one run per value; RESULT and T > --peer_length "
                            "use the first")
+  parser.add_argument("--prefix", default="shared,unshared",
+                      help="ours: 'shared' (the shipped train.shared_prefix: each group's prompt encoded once) "
+                           "and/or 'unshared' (every row encodes prompt + response); the first is RESULT's")
+  parser.add_argument("--shape", choices=sorted(SHAPES), default="bench",
+                      help="prompts x rollouts x prompt bucket: bench = 4 x 8 x 64 (the peer comparison), "
+                           "default-run = 3 x 6 x 128 (the README's first command)")
   parser.add_argument("--logit_chunk", type=int, default=64, help="ours: response positions per LM-head chunk")
   parser.add_argument("--remat", choices=("none", "full", "save_dots"), default="none",
                       help="ours: per-layer rematerialisation")
@@ -411,10 +429,15 @@ def main() -> None:
     print(RESULT_TAG + json.dumps(result), flush=True)
     return
 
+  use_shape(args.shape)
   split = lambda text: [x.strip() for x in text.split(",") if x.strip()]
   lengths, algorithms, peers = sorted(int(x) for x in split(args.lengths)), split(args.algorithms), split(args.peers)
   micro_batches = [int(x) for x in split(args.micro_batches)]
-  variants = [f"mb={m}" for m in micro_batches]
+  prefixes = split(args.prefix)
+  if not prefixes or any(p not in ("shared", "unshared") for p in prefixes):
+    parser.error("--prefix: use shared and/or unshared.")
+  # Variant "mb=4" is the shipped shared-prefix update; "mb=4 u" the same with every row encoding its prompt.
+  variants = [f"mb={m}" + ("" if prefix == "shared" else " u") for m in micro_batches for prefix in prefixes]
   long_algorithms = [a for a in split(args.long_algorithms)]
   for a in algorithms + long_algorithms:
     if a not in ("mcpo", "grpo"):
@@ -422,8 +445,9 @@ def main() -> None:
   for p in peers:
     if p != "tunix":
       parser.error(f"--peers: unknown peer {p!r}; the only peer is tunix.")
-  if not micro_batches or any(ROWS % m for m in micro_batches):
-    parser.error(f"--micro_batches: each value must divide the {ROWS} rows.")
+  if not micro_batches or any((ROWS // GROUP) % m for m in micro_batches):
+    parser.error(f"--micro_batches: each value must divide the {ROWS // GROUP} prompts (micro-batches hold whole "
+                 "groups).")
   tunix_python = args.tunix_python or (DEFAULT_TUNIX_PYTHON if Path(DEFAULT_TUNIX_PYTHON).exists() else sys.executable)
   mem_cap, mem_reserve = args.mem_cap_gb * 1e9, args.mem_reserve_gb * 1e9
 
@@ -433,10 +457,11 @@ def main() -> None:
   run = lambda name, spec, python=sys.executable: run_worker(name, spec, python, mem_cap, mem_reserve)
   matmul = run("matmul", {})
   rows = []  # (engine, variant, algorithm, T, result)
-  shipped = dict(logit_chunk=args.logit_chunk, remat=args.remat, breakdown=args.breakdown)
+  shipped = dict(logit_chunk=args.logit_chunk, remat=args.remat, breakdown=args.breakdown, shape=args.shape)
   settings = {}
   for i, variant in enumerate(variants):
-    options = settings[variant] = dict(shipped, micro_batches=micro_batches[i])
+    options = settings[variant] = dict(shipped, micro_batches=micro_batches[i // len(prefixes)],
+                                       shared_prefix=not variant.endswith(" u"))
     for t in lengths:
       if t == args.peer_length:
         todo = algorithms if i == len(variants) - 1 else algorithms[:1]
@@ -452,7 +477,7 @@ def main() -> None:
   if "tunix" in peers:
     for remat in (("NONE", "BLOCK") if args.tunix_remat == "auto" else (args.tunix_remat,)):
       result = run("tunix", dict(length=args.peer_length, repeats=args.repeats, mem_cap=mem_cap,
-                                 num_layers=args.num_layers, remat=remat), tunix_python)
+                                 num_layers=args.num_layers, remat=remat, shape=args.shape), tunix_python)
       rows.append(("tunix", remat.lower(), "grpo", args.peer_length, result))
       if "oom" not in result:
         break
@@ -468,7 +493,8 @@ def main() -> None:
   print(f"CPU: {cpu_model()}, {cpu_cores()} cores; load average at the end {os.getloadavg()}; total {elapsed:.0f}s.")
   for variant in variants:
     o = settings[variant]
-    print(f"ours {variant}: micro_batches={o['micro_batches']} logit_chunk={o['logit_chunk']} remat={o['remat']}")
+    print(f"ours {variant}: micro_batches={o['micro_batches']} shared_prefix={o['shared_prefix']} "
+          f"logit_chunk={o['logit_chunk']} remat={o['remat']}")
   if "tunix" in peers:
     print(f"tunix: grpo_loss_fn + nnx.Optimizer(clip + AdamW) under nnx.jit; variant = its RematConfig (NONE is "
           f"its default; BLOCK is tried when NONE does not fit); {tunix_python}")
@@ -478,7 +504,7 @@ def main() -> None:
   if peak:
     print(f"float32 matmul peak (jnp.dot 2048x2048, median of 10 after warm-up): {peak / 1e9:.1f} GFLOP/s -> "
           f"bound {peak / (6 * params):.0f} tok/s at 6 x params FLOPs per token")
-  header = (f"{'engine':<6} {'variant':<7} {'algo':<4} {'T':>4} {'N(P+T)':>6} {'runs':>4} {'compile+warm s':>14} "
+  header = (f"{'engine':<6} {'variant':<8} {'algo':<4} {'T':>4} {'N(P+T)':>6} {'runs':>4} {'compile+warm s':>14} "
             f"{'median s':>8} {'tok/s':>6} {'resp tok/s':>10} {'of bound':>8} {'XLA plan GB':>11} {'peak RSS GB':>11} "
             f"{'after init':>10} {'delta GB':>8}")
   print()
@@ -487,7 +513,7 @@ def main() -> None:
   rates = {}
   for engine, variant, algorithm, t, r in rows:
     tokens = ROWS * (PROMPT_LEN + t)
-    lead = f"{engine:<6} {variant:<7} {algorithm:<4} {t:>4} {tokens:>6}"
+    lead = f"{engine:<6} {variant:<8} {algorithm:<4} {t:>4} {tokens:>6}"
     if "times" not in r:
       why = r.get("oom") or r.get("skipped") or r.get("error")
       print(f"{lead}  {'does not fit: ' if 'oom' in r else 'n/a: '}{why}")
@@ -531,9 +557,16 @@ def main() -> None:
     frac = f"{mine * 6 * params / peak:.3f}" if mine and peak else "n/a"
     return vs, frac
 
+  def vs_unshared(m):  # the shared-prefix update's speed-up: unshared update time / shared update time
+    pairs = [(rates.get(("ours", f"mb={m}", a, args.peer_length)), rates.get(("ours", f"mb={m} u", a, args.peer_length)))
+             for a in algorithms]
+    return ", ".join(f"{a}={s / u:.2f}" for a, (s, u) in zip(algorithms, pairs) if s and u) or "n/a"
+
   for variant in variants[1:]:
     vs, frac = ratios(variant)
     print(f"ours {variant}: vs_tunix={vs} frac_of_matmul_peak={frac}")
+  for m in micro_batches:
+    print(f"ours mb={m}: shared-prefix speed-up (unshared time / shared time) at T={args.peer_length}: {vs_unshared(m)}")
   vs, frac = ratios(variants[0])
   print(f"RESULT vs_tunix={vs} frac_of_matmul_peak={frac}")
 

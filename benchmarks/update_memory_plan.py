@@ -2,6 +2,7 @@
 """XLA's memory plan of one update step, compiled but not run: how it grows with the response length.
 
   python benchmarks/update_memory_plan.py          # ~6 min on 2 cores; needs no memory beyond the model
+  python benchmarks/update_memory_plan.py 4 128,256,512 shared,unshared   # also without the shared prefix
 
 SmolLM2-135M dimensions, the batch of benchmarks/train_step.py (32 rows, 64-token prompts), MCPO,
 T = 128 / 256 / 512 at micro_batches 4 and 1. The plan (arguments + outputs - donated + temporaries)
@@ -27,14 +28,15 @@ model = init_model(ModelConfig(model_type="llama", tie_word_embeddings=True, **d
 optimizer = make_optimizer(OptimConfig(learning_rate=1e-6))
 graphdef, state = init_train_state(model, optimizer, proj_dim=256)
 transfer = jnp.ones((DOMAINS, DOMAINS), jnp.float32)
-for mb in tuple(int(x) for x in (sys.argv[1] if len(sys.argv) > 1 else "4,1").split(",")):
-  for t in tuple(int(x) for x in (sys.argv[2] if len(sys.argv) > 2 else "128,256,512").split(",")):
-    config = UpdateConfig(objective=ObjectiveConfig(algorithm="mcpo", group_size=GROUP), micro_batches=mb,
-                          logit_chunk=64)
-    batch = shard_batch(make_batch(t), mesh)
-    t0 = time.perf_counter()
-    compiled = jit_update_step(graphdef, optimizer, config, state).lower(state, batch, transfer).compile()
-    m = compiled.memory_analysis()
-    print(f"micro_batches={mb} T={t}: XLA plan {_planned_bytes(compiled) / 1e9:.2f} GB (temporaries "
-          f"{m.temp_size_in_bytes / 1e9:.2f} GB, arguments {m.argument_size_in_bytes / 1e9:.2f} GB), "
-          f"compiled in {time.perf_counter() - t0:.0f}s", flush=True)
+arg = lambda i, default: (sys.argv[i] if len(sys.argv) > i else default).split(",")
+runs = [(prefix, int(mb), int(t)) for prefix in arg(3, "shared") for mb in arg(1, "4,1") for t in arg(2, "128,256,512")]
+for prefix, mb, t in runs:
+  config = UpdateConfig(objective=ObjectiveConfig(algorithm="mcpo", group_size=GROUP), micro_batches=mb,
+                        logit_chunk=64, shared_prefix=prefix == "shared")
+  batch = shard_batch(make_batch(t), mesh)
+  t0 = time.perf_counter()
+  compiled = jit_update_step(graphdef, optimizer, config, state).lower(state, batch, transfer).compile()
+  m = compiled.memory_analysis()
+  print(f"{prefix} prefix, micro_batches={mb} T={t}: XLA plan {_planned_bytes(compiled) / 1e9:.2f} GB (temporaries "
+        f"{m.temp_size_in_bytes / 1e9:.2f} GB, arguments {m.argument_size_in_bytes / 1e9:.2f} GB), "
+        f"compiled in {time.perf_counter() - t0:.0f}s", flush=True)

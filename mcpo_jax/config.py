@@ -7,6 +7,7 @@ import difflib
 import ml_collections
 
 from mcpo_jax.model.transformer import REMAT_POLICIES
+from mcpo_jax.objectives import DENOMINATORS
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -35,6 +36,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if config.model.param_dtype:
     _choice(config, "model.param_dtype", DTYPES)
   _choice(config, "model.remat", tuple(REMAT_POLICIES))
+  _choice(config, "objective.denominator", DENOMINATORS)
+  if config.objective.head_warmup_steps < 0:
+    raise ConfigError(f"--config.objective.head_warmup_steps={config.objective.head_warmup_steps}; use 0 (no "
+                      "warm-up) or the number of first RL steps that train the contrastive head alone.")
   for axis in ("data", "fsdp", "tensor"):
     size = config.mesh[axis]
     if size != -1 and size < 1:

@@ -30,8 +30,8 @@ from mcpo_jax.model import from_pretrained, load_tokenizer, save_pretrained
 from mcpo_jax.objectives import ObjectiveConfig, grpo_advantages
 from mcpo_jax.rewards import RewardPool
 from mcpo_jax.sampling import generate
-from mcpo_jax.train import (OptimConfig, UpdateConfig, init_train_state, jit_update_step, make_optimizer,
-                            sequence_logprobs, shard_batch)
+from mcpo_jax.train import (OptimConfig, UpdateConfig, deal_minibatches, init_train_state, jit_update_step,
+                            make_optimizer, sequence_logprobs, shard_batch, take_rows)
 
 PROGRESS_KEYS = ("reward", "accuracy", "loss", "contrastive", "kl", "response_length", "step_s")
 
@@ -67,7 +67,8 @@ def transfer_matrix(domains: Sequence[Domain], allowed: dict[str, Sequence[str]]
 
 
 def objective_config(config: ml_collections.ConfigDict) -> ObjectiveConfig:
-  fields = {k: v for k, v in config.objective.to_dict().items() if k not in ("transfer", "proj_dim")}
+  fields = {k: v for k, v in config.objective.to_dict().items()
+            if k not in ("transfer", "proj_dim", "head_warmup_steps")}
   return ObjectiveConfig(algorithm=config.algorithm, group_size=config.rollout.group_size, **fields)
 
 
@@ -111,15 +112,19 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
   group = config.rollout.group_size
   objective = objective_config(config)
-  optimizer = make_optimizer(OptimConfig(**config.optim.to_dict(), total_steps=config.train.steps))
+  # Head warm-up: the LLM is frozen for head_warmup_steps RL steps, each epochs × minibatches updates.
+  warmup_updates = config.objective.head_warmup_steps * config.train.epochs * config.train.minibatches
+  optimizer = make_optimizer(OptimConfig(**config.optim.to_dict(), total_steps=config.train.steps,
+                                         lm_frozen_updates=warmup_updates if objective.algorithm == "mcpo" else 0))
   update_config = UpdateConfig(objective=objective, temperature=config.rollout.temperature,
-                               micro_batches=config.train.micro_batches, logit_chunk=config.train.logit_chunk)
+                               micro_batches=config.train.micro_batches, logit_chunk=config.train.logit_chunk,
+                               shared_prefix=config.train.shared_prefix)
   graphdef, state = init_train_state(model, optimizer, proj_dim=config.objective.proj_dim, seed=config.seed)
   del model  # the train state owns the parameters from here on
   reference = jax.tree.map(jnp.copy, state.params["lm"]) if objective.kl_coef > 0 else None
   update = jit_update_step(graphdef, optimizer, update_config, state)
   logprobs = jax.jit(functools.partial(sequence_logprobs, graphdef, temperature=config.rollout.temperature,
-                                       chunk=config.train.logit_chunk))
+                                       chunk=config.train.logit_chunk, prompt_group=update_config.prompt_group))
 
   start_step = 0
   if config.resume == "auto":
@@ -198,8 +203,9 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
       batch = shard_batch(batch, mesh)
       batch["ref_logp"] = logprobs(reference, batch) if reference is not None else batch["old_logp"]
       update_metrics = []
-      for _ in range(config.train.epochs):
-        for minibatch in _minibatches(batch, config.train.minibatches, group):
+      for epoch in range(config.train.epochs):
+        dealer = np.random.default_rng([config.seed, step, epoch])  # a pure function of the step: resume deals the same
+        for minibatch in _minibatches(batch, config.train.minibatches, group, domain_ids, dealer, mesh):
           if not update_metrics:  # after the first update the state is this step's (the old one is donated)
             stop_if_preempted(step, data_before)
           state, metrics = update(state, minibatch, transfer)
@@ -258,15 +264,13 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return evaluations
 
 
-def _minibatches(batch: dict[str, jax.Array], count: int, group: int):
-  """Consecutive blocks of whole prompt groups (the contrastive term and the reward coupling need groups)."""
-  rows = batch["mask"].shape[0]
+def _minibatches(batch: dict[str, jax.Array], count: int, group: int, domain_ids: np.ndarray,
+                 rng: np.random.Generator, mesh):
+  """`count` minibatches of whole prompt groups (the contrastive term and the reward coupling need groups),
+  every domain in each in proportion (train.deal_minibatches). domain_ids: [N] host copy of the batch's."""
   if count == 1:
     yield batch
     return
-  if rows % (count * group):
-    raise ValueError(f"{rows // group} prompts per step do not split into {count} minibatches of whole groups; "
-                     "make config.train.minibatches divide config.data.prompts_per_step.")
-  size = rows // count
-  for start in range(0, rows, size):
-    yield {k: v[start:start + size] for k, v in batch.items()}
+  for groups in deal_minibatches(domain_ids[::group], count, rng):
+    rows = (groups[:, None] * group + np.arange(group)).reshape(-1)  # [B/count · G]
+    yield shard_batch(take_rows(batch, rows), mesh)

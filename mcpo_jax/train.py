@@ -47,6 +47,12 @@ class UpdateConfig:
   temperature: float = 1.0  # the sampler's: log-probs are of logits / temperature
   micro_batches: int = 1
   logit_chunk: int = 64  # response positions per LM-head chunk
+  shared_prefix: bool = True  # encode each group's prompt once (forward_rollouts)
+
+  @property
+  def prompt_group(self) -> int:
+    """Rows per shared prompt in the forward: the group size, or 1 (every row encodes its own prompt)."""
+    return self.objective.group_size if self.shared_prefix else 1
 
 
 @flax.struct.dataclass
@@ -136,45 +142,70 @@ def token_logprobs(model: Transformer, hidden: jax.Array, tokens: jax.Array, tem
   return unchunk(logp), unchunk(entropy)
 
 
-def forward_rollouts(model: Transformer, batch: dict[str, jax.Array], temperature: float, chunk: int):
-  """One forward over prompt + response -> (logp [N, T], entropy [N, T], pooled response hidden [N, E])."""
+def forward_rollouts(model: Transformer, batch: dict[str, jax.Array], temperature: float, chunk: int,
+                     prompt_group: int = 1):
+  """Teacher-forced forward over prompt + response -> (logp [N, T], entropy [N, T], pooled response hidden [N, E]).
+
+  prompt_group G > 1: rows come in groups of G consecutive rows that share one prompt (as rollouts
+  do). The prompt is then encoded once per group, [N/G, P], and each response attends to its
+  group's prompt keys/values, expanded to [N, K, P, D], and to its own causal prefix. The expansion's
+  gradient sums over the group, so values and gradients are those of G separate prompt + response
+  rows, with (G − 1)/G of the prompt tokens' layer work saved.
+  """
   prompt_len = batch["prompt_tokens"].shape[1]
   response_len = batch["tokens"].shape[1]
-  ids = jnp.concatenate([batch["prompt_tokens"], batch["tokens"]], axis=1)  # [N, P + T]
-  mask = jnp.concatenate([batch["prompt_mask"], batch["mask"]], axis=1)
-  hidden = model(ids, mask, return_logits=False).hidden  # [N, P + T, E]
-  predicting = hidden[:, prompt_len - 1:prompt_len + response_len - 1]  # the states that predict the response
+  if prompt_group == 1:
+    ids = jnp.concatenate([batch["prompt_tokens"], batch["tokens"]], axis=1)  # [N, P + T]
+    mask = jnp.concatenate([batch["prompt_mask"], batch["mask"]], axis=1)
+    hidden = model(ids, mask, return_logits=False).hidden  # [N, P + T, E]
+    predicting = hidden[:, prompt_len - 1:prompt_len + response_len - 1]  # the states that predict the response
+    response_hidden = hidden[:, prompt_len:]
+  else:
+    expand = lambda x: jnp.repeat(x, prompt_group, axis=0)  # [N/G, ...] -> [N, ...]
+    prompt = model(batch["prompt_tokens"][::prompt_group], batch["prompt_mask"][::prompt_group],
+                   return_logits=False, return_kv=True)  # hidden [N/G, P, E]
+    prefix = prompt.cache.replace(keys=tuple(map(expand, prompt.cache.keys)),
+                                  values=tuple(map(expand, prompt.cache.values)),
+                                  key_mask=expand(prompt.cache.key_mask))  # [N, K, P, D] per layer
+    response_hidden = model(batch["tokens"], batch["mask"], prefix=prefix, return_logits=False).hidden  # [N, T, E]
+    # The last prompt state predicts the first response token; response states predict the rest.
+    predicting = jnp.concatenate([expand(prompt.hidden[:, -1:]), response_hidden[:, :-1]], axis=1)
   logp, entropy = token_logprobs(model, predicting, batch["tokens"], temperature, chunk)
-  pooled = pool_response(hidden[:, prompt_len:], batch["mask"])
+  pooled = pool_response(response_hidden, batch["mask"])
   return logp, entropy, pooled
 
 
 def sequence_logprobs(graphdef: nnx.GraphDef, lm_params, batch: dict[str, jax.Array], *, temperature: float,
-                      chunk: int = 64) -> jax.Array:
+                      chunk: int = 64, prompt_group: int = 1) -> jax.Array:
   """Log-probs [N, T] of the rollouts under `lm_params` (the frozen reference, or π_old recomputed)."""
   model = nnx.merge(graphdef, lm_params)
-  return forward_rollouts(model, batch, temperature, chunk)[0]
+  return forward_rollouts(model, batch, temperature, chunk, prompt_group)[0]
 
 
 # ---------------------------------------------------------------------------------------------
 # The update
 
 
-def _split_micro(x: jax.Array, micro: int) -> jax.Array:
-  """[N, ...] -> [M, N/M, ...], micro-batch m holding rows m, m+M, m+2M, ...
+def _split_micro(x: jax.Array, micro: int, group: int = 1) -> jax.Array:
+  """[N, ...] -> [M, N/M, ...], micro-batch m holding the groups of `group` consecutive rows m, m+M, m+2M, ...
 
   Strided, so every micro-batch draws rows from every batch shard and the scan over micro-batches
-  needs no resharding.
+  needs no resharding; whole groups, so a micro-batch's rows still share their prompts.
   """
-  if x.shape[0] % micro:
-    raise ValueError(f"{x.shape[0]} rows do not split into {micro} micro-batches; make micro_batches divide "
-                     "the rows per update.")
-  return x.reshape(x.shape[0] // micro, micro, *x.shape[1:]).swapaxes(0, 1)
+  units = x.shape[0] // group
+  if units % micro:
+    what = f"{units} prompt groups" if group > 1 else f"{x.shape[0]} rows"
+    raise ValueError(f"{what} do not split into {micro} micro-batches; make train.micro_batches divide the "
+                     f"{'prompts' if group > 1 else 'rows'} per update.")
+  x = x.reshape(units // micro, micro, group, *x.shape[1:]).swapaxes(0, 1)  # [M, units/M, group, ...]
+  return x.reshape(micro, -1, *x.shape[3:])
 
 
-def _merge_micro(x: jax.Array) -> jax.Array:
+def _merge_micro(x: jax.Array, group: int = 1) -> jax.Array:
   """Inverse of _split_micro: [M, N/M, ...] -> [N, ...]."""
-  return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+  m = x.shape[0]
+  x = x.reshape(m, -1, group, *x.shape[2:]).swapaxes(0, 1)  # [units/M, M, group, ...]
+  return x.reshape(-1, *x.shape[3:])
 
 
 def loss_and_grads(graphdef, params, batch, transfer, config: UpdateConfig):
@@ -184,7 +215,8 @@ def loss_and_grads(graphdef, params, batch, transfer, config: UpdateConfig):
   use_head = objective.algorithm == "mcpo"
 
   def lm_forward(lm_params, mb):
-    return forward_rollouts(nnx.merge(graphdef, lm_params), mb, config.temperature, config.logit_chunk)
+    return forward_rollouts(nnx.merge(graphdef, lm_params), mb, config.temperature, config.logit_chunk,
+                            config.prompt_group)
 
   if config.micro_batches == 1:
     def loss_fn(params):
@@ -198,7 +230,9 @@ def loss_and_grads(graphdef, params, batch, transfer, config: UpdateConfig):
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return loss, metrics, grads
 
-  split = lambda x: _split_micro(x, config.micro_batches)
+  group = config.prompt_group
+  split = lambda x: _split_micro(x, config.micro_batches, group)
+  merge = lambda x: _merge_micro(x, group)
   # With M ≥ 3 the last micro-batch's forward keeps its residuals for its backward below; its pooled
   # representations then complete the set the contrastive term needs, so MCPO's extra forward pass
   # covers only the other micro-batches. With M = 2 the scan over the one other micro-batch would be
@@ -227,14 +261,14 @@ def loss_and_grads(graphdef, params, batch, transfer, config: UpdateConfig):
   if gradient_cached:  # pass 1: every pooled representation, then the contrastive gradient w.r.t. them
     # One forward over the other micro-batches' rows: [M - 1, N/M, ...] merged as _split_micro would
     # have split them, so every batch shard keeps its own rows.
-    forward_others = lambda: _split_micro(lm_forward(params["lm"], jax.tree.map(_merge_micro, others))[2],
-                                          config.micro_batches - kept)  # [M - kept, N/M, E]
+    forward_others = lambda: _split_micro(lm_forward(params["lm"], jax.tree.map(merge, others))[2],
+                                          config.micro_batches - kept, group)  # [M - kept, N/M, E]
     # A batch without an anchor (e.g. no correct rollout yet) has a zero contrastive term and zero
     # gradients whatever the representations are: it skips this extra forward pass.
     no_pooled = lambda: jnp.zeros((config.micro_batches - kept, num_rows // config.micro_batches,
                                    params["head"].shape[0]), jnp.float32)
     others_pooled = jax.lax.cond(has_anchor(batch, transfer, objective), forward_others, no_pooled)
-    pooled = _merge_micro(jnp.concatenate([others_pooled, last_outputs[2][None]]) if kept else others_pooled)
+    pooled = merge(jnp.concatenate([others_pooled, last_outputs[2][None]]) if kept else others_pooled)
     (contrastive, (advantages, metrics)), (pooled_grad, head_grad) = contrastive_and_grads(pooled)
   micro = dict(micro, advantages=split(advantages), pooled_grad=split(jnp.broadcast_to(pooled_grad, (num_rows,) +
                                                                                            pooled_grad.shape[1:])))
@@ -268,7 +302,7 @@ def loss_and_grads(graphdef, params, batch, transfer, config: UpdateConfig):
     others_aux = jax.tree.map(lambda stacked, one: jnp.concatenate([stacked, one[None]]), others_aux, last_aux)
   policy_metrics, entropy_sums, micro_pooled = others_aux  # [M, ...]
   if head_only:
-    (contrastive, (_, metrics)), (_, head_grad) = contrastive_and_grads(_merge_micro(micro_pooled))
+    (contrastive, (_, metrics)), (_, head_grad) = contrastive_and_grads(merge(micro_pooled))
   # Per-micro-batch token means, weighted by tokens, are the batch's token means.
   weights = jnp.sum(micro["mask"], axis=(1, 2)) / jnp.maximum(num_tokens, 1)  # [M]
   # pg_loss and kl already carry the global normalisers: their micro-batch parts add up.

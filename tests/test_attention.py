@@ -30,12 +30,15 @@ def _inputs(seed, b=3, kv=2, g=3, t=37, d=16):
   return q, k, v, key_mask, d_out, sees_a_key
 
 
-def _torch_dense(q, k, v, key_mask, d_out):
-  """Softmax(q kᵀ / √d) v with causal and key masks, and its autograd gradients w.r.t. q, k, v."""
+def _torch_dense(q, k, v, key_mask, d_out, first_slot=0):
+  """Softmax(q kᵀ / √d) v with causal and key masks, and its autograd gradients w.r.t. q, k, v.
+
+  Query i sits at slot first_slot + i of the S keys."""
   q, k, v = (torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in (q, k, v))
-  t = q.shape[3]
+  t, s = q.shape[3], k.shape[2]
   scores = torch.einsum("bkgtd,bksd->bkgts", q, k) / q.shape[-1] ** 0.5
-  allowed = torch.tril(torch.ones(t, t, dtype=torch.bool))[None] & torch.tensor(key_mask)[:, None, :]  # [B, T, S]
+  causal = torch.tril(torch.ones(t, s, dtype=torch.bool), diagonal=first_slot)
+  allowed = causal[None] & torch.tensor(key_mask)[:, None, :]  # [B, T, S]
   scores = scores.masked_fill(~allowed[:, None, None], torch.finfo(torch.float32).min)
   out = torch.einsum("bkgts,bksd->bkgtd", torch.softmax(scores, dim=-1), v)
   out.backward(torch.tensor(d_out, dtype=torch.float64))
@@ -52,6 +55,19 @@ def test_blockwise_causal_attention_matches_torch_dense(block):
   real = sees_a_key[:, None, None, :, None]
   for got, want in ((out * real, want_out * real), (dq, want_dq), (dk, want_dk), (dv, want_dv)):
     assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(np.asarray(got), want, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("block", [1, 8, 64])
+def test_blockwise_attention_after_a_shared_prefix_matches_torch_dense(block):
+  """Queries at slots F..F+T-1 over [F prefix keys; T own keys]: the shared-prompt training path."""
+  first, t = 13, 21
+  q, k, v, key_mask, d_out, _ = _inputs(seed=block + 100, t=first + t)
+  q, d_out = q[:, :, :, first:], d_out[:, :, :, first:]  # the last T queries
+  key_mask[1, :4] = False  # a left-padded prefix
+  want_out, want_dq, want_dk, want_dv = _torch_dense(q, k, v, key_mask, d_out, first_slot=first)
+  out, vjp = jax.vjp(lambda q, k, v: causal_attention(q, k, v, jnp.asarray(key_mask), block, first), q, k, v)
+  for got, want in zip((out, *vjp(jnp.asarray(d_out))), (want_out, want_dq, want_dk, want_dv)):
     np.testing.assert_allclose(np.asarray(got), want, atol=TOL, rtol=0)
 
 

@@ -176,3 +176,29 @@ def test_byte_range_reader_used_for_gs_paths_reads_the_same_tensors(tiny_checkpo
   remote = from_pretrained(directory)
   ids = np.arange(24).reshape(2, 12)
   np.testing.assert_array_equal(remote(ids).logits, local(ids).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_prefix_logprobs_match_transformers(tiny_checkpoints, family):
+  """The training forward with each group's prompt encoded once (train.forward_rollouts, G = 3) gives
+  transformers' log-probs of the concatenated prompt + response rows, sharded over a 2×4 mesh."""
+  from flax import nnx
+  from mcpo_jax.train import sequence_logprobs, shard_batch
+  directory, hf_model = tiny_checkpoints[family]
+  rng, prompts_count, group, p, t, vocab = np.random.default_rng(5), 8, 3, 10, 9, hf_model.config.vocab_size
+  prompts, prompt_mask = left_padded_batch(rng, prompts_count, p, vocab)  # 0/3/7/0 pads
+  prompts, prompt_mask = np.repeat(prompts, group, axis=0), np.repeat(prompt_mask, group, axis=0)
+  tokens = rng.integers(0, vocab, (prompts_count * group, t))
+  mask = (np.arange(t)[None] < rng.integers(1, t + 1, (prompts_count * group, 1))).astype(np.int64)  # ragged
+  ids, full_mask = np.concatenate([prompts, tokens], 1), np.concatenate([prompt_mask, mask], 1)
+  logits = _torch_reference(hf_model, ids, full_mask)[0].astype(np.float64)[:, p - 1:p + t - 1]
+  want = (np.take_along_axis(logits, tokens[..., None], -1)[..., 0]
+          - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) - logits.max(-1))
+
+  mesh = _mesh((1, 2, 4))
+  graphdef, params = nnx.split(from_pretrained(directory, mesh=mesh), nnx.Param)
+  batch = shard_batch(dict(prompt_tokens=prompts, prompt_mask=prompt_mask, tokens=tokens, mask=mask), mesh)
+  got = jax.jit(lambda params, batch: sequence_logprobs(graphdef, params, batch, temperature=1.0, chunk=4,
+                                                        prompt_group=group))(params, batch)
+  real = mask.astype(bool)
+  np.testing.assert_allclose(np.asarray(got)[real], want[real], atol=PARITY_TOL, rtol=0)

@@ -11,8 +11,8 @@ from mcpo_jax.model import init_model
 from mcpo_jax.model.config import ModelConfig
 from mcpo_jax.objectives import ObjectiveConfig, grpo_advantages, has_anchor
 from mcpo_jax.sampling import generate
-from mcpo_jax.train import (OptimConfig, UpdateConfig, init_train_state, jit_update_step, loss_and_grads,
-                            make_optimizer, sequence_logprobs, shard_batch)
+from mcpo_jax.train import (OptimConfig, UpdateConfig, forward_rollouts, init_train_state, jit_update_step,
+                            loss_and_grads, make_optimizer, sequence_logprobs, shard_batch)
 
 CONFIG = ModelConfig("qwen2", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                      num_kv_heads=4, head_dim=16, attention_bias=True, tie_word_embeddings=True)
@@ -27,17 +27,19 @@ REWARDS = np.array([1, 0, 1, 0, 0, 1, 1, 1, 0, 1, 0, 0, 1, 1, 0, 1], np.float32)
 
 
 def _batch(seed=0, rewards=REWARDS):
-  """16 scored rollouts: 4 prompts × 4, 3 domains, ragged response lengths (one empty)."""
+  """16 scored rollouts: 4 prompts × 4 (rows of a prompt consecutive, as rollouts are), 3 domains, ragged
+  response lengths (one empty)."""
   rng = np.random.default_rng(seed)
   lengths = rng.integers(1, T + 1, N)
   lengths[5] = 0
   batch = dict(
-      prompt_tokens=rng.integers(0, 256, (N, P)), prompt_mask=np.ones((N, P), np.int32),
+      prompt_tokens=np.repeat(rng.integers(0, 256, (N // G, P)), G, axis=0), prompt_mask=np.ones((N, P), np.int32),
       tokens=rng.integers(0, 256, (N, T)), mask=(np.arange(T)[None] < lengths[:, None]).astype(np.int32),
       old_logp=(-5 * rng.random((N, T))).astype(np.float32), ref_logp=(-5 * rng.random((N, T))).astype(np.float32),
       rewards=rewards, correct=rewards.astype(np.int32), prompt_ids=np.repeat(np.arange(N // G), G),
       domain_ids=np.repeat(np.array([0, 1, 2, 0]), G))
-  batch["prompt_mask"][3, :3] = 0  # some left padding
+  batch["prompt_mask"][0:G, :3] = 0  # left-padded prompts of different lengths (rows of a group share theirs)
+  batch["prompt_mask"][2 * G:3 * G, :1] = 0
   batch["advantages"] = np.asarray(grpo_advantages(jnp.asarray(rewards), G))
   return batch
 
@@ -61,11 +63,13 @@ def _max_diff(a, b):
   return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b)))
 
 
-def test_chunked_logprobs_equal_full_log_softmax():
+@pytest.mark.parametrize("prompt_group", [1, G])
+def test_chunked_logprobs_equal_full_log_softmax(prompt_group):
   model = init_model(CONFIG, seed=2)
   batch = _batch()
   graphdef, params = nnx.split(model, nnx.Param)
-  got = sequence_logprobs(graphdef, params, batch, temperature=0.7, chunk=5)  # 12 = 5 + 5 + 2 (padded chunk)
+  got = sequence_logprobs(graphdef, params, batch, temperature=0.7, chunk=5,  # 12 = 5 + 5 + 2 (padded chunk)
+                          prompt_group=prompt_group)
   ids = np.concatenate([batch["prompt_tokens"], batch["tokens"]], 1)
   mask = np.concatenate([batch["prompt_mask"], batch["mask"]], 1)
   logits = np.asarray(model(ids, mask).logits, np.float64)[:, P - 1:P + T - 1] / 0.7
@@ -75,16 +79,19 @@ def test_chunked_logprobs_equal_full_log_softmax():
   np.testing.assert_allclose(np.asarray(got)[real], want[real], atol=2e-5)
 
 
-def test_trainer_logprobs_equal_sampler_logprobs():
+@pytest.mark.parametrize("prompt_group", [1, 3])
+def test_trainer_logprobs_equal_sampler_logprobs(prompt_group):
   """π_old from the sampler and π from the trainer's forward agree (same temperature), so ρ = 1 on-policy."""
   model = init_model(CONFIG, seed=3)
   prompts = np.random.default_rng(0).integers(0, 256, (2, 6))
-  rollouts = generate(model, prompts, np.ones_like(prompts), group_size=3, max_new_tokens=10, temperature=0.8,
+  prompt_mask = np.ones_like(prompts)
+  prompt_mask[1, :2] = 0  # left padding
+  rollouts = generate(model, prompts, prompt_mask, group_size=3, max_new_tokens=10, temperature=0.8,
                       key=jax.random.key(0))
   batch = dict(prompt_tokens=rollouts.prompt_ids, prompt_mask=rollouts.prompt_mask, tokens=rollouts.tokens,
                mask=rollouts.response_mask)
   graphdef, params = nnx.split(model, nnx.Param)
-  logp = sequence_logprobs(graphdef, params, batch, temperature=0.8)
+  logp = sequence_logprobs(graphdef, params, batch, temperature=0.8, prompt_group=prompt_group)
   mask = np.asarray(rollouts.response_mask).astype(bool)
   np.testing.assert_allclose(np.asarray(logp)[mask], np.asarray(rollouts.logprobs)[mask], atol=1e-5)
 
@@ -220,3 +227,30 @@ def test_minibatches_hold_every_domain_in_proportion(counts):
   assert np.array_equal(dealt, again) and not np.array_equal(dealt, other)  # seeded, and seeds matter
   with pytest.raises(ValueError, match="minibatches"):
     deal_minibatches(group_domains[:-1] if sum(counts) % 2 == 0 else group_domains, 2, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("micro_batches", [1, 4])
+@pytest.mark.parametrize("objective", [{"algorithm": "grpo"}, {}, {"coupling": "reward"}])
+def test_shared_prefix_gives_the_unshared_losses_and_gradients(objective, micro_batches):
+  """Each group's prompt encoded once: the same loss, metrics and gradients as G prompt + response rows,
+  with the rows sharded over a 2×4 mesh and left-padded prompts of different lengths."""
+  unshared = _grads((1, 2, 4), micro_batches=micro_batches, shared_prefix=False, objective=objective)
+  shared = _grads((1, 2, 4), micro_batches=micro_batches, shared_prefix=True, objective=objective)
+  assert abs(unshared[0] - shared[0]) < 1e-5
+  for name in ("pg_loss", "kl", "ppo_kl", "entropy", "contrastive", "anchors", "pos_sim"):
+    if name in unshared[1]:
+      assert abs(unshared[1][name] - shared[1][name]) < 1e-5, name
+  scale = max(np.abs(g).max() for g in jax.tree.leaves(unshared[2]))
+  assert _max_diff(unshared[2], shared[2]) <= 1e-5 * max(scale, 1.0)
+
+
+def test_shared_prefix_logprobs_and_entropies_equal_the_unshared_ones():
+  mesh = _mesh((1, 2, 4))
+  model = init_model(CONFIG, mesh=mesh, seed=2)
+  batch = shard_batch(_batch(), mesh)
+  outputs = [jax.jit(lambda b, g=g: forward_rollouts(model, b, 0.9, 5, g))(batch) for g in (1, G)]
+  real = _batch()["mask"].astype(bool)
+  for unshared, shared, name in zip(*outputs, ("logp", "entropy", "pooled")):
+    got, want = np.asarray(shared), np.asarray(unshared)
+    np.testing.assert_allclose(got[real] if name != "pooled" else got, want[real] if name != "pooled" else want,
+                               atol=1e-5, err_msg=name)

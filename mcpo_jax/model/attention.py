@@ -3,7 +3,8 @@
 Both take queries grouped by KV head, so each product is a plain batched matmul over (B, K) with no
 copy of the keys: q [B, K, G, T, D] (G = H / K query heads per KV head), k, v [B, K, S, D].
 
-The training path (no cache, queries at slots 0..T-1) never keeps a [T, S] matrix: a lax.scan goes
+The training path (no cache; queries at slots F..F+T-1 over S = F + T keys, F = 0 for plain
+self-attention and F = P when the keys start with a shared prompt's) never keeps a [T, S] matrix: a lax.scan goes
 over query blocks and keeps just the output and the per-query log-sum-exp; the backward scans the
 blocks again and recomputes each block's probabilities from them (the flash-attention recipe, in
 plain XLA). Activation memory is therefore linear in T. The scan matters: with the blocks unrolled
@@ -69,12 +70,12 @@ def _block_scores(q_block, k, key_mask, start, groups):
   return _masked_scores(q_block, k, start + jnp.arange(q_block.shape[2] // groups), key_mask, groups)
 
 
-def _causal_forward(q, k, v, key_mask, block):
+def _causal_forward(q, k, v, key_mask, block, first_slot):
   groups, t = q.shape[2], q.shape[3]
 
   def one_block(_, inputs):
     index, q_block = inputs
-    scores, _ = _block_scores(q_block, k, key_mask, index * block, groups)
+    scores, _ = _block_scores(q_block, k, key_mask, first_slot + index * block, groups)
     lse = jax.nn.logsumexp(scores, axis=-1)  # [B, K, G·Q]
     probs = jnp.exp(scores - lse[..., None]).astype(q.dtype)
     return None, (jnp.einsum("bkqs,bksd->bkqd", probs, v), lse)
@@ -84,22 +85,24 @@ def _causal_forward(q, k, v, key_mask, block):
   return _from_blocks(out, groups, t), _from_blocks(lse, groups, t)  # [B, K, G, T, D], [B, K, G, T]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, block: int) -> jax.Array:
-  """Causal self-attention of T tokens at slots 0..T-1, in query blocks of `block`.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, block: int,
+                     first_slot: int = 0) -> jax.Array:
+  """Causal attention of T queries at slots F..F+T-1 (F = first_slot) over S = F + T keys, in query blocks.
 
-  q: [B, K, G, T, D]; k, v: [B, K, T, D]; key_mask: [B, T] bool (False = padding, never attended to).
-  Returns [B, K, G, T, D]; equal to cached_attention(q, k, v, arange(T), key_mask) up to rounding.
+  q: [B, K, G, T, D]; k, v: [B, K, S, D]; key_mask: [B, S] bool (False = padding, never attended to).
+  F = 0 is self-attention; F = P lets a response attend to a shared prompt's P keys before its own.
+  Returns [B, K, G, T, D]; equal to cached_attention(q, k, v, F + arange(T), key_mask) up to rounding.
   """
-  return _causal_forward(q, k, v, key_mask, block)[0]
+  return _causal_forward(q, k, v, key_mask, block, first_slot)[0]
 
 
-def _causal_fwd(q, k, v, key_mask, block):
-  out, lse = _causal_forward(q, k, v, key_mask, block)
+def _causal_fwd(q, k, v, key_mask, block, first_slot):
+  out, lse = _causal_forward(q, k, v, key_mask, block, first_slot)
   return out, (q, k, v, key_mask, out, lse)
 
 
-def _causal_bwd(block, residuals, d_out):
+def _causal_bwd(block, first_slot, residuals, d_out):
   q, k, v, key_mask, out, lse = residuals
   groups, t, d = q.shape[2], q.shape[3], q.shape[4]
   # delta_i = Σ_d dO_i · O_i = Σ_j P_ij dP_ij: the softmax backward's row term.
@@ -108,7 +111,7 @@ def _causal_bwd(block, residuals, d_out):
   def one_block(carry, inputs):
     dk, dv = carry  # [B, K, S, D] float32 each
     index, q_block, d_out_block, lse_block, delta_block = inputs
-    scores, allowed = _block_scores(q_block, k, key_mask, index * block, groups)
+    scores, allowed = _block_scores(q_block, k, key_mask, first_slot + index * block, groups)
     probs = jnp.exp(scores - lse_block[..., None])  # [B, K, G·Q, S] float32
     dv = dv + jnp.einsum("bkqs,bkqd->bksd", probs.astype(q.dtype), d_out_block, preferred_element_type=jnp.float32)
     d_probs = jnp.einsum("bkqd,bksd->bkqs", d_out_block, v, preferred_element_type=jnp.float32)

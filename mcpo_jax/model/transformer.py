@@ -3,8 +3,11 @@
 One forward serves training and sampling. Without a cache it is a teacher-forced pass over
 [B, T] tokens. With a cache it writes the new keys/values at slots [cache.index, cache.index + T)
 and attends to every filled slot at or before each query's slot: prefill is a call with the
-(left-padded) prompt, decode is a call with one token per row. Positions come from the attention
-mask (count of real tokens so far), so left padding never shifts RoPE.
+(left-padded) prompt, decode is a call with one token per row. With a `prefix` (the keys/values of
+a prompt, returned by a `return_kv=True` call and expanded to one copy per row) it is a
+teacher-forced pass whose tokens also attend to that prompt: the training forward of G responses
+that share one prompt encodes the prompt once. Positions come from the attention mask (count of
+real tokens so far), so left padding never shifts RoPE.
 
 Shapes: B batch, T new tokens, S cache slots, E hidden, H query heads, K KV heads, D head dim,
 F MLP width, V vocabulary.
@@ -111,10 +114,13 @@ class Attention(nnx.Module):
       out = out + getattr(self, f"{name}_bias")[...].astype(self.dtype)
     return out
 
-  def __call__(self, x, cos, sin, query_slots, key_mask, layer_keys, layer_values, write_index):
-    """x: [B, T, E]; query_slots: [T]; key_mask: [B, S]; layer_keys/values: [B, K, S, D] or None.
+  def __call__(self, x, cos, sin, query_slots, key_mask, layer_keys, layer_values, write_index,
+               prefix_keys=None, prefix_values=None):
+    """x: [B, T, E]; query_slots: [T]; key_mask: [B, S]; layer_keys/values: [B, K, S, D] or None (a cache);
+    prefix_keys/values: [B, K, P, D] or None (a shared prompt's, S = P + T).
 
-    Returns the attention output [B, T, E] and the layer's updated keys and values [B, K, S, D].
+    Returns the attention output [B, T, E] and the layer's keys and values ([B, K, S, D] with a cache,
+    else this call's [B, K, T, D]).
     """
     cfg = self.config
     q = self._project(x, "q")  # [B, T, H, D]
@@ -136,7 +142,11 @@ class Attention(nnx.Module):
     b, t, h, d = q.shape
     kv_heads, groups = cfg.num_kv_heads, h // cfg.num_kv_heads
     q = q.reshape(b, t, kv_heads, groups, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
-    if layer_keys is None:  # teacher-forced (training): blockwise, memory linear in T
+    if prefix_keys is not None:  # teacher-forced after a shared prompt: keys [prompt; own tokens]
+      k_all = jnp.concatenate([prefix_keys.astype(self.dtype), k.astype(self.dtype)], axis=2)  # [B, K, P + T, D]
+      v_all = jnp.concatenate([prefix_values.astype(self.dtype), v.astype(self.dtype)], axis=2)
+      out = causal_attention(q, k_all, v_all, key_mask, ATTENTION_BLOCK, prefix_keys.shape[2])
+    elif layer_keys is None:  # teacher-forced (training): blockwise, memory linear in T
       out = causal_attention(q, k.astype(self.dtype), v.astype(self.dtype), key_mask, ATTENTION_BLOCK)
     else:
       out = cached_attention(q, k.astype(self.dtype), v.astype(self.dtype), query_slots, key_mask)
@@ -173,9 +183,10 @@ class Block(nnx.Module):
     self.mlp = MLP(config, **kw)
     self.mesh = mesh
 
-  def __call__(self, x, cos, sin, query_slots, key_mask, layer_keys, layer_values, write_index):
-    attn_out, new_keys, new_values = self.attn(
-        self.input_norm(x), cos, sin, query_slots, key_mask, layer_keys, layer_values, write_index)
+  def __call__(self, x, cos, sin, query_slots, key_mask, layer_keys, layer_values, write_index,
+               prefix_keys=None, prefix_values=None):
+    attn_out, new_keys, new_values = self.attn(self.input_norm(x), cos, sin, query_slots, key_mask, layer_keys,
+                                               layer_values, write_index, prefix_keys, prefix_values)
     x = constrain(x + attn_out, self.mesh, ("batch", "length", None))
     x = constrain(x + self.mlp(self.post_attention_norm(x)), self.mesh, ("batch", "length", None))
     return x, new_keys, new_values
@@ -215,13 +226,25 @@ class Transformer(nnx.Module):
     return constrain(logits, self.mesh, ("batch", "length", "vocab"))
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
-               cache: KVCache | None = None, return_logits: bool = True) -> ModelOutput:
-    """input_ids, attention_mask: int [B, T] (mask 1 = real token, 0 = padding)."""
+               cache: KVCache | None = None, prefix: KVCache | None = None, return_logits: bool = True,
+               return_kv: bool = False) -> ModelOutput:
+    """input_ids, attention_mask: int [B, T] (mask 1 = real token, 0 = padding).
+
+    cache: a KV cache to write into and attend over (sampling). prefix: keys/values [B, K, P, D] of a
+    prompt these tokens follow (training with a shared prompt). return_kv: without a cache, return
+    this call's keys/values as `cache` (a prompt to be used as a prefix).
+    """
     b, t = input_ids.shape
     if attention_mask is None:
       attention_mask = jnp.ones((b, t), jnp.int32)
     attention_mask = attention_mask.astype(bool)
-    if cache is None:
+    if prefix is not None and (cache is not None or return_kv):
+      raise ValueError("a prefix call (training after a shared prompt) takes no cache and returns no keys/values.")
+    if prefix is not None:
+      write_index = jnp.asarray(prefix.max_length, jnp.int32)
+      key_mask = jnp.concatenate([prefix.key_mask, attention_mask], axis=1)  # [B, P + T]
+      tokens_before = jnp.sum(prefix.key_mask, axis=1, keepdims=True)  # [B, 1]
+    elif cache is None:
       write_index, key_mask, tokens_before = jnp.zeros((), jnp.int32), attention_mask, 0
     else:
       write_index = cache.index
@@ -241,12 +264,14 @@ class Transformer(nnx.Module):
     for i, layer in enumerate(self.layers):
       layer_keys = None if cache is None else cache.keys[i]
       layer_values = None if cache is None else cache.values[i]
-      x, k, v = self._apply_layer(layer, x, cos, sin, query_slots, key_mask, layer_keys, layer_values, write_index)
+      layer_prefix = () if prefix is None else (prefix.keys[i], prefix.values[i])
+      x, k, v = self._apply_layer(layer, x, cos, sin, query_slots, key_mask, layer_keys, layer_values, write_index,
+                                  *layer_prefix)
       new_keys.append(k)
       new_values.append(v)
     hidden = self.final_norm(x)  # [B, T, E]
 
-    new_cache = None if cache is None else KVCache(
+    new_cache = None if cache is None and not return_kv else KVCache(
         keys=tuple(new_keys), values=tuple(new_values), key_mask=key_mask, index=write_index + t)
     logits = self.logits_from_hidden(hidden) if return_logits else None
     return ModelOutput(logits=logits, hidden=hidden, cache=new_cache)
