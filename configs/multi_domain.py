@@ -3,7 +3,7 @@
 `python run.py --config=configs/multi_domain.py[:preset] --config.<field>=<value>`. Presets:
   default               SmolLM2-135M-Instruct (embedded) on three offline reasoning-gym domains, CPU-sized
   tiny                  a few seconds per step: tests and smoke runs
-  compare               the default with a held-out eval for mcpo_jax.experiments.compare (150 prompts, k = 4)
+  compare               the transfer task, sized for mcpo_jax.experiments.compare (150 held-out prompts, k = 4)
   transfer              the default on addition in three formats (digits, words, story): known transfer
   qwen2.5-7b-instruct   paper scale on a TPU pod: math + code + logic files on gs://
   qwen3-8b              the same recipe for Qwen3-8B
@@ -158,6 +158,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     config.export_hf = False
   elif preset == "compare":  # one arm × seed of mcpo_jax.experiments.compare; its evaluation dominates the time
     config.workdir = "runs/compare"
+    config.data.domains = transfer_domains()  # the task with known transfer (the `transfer` preset's)
     config.train.steps = 4
     config.optim.learning_rate = 1e-5  # 4 steps at the default 2e-6 would not move the policy
     config.eval.every = 0  # the start and the end: 2 × 150 prompts × (1 greedy + 4 samples) per domain

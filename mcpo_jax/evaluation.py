@@ -74,8 +74,8 @@ def _decode(tokenizer, rollouts) -> list[str]:
 
 
 def prompt_hash(example: dict) -> str:
-  """A short content hash of the question (whitespace- and case-normalised): the key that pairs prompts."""
-  return hashlib.sha1(" ".join(str(example["prompt"]).lower().split()).encode()).hexdigest()[:16]
+  """A short hash of the question's content key (the splits' notion of "the same problem"): pairs prompts."""
+  return hashlib.sha1(content_key(str(example["prompt"])).encode()).hexdigest()[:16]
 
 
 def extracted_answer(completion: str, example: dict) -> str | None:
