@@ -98,8 +98,9 @@ def code_cost(rows: list[tuple[str, dict]]) -> None:
   os.close(read)
   os.close(write)
   bare = statistics.median(starts["bare"])
-  print("namespace creation (median `python -c pass` minus bare " + f"{1e3 * bare:.1f} ms): " + ", ".join(
-      f"{name} +{1e3 * (statistics.median(values) - bare):.1f} ms" for name, values in starts.items() if name != "bare"))
+  extra = [f"{name} +{1e3 * (statistics.median(values) - bare):.1f} ms" for name, values in starts.items()
+           if name != "bare"]
+  print(f"namespace creation (median `python -c pass` minus bare {1e3 * bare:.1f} ms): {', '.join(extra)}")
 
 
 def main() -> None:

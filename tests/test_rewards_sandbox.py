@@ -122,7 +122,8 @@ def test_the_config_field_is_checked():
 
 def test_asserts_are_parsed_into_trusted_calls_and_other_tests_are_counted(pool):
   from mcpo_jax.rewards.code import harness, parse_asserts
-  human_eval = "METADATA = {}\n\ndef check(candidate):\n    assert candidate([1, 2]) == 3\n    assert not candidate([])\n"
+  human_eval = ("METADATA = {}\n\ndef check(candidate):\n    assert candidate([1, 2]) == 3\n"
+                "    assert not candidate([])\n")
   parsed = parse_asserts(human_eval, "total")
   assert parsed.calls == ("total([1, 2])", "total([])") and parsed.checks == (("==", 3), ("falsy", None))
   mbpp = "import math\nassert f(1, x=(2, 3)) != [4]\nassert Solution().g('a')\nassert True"

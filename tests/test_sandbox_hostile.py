@@ -67,7 +67,8 @@ def escapes(world) -> dict[str, str]:
       "parent env": (f"import os\nassert os.environ.get('MCPO_TEST_SECRET') == {SECRET!r} or "
                      f"{SECRET!r} in open(f'/proc/{os.getpid()}/environ').read()"),
       "trainer memory": f"open('/proc/{os.getpid()}/mem', 'rb')",
-      "kill parent": ("import os, signal, time\nparent = os.getppid()\nos.kill(parent, signal.SIGKILL)\ntime.sleep(0.3)\n"
+      "kill parent": ("import os, signal, time\nparent = os.getppid()\nos.kill(parent, signal.SIGKILL)\n"
+                      "time.sleep(0.3)\n"
                       "assert os.getppid() != parent"),  # re-parented: the parent died
       "kill tester": f"import os, signal\nos.kill({os.getpid()}, signal.SIGTERM)",
       "kill everything": "import os, signal\nos.kill(-1, signal.SIGKILL)\nimport time\ntime.sleep(0.5)",
@@ -77,7 +78,8 @@ def escapes(world) -> dict[str, str]:
       "read etc": "assert 'root:' in open('/etc/passwd').read()",
       "fill the disk": "i = 0\nwhile True:\n    open(f'f{i}', 'wb').write(b'0' * 2**20)\n    i += 1",
       "flood stdout": "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)",
-      "daemon": (f"import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        time.sleep(3)\n"
+      "daemon": (f"import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+                 "        time.sleep(3)\n"
                  f"        open({str(out)!r}, 'w').write('x')\n    os._exit(0)\nos.wait()\nos._exit(0)"),
       "subinterpreter": ("import _xxsubinterpreters as interpreters\nwhich = interpreters.create()\n"
                          f"interpreters.run_string(which, \"open({str(out)!r}, 'w').write('x')\")"),

@@ -52,7 +52,8 @@ SANDBOX_UID = 65534  # nobody
 TMPFS_BYTES = 64 * 2**20
 SECCOMP = seccomp.program()
 FIX = ("install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap) and allow user namespaces "
-       "(sysctl kernel.unprivileged_userns_clone=1; on Ubuntu 24.04 also kernel.apparmor_restrict_unprivileged_userns=0), "
+       "(sysctl kernel.unprivileged_userns_clone=1; on Ubuntu 24.04 also "
+       "kernel.apparmor_restrict_unprivileged_userns=0), "
        "or set --config.rewards.sandbox=unsafe to run model-written code without kernel isolation")
 _mode = "bwrap"
 
@@ -126,7 +127,8 @@ def _mounts() -> tuple[str, ...]:
 def bwrap_command(info_fd: int, seccomp_fd: int | None = None) -> list[str]:
   """The bwrap prefix; `info_fd` receives {"child-pid": <the namespace's init, as seen from here>};
   `seccomp_fd` holds a filter (seccomp.py) to apply to the program."""
-  return ["bwrap", *(["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []), "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
+  return ["bwrap", *(["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []),
+          "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
           "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--cap-drop", "ALL", "--hostname", "sandbox",
           "--clearenv", "--setenv", "HOME", WORK, "--setenv", "TMPDIR", WORK, "--setenv", "LANG", "C.UTF-8",
           *_mounts(), "--proc", "/proc", "--dev", "/dev", "--size", str(TMPFS_BYTES), "--tmpfs", WORK,

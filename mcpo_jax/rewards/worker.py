@@ -14,8 +14,8 @@ import signal
 import sys
 from multiprocessing.connection import Connection
 
-BOOTSTRAP = ("import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
-             "from mcpo_jax.rewards.worker import main; main()")
+BOOTSTRAP = ("import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+             "signal.signal(signal.SIGINT, signal.SIG_IGN)\nfrom mcpo_jax.rewards.worker import main\nmain()")
 PR_SET_PDEATHSIG = 1
 
 
