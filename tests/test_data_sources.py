@@ -71,7 +71,7 @@ def test_parquet_deepscaler_style(tmp_path):
   spec = {"kind": "parquet", "path": str(tmp_path / "{split}.parquet"),
           "fields": {"prompt": "problem", "answer": "answer"}}
   train = open_source(spec, "train", "math")
-  assert [e["answer"] for e in train] == ["42"] and train.overlap_rows == 1  # the test split's question is not trained on
+  assert [e["answer"] for e in train] == ["42"] and train.overlap_rows == 1  # the test question is not trained on
   assert len(open_source(spec, "test", "math")) == 1
   pq.write_table(pa.Table.from_pylist([{"problem": "x", "answer": "1"}, {"problem": "y", "answer": ""}]),
                  tmp_path / "validation.parquet")

@@ -125,3 +125,23 @@ def test_split_shares_are_checked_and_move_problems():
   assert large > 2 * small
   with pytest.raises(DataError, match=r"split_shares=\[0.5, 0.5\]; give three positive shares"):
     open_source({**spec, "split_shares": [0.5, 0.5]}, "test", "g")
+
+
+def test_paper_preset_domains_on_small_local_files_have_disjoint_splits(tmp_path):
+  """The paper presets read gs:// files; the same domain specs on local files with planted overlaps."""
+  domains = multi_domain._paper_scale_domains(str(tmp_path))
+  rows = {"math": lambda i: {"problem": f"What is {i} squared?", "answer": str(i * i)},
+          "code": lambda i: {"question": f"Return {i}.", "tests": f"assert f() == {i}"},
+          "logic": lambda i: {"quiz": f"Is {i} a knight?", "solution_text": "yes"}}
+  numbers = {"train": range(0, 30), "val": [*range(25, 35), 33], "test": [*range(32, 40), 5, 39]}  # overlaps
+  for name, make in rows.items():
+    (tmp_path / "data" / name).mkdir(parents=True)
+    for split, values in numbers.items():
+      (tmp_path / "data" / name / f"{split}.jsonl").write_text("".join(json.dumps(make(i)) + "\n" for i in values))
+  for name, settings in domains.items():
+    read = {split: questions(open_source(settings["source"], split, name), 100) for split in SPLITS}
+    assert [len(read[split]) for split in SPLITS] == [24, 7, 9]  # train 30 - 6; validation 10 - 3; test 10 - 1
+    for index, first in enumerate(SPLITS):
+      assert len(set(read[first])) == len(read[first]) or first == "train"
+      for second in SPLITS[index + 1:]:
+        assert not set(read[first]) & set(read[second])
