@@ -104,9 +104,20 @@ def test_a_worker_that_dies_is_replaced_and_its_row_retried_once():
     result = pool.score(["```python\ndef f(x):\n    return 2 * x\n```"] * 2, [_example()] * 2, ["code"] * 2)
     assert result.rewards.tolist() == [1.0, 1.0] and result.errors == 0  # replaced before the batch
     def kill_the_worker_twice():
-      for _ in range(2):
-        time.sleep(1.5)  # a worker starts in about 0.5 s
-        os.kill(pool._workers[0].process.pid, signal.SIGKILL)
+      """Each time the worker holding the row is running its sandbox (it has a child), SIGKILL it."""
+      killed = set()
+      deadline = time.monotonic() + 60
+      while len(killed) < 2 and time.monotonic() < deadline:
+        pids = [worker.process.pid for worker in list(pool._workers)]
+        for pid in set(pids) - killed:
+          try:
+            busy = bool(Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
+          except OSError:  # gone already
+            continue
+          if busy:
+            os.kill(pid, signal.SIGKILL)
+            killed.add(pid)
+        time.sleep(0.05)
 
     killer = threading.Thread(target=kill_the_worker_twice)
     killer.start()
