@@ -232,14 +232,14 @@ def previous_run(workdir: epath.Path) -> list[str]:
   return found
 
 
-def open_checkpoints(config: ml_collections.ConfigDict) -> Checkpointer:
-  """The run's Checkpointer, once config.resume / config.overwrite have been applied to what the workdir holds.
+def prepare_workdir(config: ml_collections.ConfigDict) -> None:
+  """Applies config.resume / config.overwrite to what the workdir holds, before anything heavy loads.
 
   resume=auto: the newest checkpoint's config must match the PINNED fields (ResumeError otherwise).
   resume=none: a workdir holding a run is refused, unless overwrite=true, which renames it to
   <workdir>.overwritten-<time> (nothing is deleted) and starts in a fresh one.
   """
-  workdir = epath.Path(config.workdir if "://" in config.workdir else os.path.abspath(config.workdir))
+  workdir = _absolute(config.workdir)
   if config.resume == "none":
     found = previous_run(workdir) if workdir.exists() else []
     if found and not config.overwrite:
@@ -251,11 +251,22 @@ def open_checkpoints(config: ml_collections.ConfigDict) -> Checkpointer:
         workdir.rename(aside)
         print(f"moved the previous run in {workdir} to {aside}")
       _sync("mcpo_jax:overwrite")
-  checkpointer = Checkpointer(workdir / "checkpoints", keep_last=config.checkpoint.keep_last,
-                              keep_best=config.checkpoint.keep_best, best_metric=config.checkpoint.best_metric or None)
-  if config.resume == "auto":
-    checkpointer.check_newest_config(config)
-  return checkpointer
+  elif (workdir / "checkpoints").exists():
+    checkpointer = open_checkpoints(config)
+    try:
+      checkpointer.check_newest_config(config)
+    finally:
+      checkpointer.close()  # an open manager's threads would print a traceback at exit if the run stops here
+
+
+def open_checkpoints(config: ml_collections.ConfigDict) -> Checkpointer:
+  """The run's Checkpointer on <workdir>/checkpoints, with the config's retention policy."""
+  return Checkpointer(_absolute(config.workdir) / "checkpoints", keep_last=config.checkpoint.keep_last,
+                      keep_best=config.checkpoint.keep_best, best_metric=config.checkpoint.best_metric or None)
+
+
+def _absolute(workdir: str) -> epath.Path:
+  return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
 
 
 def abstract_like(state: Any) -> Any:

@@ -19,7 +19,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from mcpo_jax.checkpointing import Preempted, PreemptionGuard, abstract_like, open_checkpoints
+from mcpo_jax.checkpointing import Preempted, PreemptionGuard, ResumeError, abstract_like, open_checkpoints, prepare_workdir
 from mcpo_jax.data.batches import PromptIterator
 from mcpo_jax.data.domains import Domain, parse_domains
 from mcpo_jax.diagnostics import domain_gradient_cosines
@@ -96,7 +96,7 @@ def rollout_metrics(names: Sequence[str], domain_ids: np.ndarray, rewards: np.nd
 def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Runs config.train.steps RL steps (resuming when asked); returns the final evaluation summary."""
   workdir = config.workdir
-  checkpointer = open_checkpoints(config)  # refuses an incompatible resume or an overwrite before anything loads
+  prepare_workdir(config)  # refuses an incompatible resume or an overwrite before anything loads
   mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   model = from_pretrained(config.model.name, mesh=mesh, dtype=config.model.dtype,
                           param_dtype=config.model.param_dtype or None, remat=config.model.remat)
@@ -126,9 +126,14 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   logprobs = jax.jit(functools.partial(sequence_logprobs, graphdef, temperature=config.rollout.temperature,
                                        chunk=config.train.logit_chunk, prompt_group=update_config.prompt_group))
 
+  checkpointer = open_checkpoints(config)
   start_step = 0
   if config.resume == "auto":
-    restored = checkpointer.restore_latest(abstract_like(state), config)
+    try:
+      restored = checkpointer.restore_latest(abstract_like(state), config)
+    except ResumeError:
+      checkpointer.close()  # an open manager's threads would print a traceback at exit
+      raise
     if restored is not None:
       start_step, state, extra = restored
       evaluations_file = epath.Path(workdir) / "evaluations.json"
