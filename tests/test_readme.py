@@ -38,6 +38,9 @@ HOW_IT_RUNS = {
     "python -m mcpo_jax.experiments.noise_floor --config=configs/multi_domain.py:compare":
         "tests/test_compare.py (the same module on the tiny preset)",
     "JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=0|1": "tests/test_multiprocess.py",
+    "python -m mcpo_jax.data.inspect --config=configs/multi_domain.py[:preset]": "tests/test_splits.py (its report)",
+    "python -m mcpo_jax.data.base_accuracy --config=configs/multi_domain.py:transfer":
+        "tests/test_transfer.py (its measure)",
 }
 # Appended to a command run here (later flags win): the tiny model, one short step, no evaluation.
 SHRINK = ["--config.rewards.processes=0", "--config.train.steps=1", "--config.eval.at_start=false",
@@ -56,9 +59,10 @@ def readme_commands() -> dict[str, str]:
       for part in line.split("&&"):
         if part.strip():
           commands[" ".join(part.split())] = part.strip()
-  for span in re.findall(r"`([^`\n]+)`", text):
+  prose = re.sub(r"```.*?```", "", text, flags=re.S)
+  for span in (" ".join(span.split()) for span in re.findall(r"`([^`]+)`", prose)):  # a span may wrap a line
     if span.startswith(("python ", "bash ", "JAX_", "apt-get ")):
-      commands[" ".join(span.split())] = span
+      commands[span] = span
     elif span.startswith("--config.data.domains="):
       commands[SINGLE_DOMAIN] = span
   return commands
