@@ -19,7 +19,8 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from mcpo_jax.checkpointing import Preempted, PreemptionGuard, ResumeError, abstract_like, open_checkpoints, prepare_workdir
+from mcpo_jax.checkpointing import (Preempted, PreemptionGuard, ResumeError, abstract_like, open_checkpoints,
+                                    prepare_workdir)
 from mcpo_jax.data.batches import PromptIterator
 from mcpo_jax.data.domains import Domain, parse_domains
 from mcpo_jax.diagnostics import domain_gradient_cosines

@@ -51,7 +51,8 @@ SHRINK = ["--config.rewards.processes=0", "--config.train.steps=1", "--config.ev
 
 def readme_commands() -> dict[str, str]:
   """{command: its text as the README shows it} for every ```bash line (continuations joined, split at &&)
-  and every inline `python ...`, `bash ...`, `JAX_...`, `apt-get ...` span; the inline domains override becomes SINGLE_DOMAIN."""
+  and every inline `python ...`, `bash ...`, `JAX_...`, `apt-get ...` span; the inline domains override becomes
+  SINGLE_DOMAIN."""
   text = (REPO / "README.md").read_text()
   commands = {}
   for block in re.findall(r"```bash\n(.*?)```", text, re.S):

@@ -94,8 +94,9 @@ def _alive(pgid: int) -> bool:
 def test_sigterm_to_the_process_group_saves_the_last_step_within_the_grace_period(tiny_model_dir, tmp_path):
   """What `timeout`, systemd and a TPU maintenance event do: SIGTERM to the trainer and its reward workers."""
   workdir, grace = tmp_path / "term", 25
-  process = subprocess.Popen(_command(tiny_model_dir, workdir, "--config.train.steps=50", "--config.rewards.processes=2",
-                                      "--config.checkpoint.every=100", f"--config.checkpoint.preemption_grace_s={grace}"),
+  flags = ["--config.train.steps=50", "--config.rewards.processes=2", "--config.checkpoint.every=100",
+           f"--config.checkpoint.preemption_grace_s={grace}"]
+  process = subprocess.Popen(_command(tiny_model_dir, workdir, *flags),
                              cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)
   deadline = time.time() + 600
