@@ -79,7 +79,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   config.rewards.format_weight = 0.0
   config.rewards.sandbox = "bwrap"  # code runs in kernel namespaces; "unsafe": rlimits + audit hook only
 
-  config.objective = ml_collections.ConfigDict()  # DESIGN.md §4
+  config.objective = ml_collections.ConfigDict()  # docs/DESIGN.md §4
   config.objective.eps_low = 0.2
   config.objective.eps_high = 0.2
   config.objective.dual_clip = 3.0
@@ -93,6 +93,8 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   config.objective.require_negative = True
   config.objective.lambda_cross = 0.1
   config.objective.lambda_in = 0.1
+  config.objective.denominator = "shared"  # "shared" (X' ∪ I ∪ N for both terms) | "per_term"
+  config.objective.head_warmup_steps = 0  # RL steps that train the contrastive head alone first
   config.objective.coupling = "loss"
   config.objective.repr_grad = "policy"
   config.objective.reward_bonus_min = -0.5
@@ -118,6 +120,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   config.train.minibatches = 1  # optimizer steps per epoch (blocks of whole prompt groups)
   config.train.micro_batches = 1  # gradient accumulation within a minibatch
   config.train.logit_chunk = 64
+  config.train.shared_prefix = True  # encode each group's prompt once in the update and the reference pass
   config.train.max_nonfinite_steps = 3
 
   config.eval = ml_collections.ConfigDict()
