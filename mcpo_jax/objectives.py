@@ -197,8 +197,8 @@ def contrastive_loss(z: jax.Array, prompt_ids: jax.Array, domain_ids: jax.Array,
   stop-gradient similarity) for L_cross and its in-domain positives for L_in. denominator="shared":
   both terms' log-sum-exp run over X'_i ∪ I_i ∪ N_i (so each term also pushes the other's positives
   away); "per_term": L_cross over X'_i ∪ N_i and L_in over I_i ∪ N_i, so that λ_in = 0 or
-  λ_cross = 0 removes one kind of pull and nothing else. An anchor counts for a term when it has a positive for that term
-  (and a negative, if require_negative). Returns (l_cross, l_in, per_anchor [N], metrics), where
+  λ_cross = 0 removes one kind of pull and nothing else. An anchor counts for a term when it has a
+  positive for that term (and a negative, if require_negative). Returns (l_cross, l_in, per_anchor [N], metrics), where
   l_* are means over counted anchors (0 when none) and per_anchor = λ_cross·L_cross_i + λ_in·L_in_i.
   Metrics: pos_sim / neg_sim are mean cosines over the positive / negative pairs of counted anchors,
   anchors counts anchors counted for either term, cross_pos_per_anchor is |X'_i| averaged over the
