@@ -114,6 +114,14 @@ def _drop_closed_loop_callbacks() -> None:
 
   hook.drops_closed_loop_callbacks = True
   sys.unraisablehook = hook
+  # The same error also reaches asyncio's logger, as "Task exception was never retrieved" with it attached.
+  logging.getLogger("asyncio").addFilter(_not_closed_loop)
+
+
+def _not_closed_loop(record: logging.LogRecord) -> bool:
+  """A logging filter: False (drop) for a record that carries exactly RuntimeError("Event loop is closed")."""
+  error = record.exc_info[1] if record.exc_info else None
+  return not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed")
 
 
 def _one_line(error: BaseException) -> str:
