@@ -6,16 +6,17 @@ loads the checkpoint onto the mesh and answers `--config.chat.prompt`.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found" (we need only tokenizers)
 
 import jax
 import numpy as np
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from mcpo_jax import config as config_lib
@@ -43,8 +44,12 @@ def chat(model, tokenizer, config) -> str:
   return tokenizer.decode(tokens, skip_special_tokens=True)
 
 
+# Found before or at start-up, each one line naming the field, file or path and the fix.
 USER_ERRORS = (config_lib.ConfigError, MeshError, CheckpointError, ModelConfigError, DataError, FileNotFoundError,
-               TrainingDiverged, ResumeError, SandboxUnavailable)
+               ResumeError, SandboxUnavailable)
+
+
+BAD_INPUT_EXIT_CODE = 2  # as absl's own usage errors: the run never started
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -56,16 +61,21 @@ def parse_flags(argv: list[str]) -> list[str]:
     if message[:1] == message[-1:] == "'":  # KeyError/AttributeError repr quoting
       message = message[1:-1]
     message = message.replace("\\'", "'").replace("\\n", " ").replace("\n", " ")
-    sys.exit(f"config error: {message}")
+    print(f"config error: {message}", file=sys.stderr)
+    sys.exit(BAD_INPUT_EXIT_CODE)
 
 
 def main(argv) -> None:
   del argv
-  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO
+  absl_logging.set_verbosity(absl_logging.WARNING)  # library INFO lines (orbax saves, jax backends) stay out
   try:
-    run(config_lib.validate(_CONFIG.value))
+    run(config_lib.build(_CONFIG.value))
+  except TrainingDiverged as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(1)
   except USER_ERRORS as error:
-    sys.exit(f"error: {error}")
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(BAD_INPUT_EXIT_CODE)
   except Preempted as preempted:  # a documented exit status, so a scheduler can tell it from a failure
     print(preempted, file=sys.stderr)
     sys.exit(PREEMPTED_EXIT_CODE)

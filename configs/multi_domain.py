@@ -13,7 +13,7 @@ Plain GRPO is `--config.algorithm=grpo`; single-domain GRPO also sets the domain
 
 import ml_collections
 
-from mcpo_jax.data.domains import default_domains
+from mcpo_jax.config import defaults
 from mcpo_jax.data.transfer import transfer_domains
 
 PRESETS = ("default", "tiny", "compare", "transfer", "qwen2.5-7b-instruct", "qwen3-8b")
@@ -38,114 +38,8 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   preset = preset or "default"
   if preset not in PRESETS:
     raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}.")
-  config = ml_collections.ConfigDict()
+  config = defaults()  # every field and its default: mcpo_jax/config.py
   config.preset = preset
-  config.mode = "train"  # "train": the RL run; "chat": load the model and answer chat.prompt
-  config.algorithm = "mcpo"  # "mcpo" | "grpo"
-  config.seed = 0
-  config.workdir = "runs/default"
-  config.resume = "auto"  # "auto": continue from the newest complete checkpoint in workdir; "none"
-  config.overwrite = False  # with resume="none": move a previous run in workdir aside (to <workdir>.overwritten-*)
-  config.export_hf = True  # write the final policy as an HF directory to workdir/hf_export
-  config.diag_every = 5  # D×D per-domain gradient cosines at the first and last step and every N (0 = never)
-
-  config.model = ml_collections.ConfigDict()
-  config.model.name = "smollm2-135m-instruct"  # HF dir (local or gs://), a .gguf file, or a zoo name
-  config.model.tokenizer = ""  # empty: the tokenizer stored with the model
-  config.model.dtype = "float32"  # compute dtype ("bfloat16" on TPU)
-  config.model.param_dtype = ""  # empty: same as dtype
-  config.model.remat = "none"  # none | full | save_dots
-
-  config.mesh = ml_collections.ConfigDict()
-  config.mesh.data = 1
-  config.mesh.fsdp = -1  # -1: the rest of the devices
-  config.mesh.tensor = 1
-
-  config.data = ml_collections.ConfigDict()
-  config.data.domains = default_domains()
-  config.data.prompts_per_step = 3  # B prompts per RL step, stratified over domains by weight
-  config.data.max_prompt_tokens = 192
-
-  config.rollout = ml_collections.ConfigDict()
-  config.rollout.group_size = 6  # G rollouts per prompt
-  config.rollout.max_new_tokens = 48
-  config.rollout.temperature = 1.0
-  config.rollout.top_p = 1.0
-  config.rollout.top_k = 0
-
-  config.rewards = ml_collections.ConfigDict()
-  config.rewards.processes = 2
-  config.rewards.timeout_s = 120.0
-  config.rewards.format_weight = 0.0
-  config.rewards.sandbox = "bwrap"  # code runs in kernel namespaces; "unsafe": rlimits + audit hook only
-
-  config.objective = ml_collections.ConfigDict()  # docs/DESIGN.md §4
-  config.objective.eps_low = 0.2
-  config.objective.eps_high = 0.2
-  config.objective.dual_clip = 3.0
-  config.objective.agg = "token-mean"
-  config.objective.kl_kind = "k3"
-  config.objective.kl_coef = 0.001
-  config.objective.tau = 0.05
-  config.objective.cross_topk = 4
-  config.objective.in_domain_scope = "domain"
-  config.objective.negative_scope = "prompt"
-  config.objective.require_negative = True
-  config.objective.lambda_cross = 0.1
-  config.objective.lambda_in = 0.1
-  config.objective.denominator = "shared"  # "shared" (X' ∪ I ∪ N for both terms) | "per_term"
-  config.objective.head_warmup_steps = 0  # RL steps that train the contrastive head alone first
-  config.objective.coupling = "loss"
-  config.objective.repr_grad = "policy"
-  config.objective.reward_bonus_min = -0.5
-  config.objective.normalize_std = True
-  config.objective.proj_dim = 256
-  # Anchor domain -> domains whose correct rollouts may be its positives; unlisted anchors: all.
-  config.objective.transfer = ml_collections.ConfigDict()
-
-  config.optim = ml_collections.ConfigDict()
-  config.optim.learning_rate = 2e-6
-  config.optim.head_learning_rate = 1e-3
-  config.optim.weight_decay = 0.01
-  config.optim.b1 = 0.9
-  config.optim.b2 = 0.999
-  config.optim.eps = 1e-8
-  config.optim.max_grad_norm = 1.0
-  config.optim.warmup_steps = 0
-  config.optim.schedule = "constant"
-
-  config.train = ml_collections.ConfigDict()
-  config.train.steps = 10
-  config.train.epochs = 1  # μ passes over each step's rollouts
-  config.train.minibatches = 1  # optimizer steps per epoch (blocks of whole prompt groups)
-  config.train.micro_batches = 1  # gradient accumulation within a minibatch
-  config.train.logit_chunk = 64
-  config.train.shared_prefix = True  # encode each group's prompt once in the update and the reference pass
-  config.train.max_nonfinite_steps = 3
-
-  config.eval = ml_collections.ConfigDict()
-  config.eval.at_start = True
-  config.eval.at_end = True
-  config.eval.every = 0  # also every N steps (0 = only start and end)
-  config.eval.split = "test"
-  config.eval.prompts_per_domain = 8
-  config.eval.k = 2  # mean@k with k samples at the rollout temperature (0 = pass@1 only)
-  config.eval.max_new_tokens = 48
-
-  config.checkpoint = ml_collections.ConfigDict()
-  config.checkpoint.every = 5
-  config.checkpoint.keep_last = 2
-  config.checkpoint.keep_best = 1
-  config.checkpoint.best_metric = "eval/mean/pass@1"  # "" = keep no best; else an eval/<domain|mean>/<metric>
-  config.checkpoint.preemption_grace_s = 25.0  # after SIGTERM, the save starts at the next phase boundary
-
-  config.chat = ml_collections.ConfigDict()
-  config.chat.prompt = "What is the capital of France? Answer in one sentence."
-  config.chat.max_new_tokens = 64
-  config.chat.temperature = 0.0  # 0 = greedy
-  config.chat.top_p = 1.0
-  config.chat.top_k = 0
-
   if preset == "tiny":
     config.workdir = "runs/tiny"
     config.data.prompts_per_step = 3

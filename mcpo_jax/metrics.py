@@ -97,7 +97,7 @@ def read_metrics(workdir: str | Path) -> dict[int, dict[str, Any]]:
 
 
 class Progress:
-  """One console line per step: step/total, rate, ETA, and a few chosen metrics."""
+  """One console line per step: step/total, rate, ETA, a few chosen metrics, and where the step's time went."""
 
   def __init__(self, total_steps: int, start_step: int = 0, stream=sys.stdout):
     self.total, self.start_step, self.stream = total_steps, start_step, stream
@@ -112,7 +112,9 @@ class Progress:
     rate = done / elapsed if elapsed > 0 else 0.0
     eta = (self.total - step) / rate if rate > 0 else float("inf")
     shown = " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
-    print(f"step {step}/{self.total} | {rate * 60:.2f} steps/min | ETA {_duration(eta)} | {shown}",
+    phases = [f"{name} {metrics[f'{name}_s']:.1f}s" for name in ("rollout", "reward", "update") if f"{name}_s" in metrics]
+    split = f" | {' / '.join(phases)}" if phases else ""
+    print(f"step {step}/{self.total} | {rate * 60:.2f} steps/min | ETA {_duration(eta)} | {shown}{split}",
           file=self.stream, flush=True)
 
 

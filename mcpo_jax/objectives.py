@@ -260,7 +260,11 @@ class ObjectiveConfig:
   repr_grad: str = "policy"  # "policy" | "head" (stop the contrastive gradient at h)
   reward_bonus_min: float = -0.5
   normalize_std: bool = True
-  group_size: int = 1
+  group_size: int = 1  # G rollouts per prompt (the run's rollout.group_size)
+  proj_dim: int = 256  # width of the contrastive head's projection
+  head_warmup_steps: int = 0  # RL steps that train the contrastive head alone first
+  # Anchor domain -> the domains whose correct rollouts may be its positives; unlisted anchors: all.
+  transfer: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
   def __post_init__(self):
     choices = {"algorithm": ("mcpo", "grpo"), "agg": AGGREGATIONS, "kl_kind": KL_KINDS,

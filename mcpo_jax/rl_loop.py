@@ -14,7 +14,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from etils import epath
 from flax import nnx
@@ -22,19 +21,20 @@ from flax import nnx
 from mcpo_jax.checkpointing import (Preempted, PreemptionGuard, ResumeError, abstract_like, open_checkpoints,
                                     prepare_workdir)
 from mcpo_jax.data.batches import PromptIterator
-from mcpo_jax.data.domains import Domain, parse_domains
+from mcpo_jax.config import RunConfig
+from mcpo_jax.data.domains import Domain
 from mcpo_jax.diagnostics import domain_gradient_cosines
 from mcpo_jax.evaluation import build_eval_set, evaluate, format_table, write_eval
 from mcpo_jax.mesh import make_mesh, to_host
 from mcpo_jax.metrics import MetricsWriter, Progress
 from mcpo_jax.model import from_pretrained, load_tokenizer, save_pretrained
-from mcpo_jax.objectives import ObjectiveConfig, grpo_advantages
+from mcpo_jax.objectives import grpo_advantages
 from mcpo_jax.rewards import RewardPool
 from mcpo_jax.sampling import generate
-from mcpo_jax.train import (OptimConfig, UpdateConfig, deal_minibatches, init_train_state, jit_update_step,
-                            make_optimizer, sequence_logprobs, shard_batch, take_rows)
+from mcpo_jax.train import (deal_minibatches, init_train_state, jit_update_step, make_optimizer, sequence_logprobs,
+                            shard_batch, take_rows)
 
-PROGRESS_KEYS = ("reward", "accuracy", "loss", "contrastive", "kl", "response_length", "step_s")
+PROGRESS_KEYS = ("reward", "accuracy", "loss", "contrastive", "kl", "response_length")  # and the phase times
 
 
 class TrainingDiverged(RuntimeError):
@@ -51,26 +51,17 @@ def stop_token_ids(tokenizer) -> list[int]:
   return sorted(i for i in ids if i is not None)
 
 
-def transfer_matrix(domains: Sequence[Domain], allowed: dict[str, Sequence[str]]) -> np.ndarray:
+def transfer_matrix(domains: Sequence[Domain], allowed: Sequence[tuple[str, Sequence[str]]]) -> np.ndarray:
   """T [D, D]: T[a, b] = 1 if correct rollouts of domain b may be positives for anchors of domain a.
 
-  `allowed` maps an anchor domain to the domains it may take positives from; an anchor domain not
-  listed takes them from every domain (the default: all ones).
+  `allowed` pairs an anchor domain with the domains it may take positives from (objective.transfer,
+  whose names the config builder checked); an anchor domain not listed takes them from every domain.
   """
   names = [d.name for d in domains]
   matrix = np.ones((len(names), len(names)), np.float32)
-  for anchor, sources in allowed.items():
-    for name in [anchor, *sources]:
-      if name not in names:
-        raise ValueError(f"config.objective.transfer names domain {name!r}; known domains: {', '.join(names)}.")
+  for anchor, sources in allowed:
     matrix[names.index(anchor)] = [float(n in sources) for n in names]
   return matrix
-
-
-def objective_config(config: ml_collections.ConfigDict) -> ObjectiveConfig:
-  fields = {k: v for k, v in config.objective.to_dict().items()
-            if k not in ("transfer", "proj_dim", "head_warmup_steps")}
-  return ObjectiveConfig(algorithm=config.algorithm, group_size=config.rollout.group_size, **fields)
 
 
 def _decode(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
@@ -94,32 +85,28 @@ def rollout_metrics(names: Sequence[str], domain_ids: np.ndarray, rewards: np.nd
   return metrics
 
 
-def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def train(config: RunConfig) -> dict[str, Any]:
   """Runs config.train.steps RL steps (resuming when asked); returns the final evaluation summary."""
   workdir = config.workdir
   prepare_workdir(config)  # refuses an incompatible resume or an overwrite before anything loads
   mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  model = from_pretrained(config.model.name, mesh=mesh, dtype=config.model.dtype,
-                          param_dtype=config.model.param_dtype or None, remat=config.model.remat)
   tokenizer = load_tokenizer(config.model.tokenizer or config.model.name)
   stops = stop_token_ids(tokenizer)
-  domains = parse_domains(config.data.domains)
+  domains = config.data.domains
   names = [d.name for d in domains]
-  transfer = jnp.asarray(transfer_matrix(domains, config.objective.transfer.to_dict()))
+  transfer = jnp.asarray(transfer_matrix(domains, config.objective.transfer))
+  # The data first: a source too small for the eval or a malformed row stops the run before the model loads.
   iterator = PromptIterator(domains, tokenizer, batch_size=config.data.prompts_per_step, seed=config.seed,
                             max_prompt_tokens=config.data.max_prompt_tokens)
   eval_set = build_eval_set(domains, tokenizer, prompts_per_domain=config.eval.prompts_per_domain,
                             split=config.eval.split, max_prompt_tokens=config.data.max_prompt_tokens)
+  model = from_pretrained(config.model.name, mesh=mesh, dtype=config.model.dtype,
+                          param_dtype=config.model.param_dtype or None, remat=config.model.remat)
 
   group = config.rollout.group_size
-  objective = objective_config(config)
-  # Head warm-up: the LLM is frozen for head_warmup_steps RL steps, each epochs × minibatches updates.
-  warmup_updates = config.objective.head_warmup_steps * config.train.epochs * config.train.minibatches
-  optimizer = make_optimizer(OptimConfig(**config.optim.to_dict(), total_steps=config.train.steps,
-                                         lm_frozen_updates=warmup_updates if objective.algorithm == "mcpo" else 0))
-  update_config = UpdateConfig(objective=objective, temperature=config.rollout.temperature,
-                               micro_batches=config.train.micro_batches, logit_chunk=config.train.logit_chunk,
-                               shared_prefix=config.train.shared_prefix)
+  objective = config.objective
+  optimizer = make_optimizer(config.optim)  # its LLM branch frozen for the head warm-up's updates
+  update_config = config.update
   graphdef, state = init_train_state(model, optimizer, proj_dim=config.objective.proj_dim, seed=config.seed)
   del model  # the train state owns the parameters from here on
   reference = jax.tree.map(jnp.copy, state.params["lm"]) if objective.kl_coef > 0 else None

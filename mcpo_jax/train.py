@@ -26,10 +26,13 @@ from mcpo_jax.mesh import from_host, named_sharding
 from mcpo_jax.model.transformer import Transformer
 from mcpo_jax.objectives import ObjectiveConfig, contrastive_term, has_anchor, policy_term, pool_response
 
+SCHEDULES = ("constant", "cosine")
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-  learning_rate: float = 1e-6
-  head_learning_rate: float = 1e-4  # the contrastive head starts from scratch: it needs a larger step
+  learning_rate: float = 2e-6
+  head_learning_rate: float = 1e-3  # the contrastive head starts from scratch: it needs a larger step
   weight_decay: float = 0.01
   b1: float = 0.9
   b2: float = 0.999
@@ -37,7 +40,7 @@ class OptimConfig:
   max_grad_norm: float = 1.0
   warmup_steps: int = 0
   schedule: str = "constant"  # "constant" | "cosine" (after warm-up)
-  total_steps: int = 1000
+  total_steps: int = 1000  # the run's train.steps
   lm_frozen_updates: int = 0  # the LLM branch is masked for this many first updates (head warm-up)
 
 
@@ -64,8 +67,8 @@ class TrainState:
 
 
 def _schedule(peak: float, config: OptimConfig) -> optax.Schedule:
-  if config.schedule not in ("constant", "cosine"):
-    raise ValueError(f"optim.schedule={config.schedule!r}; choose 'constant' or 'cosine'.")
+  if config.schedule not in SCHEDULES:
+    raise ValueError(f"optim.schedule={config.schedule!r}; choose one of {list(SCHEDULES)}.")
   after = (optax.constant_schedule(peak) if config.schedule == "constant" else
            optax.cosine_decay_schedule(peak, max(1, config.total_steps - config.warmup_steps)))
   if config.warmup_steps <= 0:

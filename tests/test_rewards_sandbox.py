@@ -117,7 +117,7 @@ def test_the_config_field_is_checked():
   assert config.rewards.sandbox == "bwrap"
   config.rewards.sandbox = "none"
   with pytest.raises(config_lib.ConfigError, match="rewards.sandbox"):
-    config_lib.validate(config)
+    config_lib.build(config)
 
 
 def test_asserts_are_parsed_into_trusted_calls_and_other_tests_are_counted(pool):

@@ -24,17 +24,47 @@ def test_default_run_answers_the_chat_prompt_on_an_8_device_mesh():
   assert "Paris" in result.stdout.split("assistant:")[1]
 
 
-@pytest.mark.parametrize("override, message", [
+BAD_CONFIGS = [  # (override, what the one line must say): each a mistake a user makes
     ("--config.model.dtyp=float32", r"config error: 'dtyp' Did you mean \"dtype\""),
-    ("--config.model.remat=ful", r"remat='ful' is not allowed \(did you mean 'full'\?\)"),
-    ("--config.mesh.tensor=3", r"1×-1×3|multiply to 3, which does not divide the 8 devices"),
-    ("--config.model.name=/no/such/checkpoint", r"/no/such/checkpoint does not exist"),
+    ("--config.model.remat=ful", r"--config.model.remat='ful' is not allowed \(did you mean 'full'\?\)"),
     ("--config.chat.max_new_tokens=abc", r"config error: .*max_new_tokens=abc"),
-])
-def test_bad_input_is_one_clear_line(override, message):
+    ("--config.algorithm=ppo", r"--config.algorithm='ppo' is not allowed"),
+    ("--config.resume=maybe", r"--config.resume='maybe' is not allowed"),
+    ("--config.model.name=/no/such/checkpoint", r"--config.model.name: checkpoint directory /no/such/checkpoint does not exist"),
+    ("--config.mesh.tensor=3", r"mesh: .*'tensor': 3.* does not divide the 8 devices"),
+    ("--config.mesh.fsdp=0", r"--config.mesh.fsdp=0; use a positive size or -1"),
+    ("--config.data.prompts_per_step=0", r"--config.data.prompts_per_step=0; use at least 1"),
+    ("--config.data.domains.gcd.weight=-1", r"config.data.domains.gcd.weight=-1.0; use a positive number"),
+    ("--config.rollout.group_size=1", r"--config.rollout.group_size=1; use at least 2"),
+    ("--config.rollout.temperature=0", r"--config.rollout.temperature=0.0; use a positive temperature"),
+    ("--config.objective.agg=mean", r"--config.objective.agg='mean'; choose one of"),
+    ("--config.objective.dual_clip=0.5", r"--config.objective.dual_clip=0.5; use a value above 1"),
+    ("--config.objective.head_warmup_steps=10", r"head_warmup_steps=10 is not below --config.train.steps=10"),
+    ("--config.optim.schedule=linear", r"--config.optim.schedule='linear' is not allowed"),
+    ("--config.optim.learning_rate=-1", r"--config.optim.learning_rate=-1.0; use a positive learning rate"),
+    ("--config.train.minibatches=2", r"--config.train.minibatches=2 does not divide --config.data.prompts_per_step=3"),
+    ("--config.train.micro_batches=2", r"--config.train.micro_batches=2 does not divide the 3 prompts of a minibatch"),
+    ("--config.eval.split=dev", r"--config.eval.split='dev' is not allowed"),
+    ("--config.eval.prompts_per_domain=100000", r"fewer than eval.prompts_per_domain=100000; set --config.eval"),
+    ("--config.checkpoint.best_metric=eval/mean/acc", r"--config.checkpoint.best_metric='eval/mean/acc' is not an eval"),
+    ("--config.checkpoint.keep_last=0", r"--config.checkpoint.keep_last=0; keep at least 1"),
+]
+
+
+def test_bad_input_exits_2_with_one_line_naming_the_field_and_leaves_no_workdir(tmp_path):
   import re
-  result = run_py(override, timeout=120)
-  assert result.returncode != 0
-  assert "Traceback" not in result.stderr
-  last_line = result.stderr.strip().splitlines()[-1]
-  assert re.search(message, last_line), last_line
+  import time
+  slow = []
+  for index, (override, message) in enumerate(BAD_CONFIGS):
+    workdir = tmp_path / f"run{index}"
+    started = time.perf_counter()
+    result = run_py(override, f"--config.workdir={workdir}", timeout=120)
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 2, (override, result.stderr[-2000:])
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, (override, result.stderr[-2000:])
+    assert re.search(message, lines[0]), (override, lines[0])
+    assert not workdir.exists(), override
+    if elapsed > 20:
+      slow.append(f"{override}: {elapsed:.1f}s")
+  assert not slow, slow  # within 20 s each, the start-up a typo costs

@@ -133,7 +133,7 @@ def test_one_device_and_2x4_mesh_give_the_same_gradients_and_update():
 
   def updated(mesh_shape):
     mesh = _mesh(mesh_shape)
-    optimizer = make_optimizer(OptimConfig())  # lr 1e-6: Adam's first step is ~lr·sign(g)
+    optimizer = make_optimizer(OptimConfig(learning_rate=1e-6))  # Adam's first step is ~lr·sign(g)
     graphdef, state = init_train_state(init_model(CONFIG, mesh=mesh, seed=1), optimizer, proj_dim=32)
     shardings = jax.tree.map(lambda x: x.sharding, state)
     config = UpdateConfig(objective=ObjectiveConfig(group_size=G), micro_batches=2, logit_chunk=5)

@@ -96,7 +96,8 @@ def test_base_accuracy_table_has_every_domain_and_its_constant_answer_share(tiny
   config = multi_domain.get_config("transfer")
   config.model.name = str(tiny_model_dir)
   config.rollout.max_new_tokens = 4
-  table = measure(config, "validation", prompts=5, samples=2)
+  from mcpo_jax.config import build
+  table = measure(build(config), "validation", prompts=5, samples=2)
   rows = [line for line in table.splitlines() if line.startswith("| add_")]
   assert [row.split(" | ")[0] for row in rows] == ["| add_digits", "| add_story", "| add_words"]
   answers = [open_source(config.data.domains.add_words.to_dict()["source"], "validation", "w")[i]["answer"]

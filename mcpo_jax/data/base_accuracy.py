@@ -27,8 +27,7 @@ def constant_baseline(answers: Sequence) -> float:
 
 
 def measure(config, split: str, prompts: int, samples: int, batch_size: int = 32) -> str:
-  """A Markdown table, one row per domain."""
-  from mcpo_jax.data.domains import parse_domains
+  """A Markdown table, one row per domain; config: a RunConfig (mcpo_jax.config.build)."""
   from mcpo_jax.evaluation import build_eval_set
   from mcpo_jax.model import from_pretrained, load_tokenizer
   from mcpo_jax.rewards import RewardPool
@@ -37,7 +36,7 @@ def measure(config, split: str, prompts: int, samples: int, batch_size: int = 32
 
   model = from_pretrained(config.model.name, dtype=config.model.dtype)
   tokenizer = load_tokenizer(config.model.tokenizer or config.model.name)
-  eval_set = build_eval_set(parse_domains(config.data.domains), tokenizer, prompts_per_domain=prompts, split=split,
+  eval_set = build_eval_set(config.data.domains, tokenizer, prompts_per_domain=prompts, split=split,
                             max_prompt_tokens=config.data.max_prompt_tokens)
   examples = eval_set.examples
   names = np.array([example["domain"] for example in examples])  # [M]
@@ -73,7 +72,8 @@ def measure(config, split: str, prompts: int, samples: int, batch_size: int = 32
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  print(measure(_CONFIG.value, _SPLIT.value, _PROMPTS.value, _SAMPLES.value))
+  from mcpo_jax.config import build
+  print(measure(build(_CONFIG.value), _SPLIT.value, _PROMPTS.value, _SAMPLES.value))
 
 
 if __name__ == "__main__":  # flags only when run as a program, so that importing defines none

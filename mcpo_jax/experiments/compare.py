@@ -305,6 +305,7 @@ def _commit() -> str:
 def compare(base: ml_collections.ConfigDict, seeds: Sequence[int], runs_dir: str, out: str,
             only: Sequence[str] = (), command: str = "") -> Path:
   """Runs every missing (arm, seed), then writes the report; returns the path of compare.md."""
+  from mcpo_jax.config import build
   from mcpo_jax.data.domains import parse_domains
   from mcpo_jax.rl_loop import train
 
@@ -320,7 +321,7 @@ def compare(base: ml_collections.ConfigDict, seeds: Sequence[int], runs_dir: str
       print(f"[{i + 1}/{len(todo)}] {arm.name} seed {seed}: complete, skipped")
       continue
     print(f"[{i + 1}/{len(todo)}] {arm.name} seed {seed} -> {config.workdir}", flush=True)
-    train(config)
+    train(build(config))
   if only:
     return Path(out)
 
@@ -358,9 +359,10 @@ def compare(base: ml_collections.ConfigDict, seeds: Sequence[int], runs_dir: str
 def main(argv) -> None:
   del argv
   from mcpo_jax import config as config_lib
-  base = config_lib.validate(_CONFIG.value)
+  base = _CONFIG.value
   command = " ".join(["python -m mcpo_jax.experiments.compare", *sys.argv[1:]])
   try:
+    config_lib.build(base)  # every arm's config is built (and checked) again before it runs
     compare(base, [int(s) for s in _SEEDS.value], _RUNS_DIR.value, _OUT.value, _ARMS.value, command)
   except (config_lib.ConfigError, ValueError, FileNotFoundError) as error:
     sys.exit(f"error: {error}")

@@ -30,14 +30,13 @@ _OUT = flags.DEFINE_string("out", "", "Also write the numbers to this JSON file.
 def main(argv) -> None:
   del argv
   from mcpo_jax import config as config_lib
-  from mcpo_jax.data.domains import parse_domains
   from mcpo_jax.evaluation import build_eval_set, evaluate
   from mcpo_jax.mesh import make_mesh
   from mcpo_jax.model import from_pretrained, load_tokenizer
   from mcpo_jax.rewards import RewardPool
   from mcpo_jax.rl_loop import stop_token_ids
 
-  config = config_lib.validate(_CONFIG.value)
+  config = config_lib.build(_CONFIG.value)
   k = config.eval.k
   if k <= 0:
     sys.exit("error: --config.eval.k must be > 0: the floor is that of mean@k.")
@@ -45,7 +44,7 @@ def main(argv) -> None:
   model = from_pretrained(config.model.name, mesh=mesh, dtype=config.model.dtype,
                           param_dtype=config.model.param_dtype or None)
   tokenizer = load_tokenizer(config.model.tokenizer or config.model.name)
-  eval_set = build_eval_set(parse_domains(config.data.domains), tokenizer,
+  eval_set = build_eval_set(config.data.domains, tokenizer,
                             prompts_per_domain=config.eval.prompts_per_domain, split=config.eval.split,
                             max_prompt_tokens=config.data.max_prompt_tokens)
   with RewardPool(config.rewards.processes, timeout_s=config.rewards.timeout_s) as pool:

