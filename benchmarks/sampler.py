@@ -150,11 +150,11 @@ def worker_ours(spec: dict) -> dict:
   key = jax.random.key(0)
   for mode in spec["modes"]:
     for rows in spec["rows"]:
-      prompt_ids, group = prompts(rows)
-      prompt_mask = np.ones_like(prompt_ids)
+      prompt_tokens, group = prompts(rows)
+      prompt_mask = np.ones_like(prompt_tokens)
 
       def call(run):
-        out = sampling.generate(model, prompt_ids, prompt_mask, group_size=group, max_new_tokens=NEW_TOKENS,
+        out = sampling.generate(model, prompt_tokens, prompt_mask, group_size=group, max_new_tokens=NEW_TOKENS,
                                 temperature=0.0 if mode == "greedy" else 1.0, key=key, step=run + 1)
         lengths = np.asarray(jax.block_until_ready(out.lengths))
         assert out.tokens.shape == (rows, NEW_TOKENS) and (lengths == NEW_TOKENS).all(), lengths
@@ -176,8 +176,8 @@ def worker_transformers(spec: dict) -> dict:
   results = []
   for mode in spec["modes"]:
     for rows in spec["rows"]:
-      prompt_ids, group = prompts(rows)
-      input_ids = torch.from_numpy(np.repeat(prompt_ids, group, axis=0)).long()  # [N, P], a prompt's rows adjacent
+      prompt_tokens, group = prompts(rows)
+      input_ids = torch.from_numpy(np.repeat(prompt_tokens, group, axis=0)).long()  # [N, P], a prompt's rows adjacent
       attention_mask = torch.ones_like(input_ids)
       if mode == "greedy":
         sampling_kwargs = dict(do_sample=False)
@@ -243,8 +243,8 @@ def worker_tunix(spec: dict) -> dict:
   results = []
   for mode in spec["modes"]:
     for rows in spec["rows"]:
-      prompt_ids, group = prompts(rows)
-      strings = [" ".join(map(str, row)) for row in np.repeat(prompt_ids, group, axis=0)]  # N strings
+      prompt_tokens, group = prompts(rows)
+      strings = [" ".join(map(str, row)) for row in np.repeat(prompt_tokens, group, axis=0)]  # N strings
       sampling_kwargs = dict(temperature=0.0) if mode == "greedy" else dict(temperature=1.0, top_p=1.0, top_k=None)
 
       def call(run):

@@ -117,12 +117,12 @@ def make_batch(response_len: int, seed: int = 0) -> dict:
   rewards = rng.integers(0, 2, n).astype(np.float32)
   groups = rewards.reshape(-1, GROUP)
   advantages = ((groups - groups.mean(1, keepdims=True)) / (groups.std(1, ddof=1, keepdims=True) + 1e-6)).reshape(-1)
-  prompt_ids = np.repeat(np.arange(n // GROUP), GROUP).astype(np.int32)
+  group_ids = np.repeat(np.arange(n // GROUP), GROUP).astype(np.int32)
   return dict(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask, tokens=tokens, mask=mask,
               old_logp=(-3.0 * rng.random((n, t))).astype(np.float32) * mask,
               ref_logp=(-3.0 * rng.random((n, t))).astype(np.float32) * mask,
               advantages=advantages.astype(np.float32), rewards=rewards, correct=rewards.astype(np.int32),
-              prompt_ids=prompt_ids, domain_ids=(prompt_ids % DOMAINS).astype(np.int32))
+              group_ids=group_ids, domain_ids=(group_ids % DOMAINS).astype(np.int32))
 
 
 def _progress(spec: dict, **entry) -> None:
@@ -169,6 +169,7 @@ def worker_ours(spec: dict) -> dict:
   import jax.numpy as jnp
   import numpy as np
 
+  from mcpo_jax.batch import TrainBatch
   from mcpo_jax.mesh import make_mesh
   from mcpo_jax.model import ModelConfig, init_model
   from mcpo_jax.objectives import ObjectiveConfig
@@ -188,7 +189,7 @@ def worker_ours(spec: dict) -> dict:
                         shared_prefix=spec["shared_prefix"])
   graphdef, state = init_train_state(model, optimizer, proj_dim=256)
   del model
-  batch = shard_batch(make_batch(t), mesh)
+  batch = shard_batch(TrainBatch(**make_batch(t)), mesh)
   transfer = jnp.ones((DOMAINS, DOMAINS), jnp.float32)
   t0 = time.perf_counter()
   update = jit_update_step(graphdef, optimizer, config, state).lower(state, batch, transfer).compile()
@@ -221,7 +222,7 @@ def worker_ours(spec: dict) -> dict:
     def forward(lm_params):
       logp, _, pooled = forward_rollouts(nnx.merge(graphdef, lm_params), batch, config.temperature,
                                          config.logit_chunk, config.prompt_group)
-      return jnp.sum(logp * batch["mask"]) + jnp.sum(pooled)
+      return jnp.sum(logp * batch.mask) + jnp.sum(pooled)
 
     fwd = jax.jit(forward)
     grad = jax.jit(lambda p: loss_and_grads(graphdef, p, batch, transfer, config)[2])

@@ -17,6 +17,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from train_step import DOMAINS, GROUP, _planned_bytes, dims, make_batch  # noqa: E402
+from mcpo_jax.batch import TrainBatch  # noqa: E402
 from mcpo_jax.mesh import make_mesh  # noqa: E402
 from mcpo_jax.model import ModelConfig, init_model  # noqa: E402
 from mcpo_jax.objectives import ObjectiveConfig  # noqa: E402
@@ -33,7 +34,7 @@ runs = [(prefix, int(mb), int(t)) for prefix in arg(3, "shared") for mb in arg(1
 for prefix, mb, t in runs:
   config = UpdateConfig(objective=ObjectiveConfig(algorithm="mcpo", group_size=GROUP), micro_batches=mb,
                         logit_chunk=64, shared_prefix=prefix == "shared")
-  batch = shard_batch(make_batch(t), mesh)
+  batch = shard_batch(TrainBatch(**make_batch(t)), mesh)
   t0 = time.perf_counter()
   compiled = jit_update_step(graphdef, optimizer, config, state).lower(state, batch, transfer).compile()
   m = compiled.memory_analysis()

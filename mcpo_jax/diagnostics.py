@@ -23,8 +23,8 @@ def _domain_gradients(graphdef, params, batch, transfer, config: UpdateConfig, n
   policy_only = dataclasses.replace(config, objective=dataclasses.replace(config.objective, algorithm="grpo"))
 
   def flat_gradient(domain):
-    rows = batch["domain_ids"] == domain
-    masked = dict(batch, mask=jnp.where(rows[:, None], batch["mask"], 0))
+    rows = batch.domain_ids == domain
+    masked = batch.replace(mask=jnp.where(rows[:, None], batch.mask, 0))
     _, _, grads = loss_and_grads(graphdef, params, masked, transfer, policy_only)
     return jnp.concatenate([g.reshape(-1) for g in jax.tree.leaves(grads["lm"])])
 

@@ -35,7 +35,7 @@ from mcpo_jax.sampling import generate
 
 @dataclass(frozen=True)
 class EvalSet:
-  prompt_ids: np.ndarray  # [M, P] int32, left-padded, all domains
+  prompt_tokens: np.ndarray  # [M, P] int32, left-padded, all domains
   prompt_mask: np.ndarray  # [M, P] int32
   examples: list[dict]  # [M] with "domain", "verifier", "answer_format"
 
@@ -139,7 +139,7 @@ def evaluate(model: Transformer, tokenizer, eval_set: EvalSet, pool: RewardPool,
   """
   total, started, records = len(eval_set.examples), time.perf_counter(), []
   for start in range(0, total, batch_size):
-    ids = eval_set.prompt_ids[start:start + batch_size]
+    ids = eval_set.prompt_tokens[start:start + batch_size]
     mask = eval_set.prompt_mask[start:start + batch_size]
     examples = eval_set.examples[start:start + batch_size]
     results = {}

@@ -13,6 +13,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mcpo_jax.batch import TrainBatch
+
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_KINDS = ("k1", "k2", "k3")
 DENOMINATORS = ("shared", "per_term")
@@ -124,7 +126,7 @@ def project(pooled: jax.Array, head: jax.Array) -> jax.Array:
   return z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, axis=-1, keepdims=True), 1e-12))
 
 
-def contrastive_masks(prompt_ids: jax.Array, domain_ids: jax.Array, correct: jax.Array, transfer: jax.Array, *,
+def contrastive_masks(group_ids: jax.Array, domain_ids: jax.Array, correct: jax.Array, transfer: jax.Array, *,
                       in_domain_scope: str = "domain", negative_scope: str = "prompt"):
   """The N×N pair masks, by broadcasting. Returns (cross candidates, in-domain positives, negatives).
 
@@ -135,7 +137,7 @@ def contrastive_masks(prompt_ids: jax.Array, domain_ids: jax.Array, correct: jax
   c = correct.astype(bool)
   both_correct = c[:, None] & c[None, :]
   same_domain = domain_ids[:, None] == domain_ids[None, :]
-  same_prompt = prompt_ids[:, None] == prompt_ids[None, :]
+  same_prompt = group_ids[:, None] == group_ids[None, :]
   allowed = transfer[domain_ids[:, None], domain_ids[None, :]] > 0
   cross = both_correct & ~same_domain & allowed
   if in_domain_scope not in ("domain", "prompt"):
@@ -156,11 +158,11 @@ def counted_anchors(positives: jax.Array, negatives: jax.Array, require_negative
   return jnp.any(positives, axis=1) & has_negative
 
 
-def has_anchor(batch: dict[str, jax.Array], transfer: jax.Array, config: "ObjectiveConfig") -> jax.Array:
+def has_anchor(batch: TrainBatch, transfer: jax.Array, config: "ObjectiveConfig") -> jax.Array:
   """[] bool: whether any row counts as an anchor. The masks alone decide it, not z (top-k keeps at least
   one cross candidate of a non-empty row): without an anchor the contrastive term and all its gradients
   are exactly zero, whatever the representations are."""
-  cross, in_domain, negatives = contrastive_masks(batch["prompt_ids"], batch["domain_ids"], batch["correct"], transfer,
+  cross, in_domain, negatives = contrastive_masks(batch.group_ids, batch.domain_ids, batch.correct, transfer,
                                                   in_domain_scope=config.in_domain_scope,
                                                   negative_scope=config.negative_scope)
   return jnp.any(counted_anchors(cross | in_domain, negatives, config.require_negative))
@@ -187,7 +189,7 @@ def _supcon_rows(sim: jax.Array, positives: jax.Array, denominator: jax.Array) -
   return -jnp.sum(log_probs, axis=1) / jnp.maximum(num_pos, 1)
 
 
-def contrastive_loss(z: jax.Array, prompt_ids: jax.Array, domain_ids: jax.Array, correct: jax.Array,
+def contrastive_loss(z: jax.Array, group_ids: jax.Array, domain_ids: jax.Array, correct: jax.Array,
                      transfer: jax.Array, *, tau: float = 0.05, cross_topk: int = 4, in_domain_scope: str = "domain",
                      negative_scope: str = "prompt", require_negative: bool = True, lambda_cross: float = 1.0,
                      lambda_in: float = 1.0, denominator: str = "shared"):
@@ -206,7 +208,7 @@ def contrastive_loss(z: jax.Array, prompt_ids: jax.Array, domain_ids: jax.Array,
   """
   z = z.astype(jnp.float32)
   sim = (z @ z.T) / tau  # [N, N]
-  cross, in_domain, negatives = contrastive_masks(prompt_ids, domain_ids, correct, transfer,
+  cross, in_domain, negatives = contrastive_masks(group_ids, domain_ids, correct, transfer,
                                                   in_domain_scope=in_domain_scope, negative_scope=negative_scope)
   cross = top_k_per_row(cross, jax.lax.stop_gradient(sim), cross_topk)
   if denominator == "shared":
@@ -279,7 +281,7 @@ class ObjectiveConfig:
                        "set group_size to the rollouts per prompt (>= 2).")
 
 
-def contrastive_term(pooled: jax.Array, head: jax.Array, batch: dict[str, jax.Array], transfer: jax.Array,
+def contrastive_term(pooled: jax.Array, head: jax.Array, batch: TrainBatch, transfer: jax.Array,
                      config: ObjectiveConfig) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
   """The batch-global part of MCPO: λ_cross·L_cross + λ_in·L_in, and the advantages the policy term uses.
 
@@ -291,42 +293,42 @@ def contrastive_term(pooled: jax.Array, head: jax.Array, batch: dict[str, jax.Ar
     pooled = jax.lax.stop_gradient(pooled)  # the LLM gets no gradient from the contrastive term
   z = project(pooled, head)
   l_cross, l_in, per_anchor, metrics = contrastive_loss(
-      z, batch["prompt_ids"], batch["domain_ids"], batch["correct"], transfer, tau=config.tau,
+      z, batch.group_ids, batch.domain_ids, batch.correct, transfer, tau=config.tau,
       cross_topk=config.cross_topk, in_domain_scope=config.in_domain_scope, negative_scope=config.negative_scope,
       require_negative=config.require_negative, lambda_cross=config.lambda_cross, lambda_in=config.lambda_in,
       denominator=config.denominator)
   value = config.lambda_cross * l_cross + config.lambda_in * l_in
   metrics = dict(metrics, l_cross=l_cross, l_in=l_in, contrastive=value)
-  advantages = batch["advantages"]
+  advantages = batch.advantages
   if config.coupling == "reward":
     bonus = jnp.maximum(-jax.lax.stop_gradient(per_anchor), config.reward_bonus_min)  # 0 for non-anchors
-    advantages = grpo_advantages(batch["rewards"] + bonus, config.group_size, normalize_std=config.normalize_std)
+    advantages = grpo_advantages(batch.rewards + bonus, config.group_size, normalize_std=config.normalize_std)
     metrics["reward_bonus"] = jnp.mean(bonus)
   return value, (advantages, metrics)
 
 
-def policy_term(logp: jax.Array, batch: dict[str, jax.Array], advantages: jax.Array, config: ObjectiveConfig, *,
+def policy_term(logp: jax.Array, batch: TrainBatch, advantages: jax.Array, config: ObjectiveConfig, *,
                 num_tokens: Any = None, num_rows: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Clipped GRPO + β·KL to the reference; row-separable, so micro-batches sum to the batch value."""
-  mask = batch["mask"].astype(bool)
-  pg_loss, metrics = policy_loss(logp, batch["old_logp"], advantages, mask, eps_low=config.eps_low,
+  mask = batch.mask.astype(bool)
+  pg_loss, metrics = policy_loss(logp, batch.old_logp, advantages, mask, eps_low=config.eps_low,
                                  eps_high=config.eps_high, dual_clip=config.dual_clip, agg=config.agg,
                                  num_tokens=num_tokens, num_rows=num_rows)
-  kl = aggregate_loss(kl_penalty(logp, batch["ref_logp"], config.kl_kind), mask, config.agg,
+  kl = aggregate_loss(kl_penalty(logp, batch.ref_logp, config.kl_kind), mask, config.agg,
                       num_tokens=num_tokens, num_rows=num_rows)
   return pg_loss + config.kl_coef * kl, dict(metrics, pg_loss=pg_loss, kl=kl)
 
 
-def mcpo_loss(logp: jax.Array, pooled: jax.Array, head: jax.Array | None, batch: dict[str, jax.Array],
+def mcpo_loss(logp: jax.Array, pooled: jax.Array, head: jax.Array | None, batch: TrainBatch,
               transfer: jax.Array, config: ObjectiveConfig, *, num_tokens: Any = None,
               num_rows: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """L = L_GRPO + β·KL + λ_cross·L_cross + λ_in·L_in (or, with coupling="reward", the bonus form).
 
   logp [N, T]: current log-probs; pooled [N, E]: pool_response of the same forward's hidden states;
   head [E, P]: the contrastive head (None for GRPO). batch: old_logp, ref_logp, mask [N, T];
-  advantages, rewards, prompt_ids, domain_ids, correct [N].
+  advantages, rewards, group_ids, domain_ids, correct [N] (a TrainBatch).
   """
-  contrastive, advantages, metrics = jnp.zeros((), jnp.float32), batch["advantages"], {}
+  contrastive, advantages, metrics = jnp.zeros((), jnp.float32), batch.advantages, {}
   if config.algorithm == "mcpo":
     contrastive, (advantages, metrics) = contrastive_term(pooled, head, batch, transfer, config)
   policy, policy_metrics = policy_term(logp, batch, advantages, config, num_tokens=num_tokens, num_rows=num_rows)

@@ -20,7 +20,8 @@ from flax import nnx
 
 from mcpo_jax.checkpointing import (Preempted, PreemptionGuard, ResumeError, abstract_like, open_checkpoints,
                                     prepare_workdir)
-from mcpo_jax.data.batches import PromptIterator
+from mcpo_jax.data.batches import PromptBatch, PromptIterator
+from mcpo_jax.batch import TrainBatch
 from mcpo_jax.config import RunConfig
 from mcpo_jax.data.domains import Domain
 from mcpo_jax.diagnostics import domain_gradient_cosines
@@ -166,60 +167,34 @@ def train(config: RunConfig) -> dict[str, Any]:
       run_eval("start", 0)
     elif start_step and extra.get("eval_due"):  # the preempted run skipped this step's eval
       run_eval(f"step {start_step}", start_step)
-    last_diag_rewards: dict[str, float] = {}
+    last_diag_rewards: dict[str, float] = {}  # per domain, at the previous diagnostics step
     for step in range(start_step, config.train.steps):
       started = time.perf_counter()
       data_before = iterator.get_state()  # the last completed step's, saved if a signal stops this one
       prompts = next(iterator)
-      policy = nnx.merge(graphdef, state.params["lm"])
-      rollouts = generate(policy, prompts.prompt_ids, prompts.prompt_mask, group_size=group,
-                          max_new_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,
-                          top_p=config.rollout.top_p, top_k=config.rollout.top_k, stop_token_ids=stops, key=key,
-                          step=step, pad_id=tokenizer.pad_token_id)
-      tokens, response_mask = to_host(rollouts.tokens), to_host(rollouts.response_mask)
+      rollouts = collect_rollouts(nnx.merge(graphdef, state.params["lm"]), prompts, config, tokenizer, key, step)
       rolled = time.perf_counter()
       stop_if_preempted(step, data_before)
-
-      examples = [example for example in prompts.examples for _ in range(group)]
-      scored = pool.score(_decode(tokenizer, tokens, response_mask), examples, [e["verifier"] for e in examples])
-      rewards = scored.rewards.astype(np.float32)
+      scored = score_rollouts(pool, tokenizer, rollouts, prompts.examples, group)
       scored_at = time.perf_counter()
       stop_if_preempted(step, data_before)
-
-      domain_ids = np.repeat(prompts.domain_id, group)
-      batch = dict(prompt_tokens=rollouts.prompt_ids, prompt_mask=rollouts.prompt_mask, tokens=rollouts.tokens,
-                   mask=rollouts.response_mask, old_logp=rollouts.logprobs, rewards=rewards,
-                   correct=scored.correct.astype(np.int32), prompt_ids=np.repeat(prompts.prompt_id, group),
-                   domain_ids=domain_ids,
-                   advantages=np.asarray(grpo_advantages(jnp.asarray(rewards), group,
-                                                         normalize_std=objective.normalize_std)))
-      batch = shard_batch(batch, mesh)
-      batch["ref_logp"] = logprobs(reference, batch) if reference is not None else batch["old_logp"]
-      update_metrics = []
-      for epoch in range(config.train.epochs):
-        dealer = np.random.default_rng([config.seed, step, epoch])  # a pure function of the step: resume deals the same
-        for minibatch in _minibatches(batch, config.train.minibatches, group, domain_ids, dealer, mesh):
-          if not update_metrics:  # after the first update the state is this step's (the old one is donated)
-            stop_if_preempted(step, data_before)
-          state, metrics = update(state, minibatch, transfer)
-          update_metrics.append(metrics)
-      update_metrics = jax.tree.map(lambda *xs: float(np.mean([to_host(x) for x in xs])), *update_metrics)
+      batch = train_batch(prompts, rollouts, scored, config, mesh)
+      if reference is not None:
+        batch = batch.replace(ref_logp=logprobs(reference, batch))
+      state, update_metrics = update_policy(state, batch, update, transfer, config, step, mesh,
+                                            before_first=lambda: stop_if_preempted(step, data_before))
       updated = time.perf_counter()
 
-      step_metrics = rollout_metrics(names, domain_ids, rewards, scored.correct, to_host(rollouts.lengths),
-                                     to_host(rollouts.truncated), group)
+      step_metrics = rollout_metrics(names, np.repeat(prompts.domain_id, group), scored.rewards, scored.correct,
+                                     to_host(rollouts.lengths), to_host(rollouts.truncated), group)
       step_metrics.update(update_metrics, verifier_errors=float(scored.errors),
                           untrusted_code_tests=float(scored.untrusted_tests), rollout_s=rolled - started,
                           reward_s=scored_at - rolled, update_s=updated - scored_at, step_s=updated - started)
       first, final = step == 0, step + 1 == config.train.steps
       diag_due = config.diag_every and (first or final or (step + 1) % config.diag_every == 0)  # start, every N, end
       if diag_due and not preemption.requested:
-        cosines = domain_gradient_cosines(graphdef, state.params, batch, transfer, update_config, len(domains))
-        step_metrics["diag/grad_cosine"] = cosines
-        for name in names:
-          reward = step_metrics.get(f"{name}/reward")
-          if reward is not None and name in last_diag_rewards:
-            step_metrics[f"diag/{name}/reward_delta"] = reward - last_diag_rewards[name]
+        step_metrics.update(interference_metrics(graphdef, state, batch, transfer, config, step_metrics,
+                                                 last_diag_rewards))
         last_diag_rewards = {n: step_metrics[f"{n}/reward"] for n in names if f"{n}/reward" in step_metrics}
       if scored.errors:
         logging.warning("step %d: %d verifier errors, e.g. %s", step + 1, scored.errors, scored.first_error)
@@ -257,7 +232,69 @@ def train(config: RunConfig) -> dict[str, Any]:
   return evaluations
 
 
-def _minibatches(batch: dict[str, jax.Array], count: int, group: int, domain_ids: np.ndarray,
+# ---------------------------------------------------------------------------------------------
+# The phases of one RL step
+
+
+def collect_rollouts(policy, prompts: PromptBatch, config: RunConfig, tokenizer, key: jax.Array, step: int):
+  """G sampled responses per prompt: Rollouts with [B·G, ...] global arrays, a prompt's rows consecutive."""
+  rollout = config.rollout
+  return generate(policy, prompts.prompt_tokens, prompts.prompt_mask, group_size=rollout.group_size,
+                  max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature, top_p=rollout.top_p,
+                  top_k=rollout.top_k, stop_token_ids=stop_token_ids(tokenizer), key=key, step=step,
+                  pad_id=tokenizer.pad_token_id)
+
+
+def score_rollouts(pool: RewardPool, tokenizer, rollouts, examples: Sequence[dict], group: int):
+  """Each response decoded and judged by its domain's verifier (code in the sandbox): the pool's Scores."""
+  texts = _decode(tokenizer, to_host(rollouts.tokens), to_host(rollouts.response_mask))
+  repeated = [example for example in examples for _ in range(group)]
+  return pool.score(texts, repeated, [example["verifier"] for example in repeated])
+
+
+def train_batch(prompts: PromptBatch, rollouts, scored, config: RunConfig, mesh) -> TrainBatch:
+  """The scored rollouts as the update's TrainBatch, rows sharded over the mesh; ref_logp = old_logp
+  until the reference pass replaces it."""
+  group = config.rollout.group_size
+  rewards = scored.rewards.astype(np.float32)  # [N]
+  advantages = grpo_advantages(jnp.asarray(rewards), group, normalize_std=config.objective.normalize_std)
+  return shard_batch(TrainBatch(
+      prompt_tokens=rollouts.prompt_tokens, prompt_mask=rollouts.prompt_mask, tokens=rollouts.tokens,
+      mask=rollouts.response_mask, old_logp=rollouts.logprobs, ref_logp=rollouts.logprobs, rewards=rewards,
+      correct=scored.correct.astype(np.int32), advantages=np.asarray(advantages),
+      group_ids=np.repeat(prompts.prompt_id, group), domain_ids=np.repeat(prompts.domain_id, group)), mesh)
+
+
+def update_policy(state, batch: TrainBatch, update, transfer: jax.Array, config: RunConfig, step: int, mesh,
+                  before_first) -> tuple[Any, dict[str, float]]:
+  """train.epochs passes over the batch, each train.minibatches optimizer steps; returns the new state and
+  the updates' mean metrics. `before_first` runs before the first update (after it, the old state is donated)."""
+  update_metrics = []
+  domain_ids = to_host(batch.domain_ids)
+  for epoch in range(config.train.epochs):
+    dealer = np.random.default_rng([config.seed, step, epoch])  # a pure function of the step: resume deals the same
+    for minibatch in _minibatches(batch, config.train.minibatches, config.rollout.group_size, domain_ids, dealer,
+                                  mesh):
+      if not update_metrics:
+        before_first()
+      state, metrics = update(state, minibatch, transfer)
+      update_metrics.append(metrics)
+  return state, jax.tree.map(lambda *xs: float(np.mean([to_host(x) for x in xs])), *update_metrics)
+
+
+def interference_metrics(graphdef, state, batch: TrainBatch, transfer: jax.Array, config: RunConfig,
+                         step_metrics: dict[str, float], last_rewards: dict[str, float]) -> dict[str, Any]:
+  """diag/grad_cosine [D, D] and, per domain, the reward change since the previous diagnostics step."""
+  names = [domain.name for domain in config.data.domains]
+  out = {"diag/grad_cosine": domain_gradient_cosines(graphdef, state.params, batch, transfer, config.update,
+                                                     len(names))}
+  for name in names:
+    if f"{name}/reward" in step_metrics and name in last_rewards:
+      out[f"diag/{name}/reward_delta"] = step_metrics[f"{name}/reward"] - last_rewards[name]
+  return out
+
+
+def _minibatches(batch: TrainBatch, count: int, group: int, domain_ids: np.ndarray,
                  rng: np.random.Generator, mesh):
   """`count` minibatches of whole prompt groups (the contrastive term and the reward coupling need groups),
   every domain in each in proportion (train.deal_minibatches). domain_ids: [N] host copy of the batch's."""

@@ -38,7 +38,7 @@ class Rollouts:
   response_mask: jax.Array  # [N, T] int32, 1 up to and including the stop token
   lengths: jax.Array  # [N] int32 response lengths (sum of the mask)
   truncated: jax.Array  # [N] bool, the row hit max_new_tokens without a stop token
-  prompt_ids: jax.Array  # [N, P] int32 left-padded prompt of each row
+  prompt_tokens: jax.Array  # [N, P] int32 left-padded prompt of each row
   prompt_mask: jax.Array  # [N, P] int32
 
 
@@ -78,20 +78,20 @@ def filter_logits(logits: jax.Array, top_k: int, top_p: jax.Array | float | None
   return logits
 
 
-def _sample_program(graphdef, state, prompt_ids, prompt_mask, key, max_new_tokens, temperature, top_p, stop_ids,
+def _sample_program(graphdef, state, prompt_tokens, prompt_mask, key, max_new_tokens, temperature, top_p, stop_ids,
                     *, group_size: int, length_bucket: int, greedy: bool, top_k: int, use_top_p: bool,
                     pad_id: int, cache_dtype):
-  """The jitted generation. prompt_ids, prompt_mask: [B, P]; returns Rollouts with T = length_bucket."""
+  """The jitted generation. prompt_tokens, prompt_mask: [B, P]; returns Rollouts with T = length_bucket."""
   global _compiles
   _compiles += 1  # runs once per trace, i.e. once per compiled program
   model: Transformer = nnx.merge(graphdef, state)
   mesh = model.mesh
-  b, p = prompt_ids.shape
+  b, p = prompt_tokens.shape
   n = b * group_size
 
   # Prefill once per prompt, then give each of the G rows its own copy of the prompt's cache.
   cache = model.init_cache(b, p + length_bucket, cache_dtype)
-  prefill = model(prompt_ids, prompt_mask, cache=cache, return_logits=False)
+  prefill = model(prompt_tokens, prompt_mask, cache=cache, return_logits=False)
   repeat = lambda x: jnp.repeat(x, group_size, axis=0) if x.ndim else x
   cache = jax.tree.map(repeat, prefill.cache)
   logits = repeat(model.logits_from_hidden(prefill.hidden[:, -1:])[:, 0])  # [N, V]
@@ -140,7 +140,7 @@ def _sample_program(graphdef, state, prompt_ids, prompt_mask, key, max_new_token
   return Rollouts(
       tokens=final["tokens"], logprobs=final["logprobs"], response_mask=final["mask"], lengths=lengths,
       truncated=~final["stopped"] & (lengths >= max_new_tokens),
-      prompt_ids=repeat(prompt_ids), prompt_mask=repeat(prompt_mask))
+      prompt_tokens=repeat(prompt_tokens), prompt_mask=repeat(prompt_mask))
 
 
 @functools.lru_cache(maxsize=None)
@@ -150,13 +150,13 @@ def _jitted(group_size, length_bucket, greedy, top_k, use_top_p, pad_id, cache_d
       use_top_p=use_top_p, pad_id=pad_id, cache_dtype=cache_dtype), static_argnums=0)
 
 
-def generate(model: Transformer, prompt_ids, prompt_mask, *, group_size: int = 1, max_new_tokens: int,
+def generate(model: Transformer, prompt_tokens, prompt_mask, *, group_size: int = 1, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              stop_token_ids: Sequence[int] = (), key: jax.Array, step: int = 0, pad_id: int = 0,
              cache_dtype=None) -> Rollouts:
   """Samples `group_size` responses for each left-padded prompt.
 
-  prompt_ids, prompt_mask: [B, P] (left padding). temperature=0 is greedy. The key is folded with
+  prompt_tokens, prompt_mask: [B, P] (left padding). temperature=0 is greedy. The key is folded with
   `step` and then with each row index, so a new training step draws new samples and every row its
   own. Returns Rollouts with T = max_new_tokens.
   """
@@ -166,16 +166,16 @@ def generate(model: Transformer, prompt_ids, prompt_mask, *, group_size: int = 1
     raise ValueError(f"{len(stop_token_ids)} stop tokens; at most {MAX_STOP_TOKENS} are supported.")
   if not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p={top_p}; it must be in (0, 1].")
-  prompt_ids = np.asarray(prompt_ids, np.int32)
+  prompt_tokens = np.asarray(prompt_tokens, np.int32)
   prompt_mask = np.asarray(prompt_mask, np.int32)
-  b, p = prompt_ids.shape
+  b, p = prompt_tokens.shape
   bucket = prompt_bucket(p)
   if bucket > p:  # extra left padding: positions come from the mask, so outputs are unchanged
-    prompt_ids = np.pad(prompt_ids, ((0, 0), (bucket - p, 0)), constant_values=pad_id)
+    prompt_tokens = np.pad(prompt_tokens, ((0, 0), (bucket - p, 0)), constant_values=pad_id)
     prompt_mask = np.pad(prompt_mask, ((0, 0), (bucket - p, 0)))
   if model.mesh is not None:
-    sharding = named_sharding(model.mesh, ("batch", "length"), prompt_ids.shape)
-    prompt_ids, prompt_mask = from_host(prompt_ids, sharding), from_host(prompt_mask, sharding)
+    sharding = named_sharding(model.mesh, ("batch", "length"), prompt_tokens.shape)
+    prompt_tokens, prompt_mask = from_host(prompt_tokens, sharding), from_host(prompt_mask, sharding)
   stop_ids = np.full((MAX_STOP_TOKENS,), -1, np.int32)
   stop_ids[:len(stop_token_ids)] = list(stop_token_ids)
   greedy = temperature == 0
@@ -183,7 +183,7 @@ def generate(model: Transformer, prompt_ids, prompt_mask, *, group_size: int = 1
                     None if cache_dtype is None else jnp.dtype(cache_dtype))
   graphdef, state = nnx.split(model)
   key = jax.random.fold_in(key, step)
-  rollouts = program(graphdef, state, prompt_ids, prompt_mask, key, jnp.int32(max_new_tokens),
+  rollouts = program(graphdef, state, prompt_tokens, prompt_mask, key, jnp.int32(max_new_tokens),
                      jnp.float32(1.0 if greedy else temperature), jnp.float32(top_p), stop_ids)
   trim = lambda x: x[:, :max_new_tokens]
   return rollouts.replace(tokens=trim(rollouts.tokens), logprobs=trim(rollouts.logprobs),

@@ -12,6 +12,7 @@ Shapes: N rows, P prompt length, T response length, E hidden width, P_z projecti
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.struct
@@ -22,6 +23,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mcpo_jax.batch import TrainBatch
 from mcpo_jax.mesh import from_host, named_sharding
 from mcpo_jax.model.transformer import Transformer
 from mcpo_jax.objectives import ObjectiveConfig, contrastive_term, has_anchor, policy_term, pool_response
@@ -145,8 +147,7 @@ def token_logprobs(model: Transformer, hidden: jax.Array, tokens: jax.Array, tem
   return unchunk(logp), unchunk(entropy)
 
 
-def forward_rollouts(model: Transformer, batch: dict[str, jax.Array], temperature: float, chunk: int,
-                     prompt_group: int = 1):
+def forward_rollouts(model: Transformer, batch: TrainBatch, temperature: float, chunk: int, prompt_group: int = 1):
   """Teacher-forced forward over prompt + response -> (logp [N, T], entropy [N, T], pooled response hidden [N, E]).
 
   prompt_group G > 1: rows come in groups of G consecutive rows that share one prompt (as rollouts
@@ -155,30 +156,30 @@ def forward_rollouts(model: Transformer, batch: dict[str, jax.Array], temperatur
   gradient sums over the group, so values and gradients are those of G separate prompt + response
   rows, with (G − 1)/G of the prompt tokens' layer work saved.
   """
-  prompt_len = batch["prompt_tokens"].shape[1]
-  response_len = batch["tokens"].shape[1]
+  prompt_len = batch.prompt_tokens.shape[1]
+  response_len = batch.tokens.shape[1]
   if prompt_group == 1:
-    ids = jnp.concatenate([batch["prompt_tokens"], batch["tokens"]], axis=1)  # [N, P + T]
-    mask = jnp.concatenate([batch["prompt_mask"], batch["mask"]], axis=1)
+    ids = jnp.concatenate([batch.prompt_tokens, batch.tokens], axis=1)  # [N, P + T]
+    mask = jnp.concatenate([batch.prompt_mask, batch.mask], axis=1)
     hidden = model(ids, mask, return_logits=False).hidden  # [N, P + T, E]
     predicting = hidden[:, prompt_len - 1:prompt_len + response_len - 1]  # the states that predict the response
     response_hidden = hidden[:, prompt_len:]
   else:
     expand = lambda x: jnp.repeat(x, prompt_group, axis=0)  # [N/G, ...] -> [N, ...]
-    prompt = model(batch["prompt_tokens"][::prompt_group], batch["prompt_mask"][::prompt_group],
+    prompt = model(batch.prompt_tokens[::prompt_group], batch.prompt_mask[::prompt_group],
                    return_logits=False, return_kv=True)  # hidden [N/G, P, E]
     prefix = prompt.cache.replace(keys=tuple(map(expand, prompt.cache.keys)),
                                   values=tuple(map(expand, prompt.cache.values)),
                                   key_mask=expand(prompt.cache.key_mask))  # [N, K, P, D] per layer
-    response_hidden = model(batch["tokens"], batch["mask"], prefix=prefix, return_logits=False).hidden  # [N, T, E]
+    response_hidden = model(batch.tokens, batch.mask, prefix=prefix, return_logits=False).hidden  # [N, T, E]
     # The last prompt state predicts the first response token; response states predict the rest.
     predicting = jnp.concatenate([expand(prompt.hidden[:, -1:]), response_hidden[:, :-1]], axis=1)
-  logp, entropy = token_logprobs(model, predicting, batch["tokens"], temperature, chunk)
-  pooled = pool_response(response_hidden, batch["mask"])
+  logp, entropy = token_logprobs(model, predicting, batch.tokens, temperature, chunk)
+  pooled = pool_response(response_hidden, batch.mask)
   return logp, entropy, pooled
 
 
-def sequence_logprobs(graphdef: nnx.GraphDef, lm_params, batch: dict[str, jax.Array], *, temperature: float,
+def sequence_logprobs(graphdef: nnx.GraphDef, lm_params, batch: TrainBatch, *, temperature: float,
                       chunk: int = 64, prompt_group: int = 1) -> jax.Array:
   """Log-probs [N, T] of the rollouts under `lm_params` (the frozen reference, or π_old recomputed)."""
   model = nnx.merge(graphdef, lm_params)
@@ -211,117 +212,143 @@ def _merge_micro(x: jax.Array, group: int = 1) -> jax.Array:
   return x.reshape(-1, *x.shape[3:])
 
 
-def loss_and_grads(graphdef, params, batch, transfer, config: UpdateConfig):
-  objective = config.objective
-  num_tokens = jnp.sum(batch["mask"])
-  num_rows = batch["mask"].shape[0]
-  use_head = objective.algorithm == "mcpo"
+def _forward(graphdef: nnx.GraphDef, config: UpdateConfig, lm_params, batch: TrainBatch):
+  """(logp [n, T], entropy [n, T], pooled [n, E]) of `batch`'s rows under lm_params."""
+  return forward_rollouts(nnx.merge(graphdef, lm_params), batch, config.temperature, config.logit_chunk,
+                          config.prompt_group)
 
-  def lm_forward(lm_params, mb):
-    return forward_rollouts(nnx.merge(graphdef, lm_params), mb, config.temperature, config.logit_chunk,
-                            config.prompt_group)
 
-  if config.micro_batches == 1:
-    def loss_fn(params):
-      logp, entropy, pooled = lm_forward(params["lm"], batch)
-      contrastive, advantages, metrics = jnp.zeros(()), batch["advantages"], {}
-      if use_head:
-        contrastive, (advantages, metrics) = contrastive_term(pooled, params["head"], batch, transfer, objective)
-      policy, policy_metrics = policy_term(logp, batch, advantages, objective)
-      entropy_mean = jnp.sum(jnp.where(batch["mask"] > 0, entropy, 0.0)) / jnp.maximum(num_tokens, 1)
-      return policy + contrastive, dict(metrics, **policy_metrics, entropy=entropy_mean)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return loss, metrics, grads
+def _micro_loss(outputs, mb: TrainBatch, advantages, pooled_grad, config: UpdateConfig, num_tokens, num_rows):
+  """One micro-batch's share of the policy term (global normalisers, so the shares add up), plus, given
+  ∂L_contrastive/∂pooled, the surrogate Σ (∂L/∂pooled)·pooled: its gradient w.r.t. the LLM is exactly
+  the contrastive term's through this micro-batch. Returns (value, (policy, metrics, entropy sum, pooled))."""
+  logp, entropy, pooled = outputs
+  policy, metrics = policy_term(logp, mb, advantages, config.objective, num_tokens=num_tokens, num_rows=num_rows)
+  surrogate = 0.0 if pooled_grad is None else jnp.sum(pooled_grad * pooled)
+  entropy_sum = jnp.sum(jnp.where(mb.mask > 0, entropy, 0.0))
+  return policy + surrogate, (policy, metrics, entropy_sum, jax.lax.stop_gradient(pooled))
 
-  group = config.prompt_group
-  split = lambda x: _split_micro(x, config.micro_batches, group)
-  merge = lambda x: _merge_micro(x, group)
-  # With M ≥ 3 the last micro-batch's forward keeps its residuals for its backward below; its pooled
-  # representations then complete the set the contrastive term needs, so MCPO's extra forward pass
-  # covers only the other micro-batches. With M = 2 the scan over the one other micro-batch would be
-  # inlined, and XLA:CPU then plans both micro-batches' activations at once (13.3 GB instead of 8.1 at
-  # T = 128, barriers or not), so there both go through the scan.
-  kept = 1 if config.micro_batches > 2 else 0
-  peel = lambda tree: (jax.tree.map(lambda x: x[:config.micro_batches - kept], tree),
-                       jax.tree.map(lambda x: x[-1], tree) if kept else None)
-  micro = jax.tree.map(split, batch)  # [M, N/M, ...]
-  others, last = peel(micro)
-  if kept:
-    last_outputs, last_vjp = jax.vjp(lambda lm_params: lm_forward(lm_params, last), params["lm"])
-  contrastive, advantages, metrics = jnp.zeros(()), batch["advantages"], {}
-  head_grad = jnp.zeros_like(params["head"])
-  pooled_grad = jnp.zeros((num_rows, 1), jnp.float32)
-  # With repr_grad="head" and coupling="loss" the contrastive term changes neither the LLM's gradient
-  # nor the advantages, so it needs no extra pass: it is evaluated after the micro-batch passes, on
-  # the representations they computed.
-  head_only = use_head and objective.repr_grad == "head" and objective.coupling == "loss"
-  gradient_cached = use_head and not head_only  # the term's gradient reaches the LLM through pooled_grad
 
-  def contrastive_and_grads(pooled):  # pooled [N, E] -> (value, (advantages, metrics)), (d/d pooled, d/d head)
-    return jax.value_and_grad(contrastive_term, argnums=(0, 1), has_aux=True)(
-        jax.lax.stop_gradient(pooled), params["head"], batch, transfer, objective)
-
-  if gradient_cached:  # pass 1: every pooled representation, then the contrastive gradient w.r.t. them
-    # One forward over the other micro-batches' rows: [M - 1, N/M, ...] merged as _split_micro would
-    # have split them, so every batch shard keeps its own rows.
-    forward_others = lambda: _split_micro(lm_forward(params["lm"], jax.tree.map(merge, others))[2],
-                                          config.micro_batches - kept, group)  # [M - kept, N/M, E]
-    # A batch without an anchor (e.g. no correct rollout yet) has a zero contrastive term and zero
-    # gradients whatever the representations are: it skips this extra forward pass.
-    no_pooled = lambda: jnp.zeros((config.micro_batches - kept, num_rows // config.micro_batches,
-                                   params["head"].shape[0]), jnp.float32)
-    others_pooled = jax.lax.cond(has_anchor(batch, transfer, objective), forward_others, no_pooled)
-    pooled = merge(jnp.concatenate([others_pooled, last_outputs[2][None]]) if kept else others_pooled)
-    (contrastive, (advantages, metrics)), (pooled_grad, head_grad) = contrastive_and_grads(pooled)
-  micro = dict(micro, advantages=split(advantages), pooled_grad=split(jnp.broadcast_to(pooled_grad, (num_rows,) +
-                                                                                           pooled_grad.shape[1:])))
-  others, last = peel(micro)
-
-  def micro_loss(outputs, mb):
-    logp, entropy, pooled = outputs
-    policy, policy_metrics = policy_term(logp, mb, mb["advantages"], objective, num_tokens=num_tokens,
-                                         num_rows=num_rows)
-    # Σ (∂L_contrastive/∂pooled) · pooled has the contrastive term's exact gradient w.r.t. lm_params.
-    surrogate = jnp.sum(mb["pooled_grad"] * pooled) if gradient_cached else 0.0
-    entropy_sum = jnp.sum(jnp.where(mb["mask"] > 0, entropy, 0.0))
-    return policy + surrogate, (policy, policy_metrics, entropy_sum, jax.lax.stop_gradient(pooled))
-
-  if kept:
-    (_, (last_policy, *last_aux)), d_outputs = jax.value_and_grad(micro_loss, has_aux=True)(last_outputs, last)
-    (last_grads,) = last_vjp(d_outputs)
-  else:
-    last_policy, last_grads = jnp.zeros(()), jax.tree.map(jnp.zeros_like, params["lm"])
-
-  def accumulate(carry, mb):
-    grads_sum, policy_sum = carry
-    (_, (policy, *aux)), grads = jax.value_and_grad(
-        lambda lm_params: micro_loss(lm_forward(lm_params, mb), mb), has_aux=True)(params["lm"])
-    return (jax.tree.map(jnp.add, grads_sum, grads), policy_sum + policy), aux
-
-  # The scan starts from the last micro-batch's gradients, so that backward (and the release of its
-  # residuals) comes before the scan: activation memory stays that of one micro-batch (M ≥ 3).
-  (lm_grads, policy), others_aux = jax.lax.scan(accumulate, (last_grads, last_policy), others)
-  if kept:  # micro-batch order: others, then last
-    others_aux = jax.tree.map(lambda stacked, one: jnp.concatenate([stacked, one[None]]), others_aux, last_aux)
-  policy_metrics, entropy_sums, micro_pooled = others_aux  # [M, ...]
-  if head_only:
-    (contrastive, (_, metrics)), (_, head_grad) = contrastive_and_grads(merge(micro_pooled))
-  # Per-micro-batch token means, weighted by tokens, are the batch's token means.
-  weights = jnp.sum(micro["mask"], axis=(1, 2)) / jnp.maximum(num_tokens, 1)  # [M]
-  # pg_loss and kl already carry the global normalisers: their micro-batch parts add up.
+def _micro_metrics(policy_metrics, entropy_sums, micro_mask, num_tokens) -> dict:
+  """Per-micro-batch metrics [M] -> the batch's: token means weighted by tokens; pg_loss and kl, which
+  already carry the global normalisers, summed."""
+  weights = jnp.sum(micro_mask, axis=(1, 2)) / jnp.maximum(num_tokens, 1)  # [M]
   combine = lambda name, m: jnp.sum(m) if name in ("pg_loss", "kl") else jnp.sum(m * weights)
-  metrics = dict(metrics, **{name: combine(name, m) for name, m in policy_metrics.items()},
-                 entropy=jnp.sum(entropy_sums) / jnp.maximum(num_tokens, 1))
+  return dict({name: combine(name, m) for name, m in policy_metrics.items()},
+              entropy=jnp.sum(entropy_sums) / jnp.maximum(num_tokens, 1))
+
+
+def accumulated_grads(graphdef, params, batch: TrainBatch, transfer, config: UpdateConfig):
+  """Plain gradient accumulation over M micro-batches, one forward and backward each: GRPO, and MCPO
+  whose contrastive term trains only the head (repr_grad="head", coupling="loss"). That term changes
+  neither the LLM's gradient nor the advantages, so it is evaluated after the passes, on the
+  representations they computed. Returns (loss, metrics, grads)."""
+  objective, group = config.objective, config.prompt_group
+  num_tokens, num_rows = jnp.sum(batch.mask), batch.num_rows
+  micro = jax.tree.map(lambda x: _split_micro(x, config.micro_batches, group), batch)  # [M, N/M, ...]
+
+  def accumulate(grads_sum, mb):
+    (_, aux), grads = jax.value_and_grad(lambda lm: _micro_loss(
+        _forward(graphdef, config, lm, mb), mb, mb.advantages, None, config, num_tokens, num_rows),
+        has_aux=True)(params["lm"])
+    return jax.tree.map(jnp.add, grads_sum, grads), aux
+
+  lm_grads, (policy, policy_metrics, entropy_sums, pooled) = jax.lax.scan(
+      accumulate, jax.tree.map(jnp.zeros_like, params["lm"]), micro)
+  loss, metrics = jnp.sum(policy), _micro_metrics(policy_metrics, entropy_sums, micro.mask, num_tokens)
+  head_grad = jnp.zeros_like(params["head"])
+  if objective.algorithm == "mcpo":
+    (contrastive, (_, contrastive_metrics)), head_grad = jax.value_and_grad(
+        contrastive_term, argnums=1, has_aux=True)(_merge_micro(pooled, group), params["head"], batch, transfer,
+                                                   objective)
+    loss, metrics = loss + contrastive, dict(contrastive_metrics, **metrics)
+  return loss, metrics, {"lm": lm_grads, "head": head_grad}
+
+
+def _keeps_last_forward(micro_batches: int) -> bool:
+  """Whether gradient caching keeps the last micro-batch's forward (with its residuals) for its backward,
+  so that pass 1 re-runs only the others. Not at M = 2: the scan over the one other micro-batch is
+  then inlined, and XLA:CPU plans both micro-batches' activations at once (measured 13.3 GB instead of
+  8.1 at T = 128, barriers or not)."""
+  return micro_batches != 2
+
+
+def gradient_cached_grads(graphdef, params, batch: TrainBatch, transfer, config: UpdateConfig):
+  """MCPO whose contrastive term reaches the LLM (repr_grad="policy") or the advantages (coupling="reward").
+
+  The term couples every pair of rows, so with M micro-batches it is evaluated once on all rows:
+  pass 1 computes every pooled representation, then the term's value, advantages and gradients
+  w.r.t. the representations and the head; pass 2 accumulates, per micro-batch, the gradient of the
+  policy term plus the surrogate Σ (∂L/∂pooled)·pooled. 1 and M micro-batches give the same update.
+  The last micro-batch's pass-1 forward is kept for its backward (see _keeps_last_forward), so at M = 1
+  there is no extra pass. Returns (loss, metrics, grads).
+  """
+  objective, group, count = config.objective, config.prompt_group, config.micro_batches
+  num_tokens, num_rows = jnp.sum(batch.mask), batch.num_rows
+  split = lambda x: _split_micro(x, count, group)
+  merge = lambda x: _merge_micro(x, group)
+  kept = int(_keeps_last_forward(count))
+  others = count - kept
+  micro = jax.tree.map(split, batch)  # [M, N/M, ...]
+  head_rows = lambda tree: jax.tree.map(lambda x: x[:others], tree)  # the micro-batches pass 1 re-runs
+  forward = functools.partial(_forward, graphdef, config)
+
+  # Pass 1. A batch without an anchor (e.g. no correct rollout yet) has a zero contrastive term and zero
+  # gradients whatever the representations are: it skips the extra forward over the other micro-batches.
+  pooled_parts = []
+  if others:
+    width = params["head"].shape[0]
+    # One forward over the other micro-batches' rows, merged as _split_micro split them (every batch shard
+    # keeps its own rows), and split back: [M − kept, N/M, E].
+    forward_others = lambda: _split_micro(forward(params["lm"], jax.tree.map(merge, head_rows(micro)))[2], others,
+                                          group)
+    no_pooled = lambda: jnp.zeros((others, num_rows // count, width), jnp.float32)
+    pooled_parts.append(jax.lax.cond(has_anchor(batch, transfer, objective), forward_others, no_pooled))
+  if kept:
+    last = jax.tree.map(lambda x: x[-1], micro)
+    last_outputs, last_vjp = jax.vjp(lambda lm: forward(lm, last), params["lm"])
+    pooled_parts.append(last_outputs[2][None])
+  pooled = merge(jnp.concatenate(pooled_parts))  # [N, E]
+  (contrastive, (advantages, contrastive_metrics)), (pooled_grad, head_grad) = jax.value_and_grad(
+      contrastive_term, argnums=(0, 1), has_aux=True)(pooled, params["head"], batch, transfer, objective)
+  advantages, pooled_grad = split(advantages), split(pooled_grad)  # [M, N/M], [M, N/M, E]
+
+  # Pass 2: the kept micro-batch's backward first (its residuals are released before the scan), then the scan.
+  lm_grads, policy, aux = jax.tree.map(jnp.zeros_like, params["lm"]), jnp.zeros(()), []
+  if kept:
+    (_, (policy, *last_aux)), d_outputs = jax.value_and_grad(_micro_loss, has_aux=True)(
+        last_outputs, last, advantages[-1], pooled_grad[-1], config, num_tokens, num_rows)
+    (lm_grads,) = last_vjp(d_outputs)
+    aux = [jax.tree.map(lambda x: x[None], tuple(last_aux))]
+
+  def accumulate(carry, inputs):
+    grads_sum, policy_sum = carry
+    mb, mb_advantages, mb_pooled_grad = inputs
+    (_, (mb_policy, *mb_aux)), grads = jax.value_and_grad(lambda lm: _micro_loss(
+        forward(lm, mb), mb, mb_advantages, mb_pooled_grad, config, num_tokens, num_rows), has_aux=True)(params["lm"])
+    return (jax.tree.map(jnp.add, grads_sum, grads), policy_sum + mb_policy), tuple(mb_aux)
+
+  if others:
+    (lm_grads, policy), others_aux = jax.lax.scan(
+        accumulate, (lm_grads, policy), head_rows((micro, advantages, pooled_grad)))
+    aux.insert(0, others_aux)  # micro-batch order: others, then the kept last one
+  policy_metrics, entropy_sums, _ = jax.tree.map(lambda *parts: jnp.concatenate(parts), *aux)
+  metrics = dict(contrastive_metrics, **_micro_metrics(policy_metrics, entropy_sums, micro.mask, num_tokens))
   return policy + contrastive, metrics, {"lm": lm_grads, "head": head_grad}
 
 
-def update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, config: UpdateConfig,
-                state: TrainState, batch: dict[str, jax.Array], transfer: jax.Array) -> tuple[TrainState, dict]:
-  """One optimizer step on a batch of scored rollouts; skipped (state kept) if anything is non-finite.
+def loss_and_grads(graphdef, params, batch: TrainBatch, transfer: jax.Array, config: UpdateConfig):
+  """(loss, metrics, grads) of the objective (objectives.mcpo_loss) on `batch`, by the strategy it needs."""
+  objective = config.objective
+  head_only = objective.repr_grad == "head" and objective.coupling == "loss"
+  strategy = gradient_cached_grads if objective.algorithm == "mcpo" and not head_only else accumulated_grads
+  return strategy(graphdef, params, batch, transfer, config)
 
-  batch: prompt_tokens, prompt_mask [N, P]; tokens, mask, old_logp, ref_logp [N, T]; advantages,
-  rewards, prompt_ids, domain_ids, correct [N]. transfer: [D, D].
-  """
+
+def update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, config: UpdateConfig,
+                state: TrainState, batch: TrainBatch, transfer: jax.Array) -> tuple[TrainState, dict]:
+  """One optimizer step on a batch of scored rollouts; skipped (state kept) if anything is non-finite.
+  transfer: [D, D] (rl_loop.transfer_matrix)."""
   loss, metrics, grads = loss_and_grads(graphdef, state.params, batch, transfer, config)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -334,8 +361,8 @@ def update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
   return new_state, dict(metrics, loss=loss, grad_norm=grad_norm, skipped=(~finite).astype(jnp.float32))
 
 
-def shard_batch(batch: dict[str, Any], mesh: Mesh | None) -> dict[str, jax.Array]:
-  """Rows over (data, fsdp); everything else replicated."""
+def shard_batch(batch: TrainBatch, mesh: Mesh | None) -> TrainBatch:
+  """Rows over (data, fsdp); everything else replicated. Host (NumPy) or global arrays."""
   def place(x):
     if mesh is None:
       return jnp.asarray(x)
@@ -343,7 +370,7 @@ def shard_batch(batch: dict[str, Any], mesh: Mesh | None) -> dict[str, jax.Array
     if isinstance(x, jax.Array):  # already global (e.g. rollouts): a reshard on the same mesh
       return jax.device_put(x, sharding)
     return from_host(x, sharding)
-  return {k: place(v) for k, v in batch.items()}
+  return jax.tree.map(place, batch)
 
 
 def deal_minibatches(group_domains: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -367,7 +394,7 @@ def deal_minibatches(group_domains: np.ndarray, count: int, rng: np.random.Gener
 
 
 @jax.jit
-def take_rows(batch: dict[str, jax.Array], rows: jax.Array) -> dict[str, jax.Array]:
+def take_rows(batch: TrainBatch, rows: jax.Array) -> TrainBatch:
   """The rows [R] of every [N, ...] entry of the batch (inside jit, so it also works on multi-host arrays)."""
   return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), batch)
 

@@ -223,13 +223,13 @@ def project(pooled, head) -> list:
 # ----------------------------------------------------------------------------------------- contrastive
 
 
-def contrastive_masks(prompt_ids, domain_ids, correct, transfer, in_domain_scope="domain",
+def contrastive_masks(group_ids, domain_ids, correct, transfer, in_domain_scope="domain",
                       negative_scope="prompt"):
   """Three N×N 0/1 lists (cross candidates X, in-domain positives I, negatives N), pair by pair.
 
   Rows of incorrect rows are empty: only correct rows are anchors.
   """
-  p, d, c = _ints(prompt_ids), _ints(domain_ids), _ints(correct)
+  p, d, c = _ints(group_ids), _ints(domain_ids), _ints(correct)
   transfer = np.asarray(transfer)
   n = len(p)
   cross = [[0] * n for _ in range(n)]
@@ -258,7 +258,7 @@ def top_k(candidates: list[int], scores: dict[int, float], k: int) -> list[int]:
   return [j for j in candidates if scores[j] >= kth]
 
 
-def contrastive_loss(z, prompt_ids, domain_ids, correct, transfer, tau=0.05, cross_topk=4,
+def contrastive_loss(z, group_ids, domain_ids, correct, transfer, tau=0.05, cross_topk=4,
                      in_domain_scope="domain", negative_scope="prompt", require_negative=True,
                      lambda_cross=1.0, lambda_in=1.0, denominator="shared", details=False):
   """Supervised-contrastive MCPO term, anchor by anchor. z: N lists of P scalars (or an [N, P] array).
@@ -269,7 +269,7 @@ def contrastive_loss(z, prompt_ids, domain_ids, correct, transfer, tau=0.05, cro
   if not isinstance(z, list):
     z = _rows(z)
   n = len(z)
-  cross, in_domain, negatives = contrastive_masks(prompt_ids, domain_ids, correct, transfer,
+  cross, in_domain, negatives = contrastive_masks(group_ids, domain_ids, correct, transfer,
                                                   in_domain_scope, negative_scope)
   cache = {}
 
@@ -347,7 +347,7 @@ def mcpo_loss(logp, pooled, head, batch, transfer, config, num_tokens=None, num_
       pooled = _stop(pooled)
     z = project(pooled, head)
     l_cross, l_in, per_anchor, contrastive_metrics = contrastive_loss(
-        z, batch["prompt_ids"], batch["domain_ids"], batch["correct"], transfer, config.tau, config.cross_topk,
+        z, batch["group_ids"], batch["domain_ids"], batch["correct"], transfer, config.tau, config.cross_topk,
         config.in_domain_scope, config.negative_scope, config.require_negative, config.lambda_cross,
         config.lambda_in, config.denominator)
     contrastive = config.lambda_cross * l_cross + config.lambda_in * l_in

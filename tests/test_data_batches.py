@@ -67,13 +67,13 @@ def test_default_domains_stored_answer_scores_1_and_wrong_answer_0():
 def test_batches_are_left_padded_chat_prompts_tagged_with_domain_and_prompt(tokenizer):
   domains = parse_domains(default_domains())
   batch = next(PromptIterator(domains, tokenizer, batch_size=6, seed=0, max_prompt_tokens=256))
-  assert batch.prompt_ids.dtype == batch.prompt_mask.dtype == np.int32 and batch.prompt_ids.shape[0] == 6
+  assert batch.prompt_tokens.dtype == batch.prompt_mask.dtype == np.int32 and batch.prompt_tokens.shape[0] == 6
   assert batch.domain_id.tolist() == [0, 0, 1, 1, 2, 2] and batch.prompt_id.tolist() == list(range(6))
   assert (np.diff(batch.prompt_mask, axis=1) >= 0).all() and batch.prompt_mask[:, -1].all()  # padding on the left
-  assert (batch.prompt_ids[batch.prompt_mask == 0] == tokenizer.pad_token_id).all()
+  assert (batch.prompt_tokens[batch.prompt_mask == 0] == tokenizer.pad_token_id).all()
   for row, example in enumerate(batch.examples):
     assert example["domain"] == domains[batch.domain_id[row]].name and example["verifier"] == "gym"
-    text = tokenizer.decode(batch.prompt_ids[row][batch.prompt_mask[row] == 1])
+    text = tokenizer.decode(batch.prompt_tokens[row][batch.prompt_mask[row] == 1])
     assert example["prompt"] in text and "<answer>" in text and text.endswith("<|im_start|>assistant\n")
   assert batch.verifier_names == ["gym"] * 6
 
@@ -84,7 +84,7 @@ def test_choices_and_system_prompt_are_rendered(tokenizer):
   domains = parse_domains([{"name": "science", "source": science, "verifier": "choice", "answer_format": "boxed",
                             "system_prompt": "You are a careful scientist."}])
   batch = next(PromptIterator(domains, tokenizer, batch_size=2, seed=0, max_prompt_tokens=256))
-  text = tokenizer.decode(batch.prompt_ids[0][batch.prompt_mask[0] == 1])
+  text = tokenizer.decode(batch.prompt_tokens[0][batch.prompt_mask[0] == 1])
   assert "You are a careful scientist." in text and "\\boxed{}" in text and "\nB. " in text
 
 
@@ -119,7 +119,7 @@ def test_restoring_state_yields_exactly_the_following_batches(tokenizer):
   resumed = PromptIterator(domains, tokenizer, **settings)
   resumed.set_state(state)
   for expected, batch in zip(following, [next(resumed) for _ in range(3)]):
-    assert np.array_equal(expected.prompt_ids, batch.prompt_ids) and np.array_equal(expected.domain_id, batch.domain_id)
+    assert np.array_equal(expected.prompt_tokens, batch.prompt_tokens) and np.array_equal(expected.domain_id, batch.domain_id)
     assert expected.examples == batch.examples
   assert resumed.get_state() == original.get_state() and sum(resumed.stats()["filtered_long"].values()) > 0
   with pytest.raises(DataError, match=r"saved data state has seed=3 but this run has 4"):

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mcpo_jax.batch import TrainBatch
 from mcpo_jax.mesh import make_mesh
 from mcpo_jax.model import init_model
 from mcpo_jax.model.config import ModelConfig
@@ -41,10 +42,10 @@ def test_mcpo_updates_raise_the_reward_on_a_learnable_task():
     domain_ids = np.repeat(domain_of_prompt, GROUP)
     rewards = (np.asarray(rollouts.tokens)[:, 0] == TARGETS[domain_ids]).astype(np.float32)
     rewards_per_step.append(rewards.mean())
-    batch = dict(prompt_tokens=rollouts.prompt_ids, prompt_mask=rollouts.prompt_mask, tokens=rollouts.tokens,
-                 mask=rollouts.response_mask, old_logp=rollouts.logprobs, ref_logp=rollouts.logprobs,
-                 rewards=rewards, correct=rewards.astype(np.int32), prompt_ids=np.repeat(np.arange(PROMPTS), GROUP),
-                 domain_ids=domain_ids, advantages=np.asarray(grpo_advantages(jnp.asarray(rewards), GROUP)))
+    batch = TrainBatch(prompt_tokens=rollouts.prompt_tokens, prompt_mask=rollouts.prompt_mask, tokens=rollouts.tokens,
+                       mask=rollouts.response_mask, old_logp=rollouts.logprobs, ref_logp=rollouts.logprobs,
+                       rewards=rewards, correct=rewards.astype(np.int32), group_ids=np.repeat(np.arange(PROMPTS), GROUP),
+                       domain_ids=domain_ids, advantages=np.asarray(grpo_advantages(jnp.asarray(rewards), GROUP)))
     state, metrics = update(state, shard_batch(batch, mesh), jnp.ones((2, 2)))
     assert float(metrics["skipped"]) == 0
   first, last = np.mean(rewards_per_step[:3]), np.mean(rewards_per_step[-3:])

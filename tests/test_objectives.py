@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from mcpo_jax import objectives as obj
+from mcpo_jax.batch import TrainBatch
 
 VALUE_TOL = 1e-5
 GRAD_TOL = 1e-5
@@ -55,7 +56,7 @@ def make_batch(prompts_per_domain: tuple[int, ...], group_size: int, seed: int) 
   num_prompts = sum(prompts_per_domain)
   n = num_prompts * group_size
   prompt_domain = rng.permutation(np.repeat(np.arange(num_domains), prompts_per_domain))
-  prompt_ids = np.repeat(np.arange(num_prompts), group_size)
+  group_ids = np.repeat(np.arange(num_prompts), group_size)
   domain_ids = np.repeat(prompt_domain, group_size)
   rewards = rng.choice([0.0, 0.25, 1.0], size=n, p=[0.35, 0.15, 0.5])
   correct = (rewards >= 0.5).astype(np.int32)
@@ -77,7 +78,7 @@ def make_batch(prompts_per_domain: tuple[int, ...], group_size: int, seed: int) 
   np.fill_diagonal(transfer, 1)
   transfer[0, 1] = 1  # at least one cross-domain pair allowed
   transfer[1, 0] = 0  # and one forbidden, so the transfer matrix matters
-  return dict(prompt_ids=prompt_ids.astype(np.int32), domain_ids=domain_ids.astype(np.int32),
+  return dict(group_ids=group_ids.astype(np.int32), domain_ids=domain_ids.astype(np.int32),
               rewards=_f32(rewards), correct=correct, mask=mask, logp=_f32(logp), old_logp=_f32(old_logp),
               ref_logp=_f32(ref_logp), hidden=_f32(hidden), head=_f32(head), transfer=transfer,
               advantages=_f32(ref.grpo_advantages(rewards, group_size)), group_size=group_size,
@@ -89,9 +90,12 @@ def random_z(n: int, seed: int) -> np.ndarray:
   return _f32(z / np.linalg.norm(z, axis=1, keepdims=True))
 
 
-def jax_batch(batch: dict) -> dict:
-  keys = ("old_logp", "ref_logp", "mask", "advantages", "rewards", "prompt_ids", "domain_ids", "correct")
-  return {k: jnp.asarray(batch[k], jnp.float32 if batch[k].dtype == np.float64 else batch[k].dtype) for k in keys}
+def jax_batch(batch: dict) -> TrainBatch:
+  """The objective's fields of a test batch as a TrainBatch (the token fields, which it never reads, empty)."""
+  keys = ("old_logp", "ref_logp", "mask", "advantages", "rewards", "group_ids", "domain_ids", "correct")
+  fields = {k: jnp.asarray(batch[k], jnp.float32 if batch[k].dtype == np.float64 else batch[k].dtype) for k in keys}
+  empty = jnp.zeros((batch["mask"].shape[0], 0), jnp.int32)
+  return TrainBatch(prompt_tokens=empty, prompt_mask=empty, tokens=empty, **fields)
 
 
 def j32(x) -> jax.Array:
@@ -227,10 +231,10 @@ KNOBS = list(itertools.product([0, 1, 4], ["domain", "prompt"], ["prompt", "batc
 @pytest.mark.parametrize("spec", BATCHES)
 def test_contrastive_masks_random(spec, in_scope, neg_scope):
   batch = make_batch(*spec)
-  got = obj.contrastive_masks(jnp.asarray(batch["prompt_ids"]), jnp.asarray(batch["domain_ids"]),
+  got = obj.contrastive_masks(jnp.asarray(batch["group_ids"]), jnp.asarray(batch["domain_ids"]),
                               jnp.asarray(batch["correct"]), jnp.asarray(batch["transfer"]),
                               in_domain_scope=in_scope, negative_scope=neg_scope)
-  expected = ref.contrastive_masks(batch["prompt_ids"], batch["domain_ids"], batch["correct"], batch["transfer"],
+  expected = ref.contrastive_masks(batch["group_ids"], batch["domain_ids"], batch["correct"], batch["transfer"],
                                    in_scope, neg_scope)
   for name, g, e in zip(("cross", "in_domain", "negatives"), got, expected):
     np.testing.assert_array_equal(np.asarray(g).astype(int), np.array(e), err_msg=name)
@@ -241,7 +245,7 @@ def test_contrastive_loss_all_knobs(spec):
   """Every combination of cross_topk × in_domain_scope × negative_scope × require_negative × denominator."""
   batch = make_batch(*spec)
   z = random_z(len(batch["correct"]), spec[-1])
-  args = (batch["prompt_ids"], batch["domain_ids"], batch["correct"], batch["transfer"])
+  args = (batch["group_ids"], batch["domain_ids"], batch["correct"], batch["transfer"])
   jax_args = tuple(jnp.asarray(a) for a in args)
   pruned = False
   for topk, in_scope, neg_scope, require_negative, denominator in KNOBS:
@@ -264,7 +268,7 @@ def test_contrastive_knobs_change_the_loss():
   """Guard against a knob that is silently ignored: each one changes some value on this batch."""
   batch = make_batch(*BATCHES[0])
   z = random_z(len(batch["correct"]), 0)
-  args = (batch["prompt_ids"], batch["domain_ids"], batch["correct"], batch["transfer"])
+  args = (batch["group_ids"], batch["domain_ids"], batch["correct"], batch["transfer"])
 
   def run(**knobs):
     return [float(v) for v in ref.contrastive_loss(z, *args, **knobs)[:2]]
@@ -381,9 +385,9 @@ def _matrix(rows: list[str]) -> np.ndarray:
 
 
 def _toy():
-  prompt_ids = np.repeat(np.arange(4), 4)
+  group_ids = np.repeat(np.arange(4), 4)
   domain_ids = np.repeat([0, 0, 1, 1], 4)
-  return prompt_ids, domain_ids, np.array(TOY_CORRECT), np.array(TOY_TRANSFER)
+  return group_ids, domain_ids, np.array(TOY_CORRECT), np.array(TOY_TRANSFER)
 
 
 @pytest.mark.parametrize("in_scope,neg_scope,expected", [
@@ -494,7 +498,7 @@ def test_contrastive_gradient_wrt_z(spec, denominator):
   """d(λ_cross·L_cross + λ_in·L_in)/dz against torch autograd of the reference loops."""
   batch = make_batch(*spec)
   z = random_z(len(batch["correct"]), spec[-1])
-  args = (batch["prompt_ids"], batch["domain_ids"], batch["correct"], batch["transfer"])
+  args = (batch["group_ids"], batch["domain_ids"], batch["correct"], batch["transfer"])
   knobs = dict(tau=0.05, cross_topk=2, negative_scope="batch", denominator=denominator)
 
   def jax_total(zz):
@@ -607,7 +611,7 @@ def test_repr_grad_head_stops_gradient_at_pooled():
   def total(weights, cfg):
     hidden = jnp.tanh(inputs @ weights)  # [N, T, E]
     logp = -jax.nn.softplus(hidden[..., 0])  # [N, T]
-    pooled = obj.pool_response(hidden, jb["mask"])
+    pooled = obj.pool_response(hidden, jb.mask)
     return obj.mcpo_loss(logp, pooled, None if cfg.algorithm == "grpo" else head, jb, transfer, cfg)[0]
 
   g_head_mode = jax.grad(total)(llm, config(batch, repr_grad="head"))
@@ -631,7 +635,7 @@ def test_reward_coupling():
   # The bonus, from the JAX contrastive term of the same z.
   z = obj.project(j32(pooled), j32(batch["head"]))
   _, _, per_anchor, _ = obj.contrastive_loss(
-      z, jnp.asarray(batch["prompt_ids"]), jnp.asarray(batch["domain_ids"]), jnp.asarray(batch["correct"]),
+      z, jnp.asarray(batch["group_ids"]), jnp.asarray(batch["domain_ids"]), jnp.asarray(batch["correct"]),
       jnp.asarray(batch["transfer"]), tau=cfg.tau, cross_topk=cfg.cross_topk, lambda_cross=lam, lambda_in=lam)
   bonus = np.maximum(-np.asarray(per_anchor), -0.5)
   _, ref_metrics = ref.mcpo_loss(batch["logp"], pooled, batch["head"], batch, batch["transfer"], cfg)
@@ -678,7 +682,7 @@ def test_micro_batches_sum_to_full_batch(agg):
   full_loss, _ = obj.mcpo_loss(j32(batch["logp"]), None, None, jb, None, cfg)
   part_losses = []
   for c in chunks:
-    part = {k: v[c] for k, v in jb.items()}
+    part = jax.tree.map(lambda v: v[c], jb)
     part_losses.append(obj.mcpo_loss(j32(batch["logp"][c]), None, None, part, None, cfg,
                                      num_tokens=num_tokens, num_rows=num_rows)[0])
   assert abs(float(sum(part_losses)) - float(full_loss)) <= MICRO_TOL
@@ -706,7 +710,7 @@ def test_split_terms_add_up(coupling):
   num_tokens = int(batch["mask"].sum())
   parts = []
   for c in np.array_split(np.arange(n), 4):
-    part = {k: v[c] for k, v in jb.items()}
+    part = jax.tree.map(lambda v: v[c], jb)
     parts.append(obj.policy_term(j32(batch["logp"][c]), part, advantages[c], cfg, num_tokens=num_tokens,
                                  num_rows=n)[0])
   assert abs(float(sum(parts)) - float(policy)) <= MICRO_TOL

@@ -72,12 +72,12 @@ def _forward(model, ids, mask):
   return model(ids, mask).logits
 
 
-def teacher_forced_logits(model, prompt_ids, prompt_mask, rollouts, group_size):
+def teacher_forced_logits(model, prompt_tokens, prompt_mask, rollouts, group_size):
   """Logits [N, T, V] of the cache-free forward over prompt + response that predict each response token."""
-  ids = np.concatenate([np.repeat(prompt_ids, group_size, axis=0), np.asarray(rollouts.tokens)], axis=1)
+  ids = np.concatenate([np.repeat(prompt_tokens, group_size, axis=0), np.asarray(rollouts.tokens)], axis=1)
   mask = np.concatenate([np.repeat(prompt_mask, group_size, axis=0), np.asarray(rollouts.response_mask)], axis=1)
   logits = np.asarray(_forward(model, ids, mask), np.float64)
-  p, t = prompt_ids.shape[1], rollouts.tokens.shape[1]
+  p, t = prompt_tokens.shape[1], rollouts.tokens.shape[1]
   return logits[:, p - 1:p - 1 + t]  # position p-1+i predicts response token i
 
 
@@ -147,7 +147,7 @@ def test_greedy_matches_teacher_forced_argmax_and_logprobs(llama, prompts, greed
     group = tokens[b * GROUP:(b + 1) * GROUP]
     np.testing.assert_array_equal(group, np.broadcast_to(group[0], group.shape))
   # The rows keep their own prompt (rows of prompt b are consecutive); extra bucket padding is on the left.
-  np.testing.assert_array_equal(np.asarray(r.prompt_ids)[:, -PROMPT_LEN:] * np.asarray(r.prompt_mask)[:, -PROMPT_LEN:],
+  np.testing.assert_array_equal(np.asarray(r.prompt_tokens)[:, -PROMPT_LEN:] * np.asarray(r.prompt_mask)[:, -PROMPT_LEN:],
                                 np.repeat(ids * mask, GROUP, axis=0))
 
   logits = teacher_forced_logits(llama, ids, mask, r, GROUP)
@@ -190,7 +190,7 @@ def test_left_padding_does_not_change_greedy_output(llama, prompts, greedy_rollo
     padded_mask = np.pad(mask, ((0, 0), (extra, 0)))
     outputs.append(generate(llama, padded_ids, padded_mask, group_size=GROUP, max_new_tokens=MAX_NEW,
                             temperature=0.0, key=jax.random.key(0), pad_id=PAD_ID))
-  assert [o.prompt_ids.shape[1] for o in outputs] == [16, 16, 24, 32]  # crosses two bucket boundaries
+  assert [o.prompt_tokens.shape[1] for o in outputs] == [16, 16, 24, 32]  # crosses two bucket boundaries
   for other in outputs[1:]:
     np.testing.assert_array_equal(other.tokens, outputs[0].tokens)
     np.testing.assert_allclose(other.logprobs, outputs[0].logprobs, atol=LOGPROB_TOL, rtol=0)

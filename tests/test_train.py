@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from mcpo_jax.batch import TrainBatch
 from mcpo_jax.mesh import make_mesh
 from mcpo_jax.model import init_model
 from mcpo_jax.model.config import ModelConfig
@@ -36,12 +37,11 @@ def _batch(seed=0, rewards=REWARDS):
       prompt_tokens=np.repeat(rng.integers(0, 256, (N // G, P)), G, axis=0), prompt_mask=np.ones((N, P), np.int32),
       tokens=rng.integers(0, 256, (N, T)), mask=(np.arange(T)[None] < lengths[:, None]).astype(np.int32),
       old_logp=(-5 * rng.random((N, T))).astype(np.float32), ref_logp=(-5 * rng.random((N, T))).astype(np.float32),
-      rewards=rewards, correct=rewards.astype(np.int32), prompt_ids=np.repeat(np.arange(N // G), G),
+      rewards=rewards, correct=rewards.astype(np.int32), group_ids=np.repeat(np.arange(N // G), G),
       domain_ids=np.repeat(np.array([0, 1, 2, 0]), G))
   batch["prompt_mask"][0:G, :3] = 0  # left-padded prompts of different lengths (rows of a group share theirs)
   batch["prompt_mask"][2 * G:3 * G, :1] = 0
-  batch["advantages"] = np.asarray(grpo_advantages(jnp.asarray(rewards), G))
-  return batch
+  return TrainBatch(**batch, advantages=np.asarray(grpo_advantages(jnp.asarray(rewards), G)))
 
 
 TRANSFER = jnp.array([[1, 1, 0], [1, 1, 1], [0, 1, 1]], jnp.float32)
@@ -70,12 +70,12 @@ def test_chunked_logprobs_equal_full_log_softmax(prompt_group):
   graphdef, params = nnx.split(model, nnx.Param)
   got = sequence_logprobs(graphdef, params, batch, temperature=0.7, chunk=5,  # 12 = 5 + 5 + 2 (padded chunk)
                           prompt_group=prompt_group)
-  ids = np.concatenate([batch["prompt_tokens"], batch["tokens"]], 1)
-  mask = np.concatenate([batch["prompt_mask"], batch["mask"]], 1)
+  ids = np.concatenate([batch.prompt_tokens, batch.tokens], 1)
+  mask = np.concatenate([batch.prompt_mask, batch.mask], 1)
   logits = np.asarray(model(ids, mask).logits, np.float64)[:, P - 1:P + T - 1] / 0.7
   logits -= logits.max(-1, keepdims=True)
-  want = np.take_along_axis(logits, batch["tokens"][..., None], -1)[..., 0] - np.log(np.exp(logits).sum(-1))
-  real = batch["mask"].astype(bool)
+  want = np.take_along_axis(logits, batch.tokens[..., None], -1)[..., 0] - np.log(np.exp(logits).sum(-1))
+  real = batch.mask.astype(bool)
   np.testing.assert_allclose(np.asarray(got)[real], want[real], atol=2e-5)
 
 
@@ -88,8 +88,10 @@ def test_trainer_logprobs_equal_sampler_logprobs(prompt_group):
   prompt_mask[1, :2] = 0  # left padding
   rollouts = generate(model, prompts, prompt_mask, group_size=3, max_new_tokens=10, temperature=0.8,
                       key=jax.random.key(0))
-  batch = dict(prompt_tokens=rollouts.prompt_ids, prompt_mask=rollouts.prompt_mask, tokens=rollouts.tokens,
-               mask=rollouts.response_mask)
+  zeros = np.zeros(rollouts.tokens.shape[0])
+  batch = TrainBatch(prompt_tokens=rollouts.prompt_tokens, prompt_mask=rollouts.prompt_mask, tokens=rollouts.tokens,
+                     mask=rollouts.response_mask, old_logp=rollouts.logprobs, ref_logp=rollouts.logprobs,
+                     rewards=zeros, correct=zeros, advantages=zeros, group_ids=zeros, domain_ids=zeros)
   graphdef, params = nnx.split(model, nnx.Param)
   logp = sequence_logprobs(graphdef, params, batch, temperature=0.8, prompt_group=prompt_group)
   mask = np.asarray(rollouts.response_mask).astype(bool)
@@ -161,7 +163,7 @@ def test_non_finite_update_is_skipped_and_counted():
   before = jax.tree.map(np.asarray, state.params)
   step = jit_update_step(graphdef, optimizer, UpdateConfig(objective=ObjectiveConfig(group_size=G)), state)
   batch = _batch()
-  batch["old_logp"][0, 0] = np.nan
+  batch.old_logp[0, 0] = np.nan
   state, metrics = step(state, shard_batch(batch, None), TRANSFER)
   assert float(metrics["skipped"]) == 1 and int(state.nonfinite_streak) == 1 and int(state.step) == 0
   assert _max_diff(before, jax.tree.map(np.asarray, state.params)) == 0.0
@@ -249,7 +251,7 @@ def test_shared_prefix_logprobs_and_entropies_equal_the_unshared_ones():
   model = init_model(CONFIG, mesh=mesh, seed=2)
   batch = shard_batch(_batch(), mesh)
   outputs = [jax.jit(lambda b, g=g: forward_rollouts(model, b, 0.9, 5, g))(batch) for g in (1, G)]
-  real = _batch()["mask"].astype(bool)
+  real = _batch().mask.astype(bool)
   for unshared, shared, name in zip(*outputs, ("logp", "entropy", "pooled")):
     got, want = np.asarray(shared), np.asarray(unshared)
     np.testing.assert_allclose(got[real] if name != "pooled" else got, want[real] if name != "pooled" else want,

@@ -87,7 +87,7 @@ def test_batches_resume_exactly():
   resumed = PromptIterator(domains, tokenizer, batch_size=4, seed=1, max_prompt_tokens=256)
   resumed.set_state(state)
   for expected, batch in zip(following, [next(resumed) for _ in range(3)]):
-    assert np.array_equal(expected.prompt_ids, batch.prompt_ids) and expected.examples == batch.examples
+    assert np.array_equal(expected.prompt_tokens, batch.prompt_tokens) and expected.examples == batch.examples
 
 
 def test_base_accuracy_table_has_every_domain_and_its_constant_answer_share(tiny_model_dir):

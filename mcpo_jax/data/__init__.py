@@ -3,7 +3,7 @@
     from mcpo_jax import data
     domains = data.parse_domains(config.data.domains)          # or data.default_domains()
     batches = data.PromptIterator(domains, tokenizer, batch_size=32, seed=0, max_prompt_tokens=256)
-    batch = next(batches)   # .prompt_ids [B, P] int32, .domain_id [B], .examples for the verifiers
+    batch = next(batches)   # .prompt_tokens [B, P] int32, .domain_id [B], .examples for the verifiers
     state = batches.get_state()                                # JSON-able; set_state(state) resumes exactly
 """
 

@@ -45,7 +45,7 @@ def measure(config, split: str, prompts: int, samples: int, batch_size: int = 32
     for label, group, temperature in (("greedy", 1, 0.0), ("sampled", samples, config.rollout.temperature)):
       correct, truncated = [], []
       for start in range(0, len(examples), batch_size):  # bounded KV cache
-        rollouts = generate(model, eval_set.prompt_ids[start:start + batch_size],
+        rollouts = generate(model, eval_set.prompt_tokens[start:start + batch_size],
                             eval_set.prompt_mask[start:start + batch_size], group_size=group,
                             max_new_tokens=config.rollout.max_new_tokens, temperature=temperature,
                             stop_token_ids=stop_token_ids(tokenizer), key=jax.random.key(0), step=start,

@@ -18,7 +18,7 @@ STATE_VERSION = 1
 
 @dataclass(frozen=True)
 class PromptBatch:
-  prompt_ids: np.ndarray   # [B, P] int32, left-padded
+  prompt_tokens: np.ndarray   # [B, P] int32, left-padded
   prompt_mask: np.ndarray  # [B, P] int32, 1 on prompt tokens
   domain_id: np.ndarray    # [B] int32, position of the row's domain in the domain list
   prompt_id: np.ndarray    # [B] int32, the row number: rows of one prompt share it once expanded to B·G

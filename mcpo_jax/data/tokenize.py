@@ -26,7 +26,7 @@ def encode_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """(prompt_ids, prompt_mask), each [B, P] int32 with P the longest row: padding on the left, so the
+  """(prompt_tokens, prompt_mask), each [B, P] int32 with P the longest row: padding on the left, so the
   last prompt token of every row is aligned where generation starts."""
   length = max(len(row) for row in rows)
   ids = np.full((len(rows), length), pad_id, np.int32)
