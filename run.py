@@ -6,12 +6,14 @@ loads the checkpoint onto the mesh and answers `--config.chat.prompt`.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found" (we need only tokenizers)
+logging.getLogger("matplotlib").setLevel(logging.ERROR)  # reasoning-gym imports pyplot: no font-cache notice
 
 import jax
 import numpy as np

@@ -171,6 +171,7 @@ class Checkpointer:
 
   def check_newest_config(self, config: ml_collections.ConfigDict) -> None:
     """check_config on the newest step whose extra reads: the start-up check, before the model loads."""
+    _drop_closed_loop_callbacks()
     for step in reversed(self.steps()):
       try:
         extra = self.read_extra(step)
@@ -186,6 +187,7 @@ class Checkpointer:
     abstract_state: a pytree of jax.ShapeDtypeStruct with shardings (see `abstract_like`). Raises
     ResumeError on an incompatible checkpoint; moves an unreadable one to corrupt/<step> and tries the one before.
     """
+    _drop_closed_loop_callbacks()  # before any read: a failed one's callbacks can fire before its except clause
     for step in reversed(self.steps()):
       try:
         extra = self.read_extra(step)
@@ -209,7 +211,6 @@ class Checkpointer:
 
   def _move_aside(self, step: int, error: BaseException) -> None:
     """checkpoints/<step> -> checkpoints/corrupt/<step>[.N]: kept for inspection, and no longer a step."""
-    _drop_closed_loop_callbacks()
     target = self.directory / "corrupt" / str(step)
     if jax.process_index() == 0:
       suffix = 0

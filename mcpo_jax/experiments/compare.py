@@ -12,6 +12,7 @@ two-way cluster bootstrap over seeds and prompts, stats.py), a verdict only wher
 0, the constant-answer baseline and a collapse flag for arms at or below it. The report in --out:
 compare.md, compare.json (every number of it), accuracy_curves.png (per-domain pass@1 over steps)
 and interference.png (the D×D cosines of the per-domain policy gradients, mixed GRPO and MCPO).
+`--grid=defaults` runs the sweep of MCPO's knobs instead (sweep.md, sweep.json, sweep_*.png).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds; every arm runs each of t
 _RUNS_DIR = flags.DEFINE_string("runs_dir", "runs/compare", "One run directory per arm and seed goes here.")
 _OUT = flags.DEFINE_string("out", "docs/results", "Where compare.md and the figures are written.")
 _ARMS = flags.DEFINE_list("arms", [], "Run only these arms (default: all); see `arms()` for the names.")
+_GRID = flags.DEFINE_enum("grid", "comparison", ["comparison", "defaults"],
+                          "comparison: the methods (compare.md); defaults: the sweep of MCPO's knobs (sweep.md).")
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,26 @@ def arms(domains: Sequence[str]) -> list[Arm]:
       Arm("mcpo-reward-coupling", "MCPO as a reward bonus (coupling = reward)",
           _set(algorithm="mcpo", objective__coupling="reward")),
   ]
+
+
+def sweep_arms(domains: Sequence[str]) -> list[Arm]:
+  """The validation sweep that chose MCPO's defaults (run it with --grid=defaults on the validation split):
+  mixed GRPO as the reference, the shipped MCPO, and one knob changed at a time from it."""
+  del domains
+  return [
+      Arm("grpo-mixed", MIXED, _set(algorithm="grpo")),
+      Arm("mcpo", "MCPO", _set(algorithm="mcpo")),
+      Arm("mcpo-per-term", "MCPO, per-term denominators", _set(algorithm="mcpo", objective__denominator="per_term")),
+      Arm("mcpo-lambda-0.3", "MCPO, λ_cross = λ_in = 0.3",
+          _set(algorithm="mcpo", objective__lambda_cross=0.3, objective__lambda_in=0.3)),
+      Arm("mcpo-tau-0.2", "MCPO, τ = 0.2", _set(algorithm="mcpo", objective__tau=0.2)),
+      Arm("mcpo-reward-warmup", "MCPO as a reward bonus after a 3-step head warm-up",
+          _set(algorithm="mcpo", objective__coupling="reward", objective__head_warmup_steps=3)),
+  ]
+
+
+# --grid: the arms, and the stem of the report's files in --out.
+GRIDS = {"comparison": (arms, "compare"), "defaults": (sweep_arms, "sweep")}
 
 
 def run_config(base: ml_collections.ConfigDict, arm: Arm, seed: int, runs_dir: str) -> ml_collections.ConfigDict:
@@ -303,14 +326,15 @@ def _commit() -> str:
 
 
 def compare(base: ml_collections.ConfigDict, seeds: Sequence[int], runs_dir: str, out: str,
-            only: Sequence[str] = (), command: str = "") -> Path:
-  """Runs every missing (arm, seed), then writes the report; returns the path of compare.md."""
+            only: Sequence[str] = (), command: str = "", grid: str = "comparison") -> Path:
+  """Runs every missing (arm, seed) of the grid, then writes the report; returns the path of <stem>.md."""
   from mcpo_jax.config import build
   from mcpo_jax.data.domains import parse_domains
   from mcpo_jax.rl_loop import train
 
   domains = [d.name for d in parse_domains(base.data.domains)]
-  arm_list = arms(domains)
+  make_arms, stem = GRIDS[grid]
+  arm_list = make_arms(domains)
   unknown = set(only) - {a.name for a in arm_list}
   if unknown:
     raise ValueError(f"--arms: unknown {sorted(unknown)}; the arms are {', '.join(a.name for a in arm_list)}.")
@@ -335,12 +359,14 @@ def compare(base: ml_collections.ConfigDict, seeds: Sequence[int], runs_dir: str
   shares = answer_shares(runs, arm_list, domains, seeds)
   out_dir = Path(out)
   out_dir.mkdir(parents=True, exist_ok=True)
-  plot_curves(runs, arm_list, domains, seeds, out_dir / "accuracy_curves.png")
-  plot_interference(runs, domains, seeds, out_dir / "interference.png")
-  (out_dir / "compare.json").write_text(json.dumps(
+  prefix = "" if stem == "compare" else f"{stem}_"
+  plot_curves(runs, arm_list, domains, seeds, out_dir / f"{prefix}accuracy_curves.png")
+  plot_interference(runs, domains, seeds, out_dir / f"{prefix}interference.png")
+  (out_dir / f"{stem}.json").write_text(json.dumps(
       {"seeds": list(seeds), "constant_baseline": baselines, "top_answer_share": shares, "metrics": stats}, indent=2))
   report = "\n\n".join([
-      "# Single-domain GRPO vs mixed GRPO vs MCPO",
+      "# Single-domain GRPO vs mixed GRPO vs MCPO" if stem == "compare" else
+      "# MCPO's knobs, one at a time, against mixed GRPO (the defaults sweep)",
       f"Command: `{command}`\n\nCommit: `{_commit()}`. Base config: {base.model.name}, {base.train.steps} RL steps "
       f"of {base.data.prompts_per_step} prompts × {base.rollout.group_size} rollouts, "
       f"{base.rollout.max_new_tokens} new tokens, learning rate {base.optim.learning_rate}; evaluation: "
@@ -349,11 +375,11 @@ def compare(base: ml_collections.ConfigDict, seeds: Sequence[int], runs_dir: str
       + ".",
       METHOD,
       *[format_report(stats[metric], metric, baselines, shares, seeds) for metric in metrics],
-      "![per-domain accuracy](accuracy_curves.png)\n\n![gradient interference](interference.png)",
+      f"![per-domain accuracy]({prefix}accuracy_curves.png)\n\n![gradient interference]({prefix}interference.png)",
   ])
-  (out_dir / "compare.md").write_text(report + "\n")
+  (out_dir / f"{stem}.md").write_text(report + "\n")
   print(report)
-  return out_dir / "compare.md"
+  return out_dir / f"{stem}.md"
 
 
 def main(argv) -> None:
@@ -363,7 +389,7 @@ def main(argv) -> None:
   command = " ".join(["python -m mcpo_jax.experiments.compare", *sys.argv[1:]])
   try:
     config_lib.build(base)  # every arm's config is built (and checked) again before it runs
-    compare(base, [int(s) for s in _SEEDS.value], _RUNS_DIR.value, _OUT.value, _ARMS.value, command)
+    compare(base, [int(s) for s in _SEEDS.value], _RUNS_DIR.value, _OUT.value, _ARMS.value, command, _GRID.value)
   except (config_lib.ConfigError, ValueError, FileNotFoundError) as error:
     sys.exit(f"error: {error}")
 
