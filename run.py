@@ -6,19 +6,16 @@ loads the checkpoint onto the mesh and answers `--config.chat.prompt`.
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found" (we need only tokenizers)
-logging.getLogger("matplotlib").setLevel(logging.ERROR)  # reasoning-gym imports pyplot: no font-cache notice
+from mcpo_jax.console import quiet_libraries
+
+quiet_libraries()  # before transformers is imported
 
 import jax
 import numpy as np
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from mcpo_jax import config as config_lib
@@ -69,7 +66,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv) -> None:
   del argv
-  absl_logging.set_verbosity(absl_logging.WARNING)  # library INFO lines (orbax saves, jax backends) stay out
+  quiet_libraries()  # again: absl set its verbosity from its flags
   try:
     run(config_lib.build(_CONFIG.value))
   except TrainingDiverged as error:

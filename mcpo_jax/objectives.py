@@ -18,6 +18,7 @@ from mcpo_jax.batch import TrainBatch
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_KINDS = ("k1", "k2", "k3")
 DENOMINATORS = ("shared", "per_term")
+RATIOS = ("token", "sequence")  # importance ratio per token (GRPO) or per sequence (GSPO)
 LOG_RATIO_CLIP = 20.0
 K3_VALUE_CLIP = 10.0
 
@@ -68,15 +69,25 @@ def aggregate_loss(per_token: jax.Array, mask: jax.Array, agg: str, *, num_token
 
 def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: jax.Array, *,
                 eps_low: float = 0.2, eps_high: float = 0.2, dual_clip: float = 3.0, agg: str = "token-mean",
-                num_tokens: Any = None, num_rows: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                ratio: str = "token", num_tokens: Any = None,
+                num_rows: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Dual-clip PPO surrogate. logp, old_logp, mask: [N, T]; advantages: [N].
 
   Per token: max(−Aρ, −A·clip(ρ, 1−ε_low, 1+ε_high)), and for A < 0 at most −c·A (c = dual_clip).
-  Metrics (token means): pg_clipfrac (the clipped branch is taken), pg_clipfrac_lower (the dual
-  clip binds), ppo_kl (mean of old − new log-prob).
+  ratio="token": ρ_t = π(y_t)/π_old(y_t) (GRPO); "sequence" (GSPO, arXiv 2507.18071): every token of a
+  row takes the row's length-normalised ratio s = exp(mean_t log ρ_t), the geometric mean of its token
+  ratios, so the row is clipped as a whole (GSPO uses ε near 3e-4..4e-4 and agg "seq-mean-token-mean").
+  The log-ratio is clipped to ±20 (per token, or the row's mean). Metrics (token means): pg_clipfrac
+  (the clipped branch is taken), pg_clipfrac_lower (the dual clip binds), ppo_kl (mean of −log ρ).
   """
   mask = mask.astype(bool)
-  log_ratio = jnp.clip(logp - old_logp, -LOG_RATIO_CLIP, LOG_RATIO_CLIP)
+  if ratio not in RATIOS:
+    raise ValueError(f"ratio={ratio!r}; choose one of {list(RATIOS)}.")
+  token_log_ratio = jnp.where(mask, logp - old_logp, 0.0)  # [N, T]; padding may hold anything
+  if ratio == "sequence":
+    row_mean = jnp.sum(token_log_ratio, axis=1, keepdims=True) / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1)
+    token_log_ratio = jnp.broadcast_to(row_mean, logp.shape)  # [N, 1] -> [N, T]
+  log_ratio = jnp.clip(token_log_ratio, -LOG_RATIO_CLIP, LOG_RATIO_CLIP)
   ratio = jnp.exp(log_ratio)
   adv = advantages.astype(jnp.float32)[:, None]  # [N, 1]
   unclipped = -adv * ratio
@@ -248,6 +259,7 @@ class ObjectiveConfig:
   eps_high: float = 0.2
   dual_clip: float = 3.0
   agg: str = "token-mean"
+  ratio: str = "token"  # "token" (GRPO) | "sequence" (GSPO: the row's geometric-mean ratio, clipped per row)
   kl_kind: str = "k3"
   kl_coef: float = 0.001
   tau: float = 0.05
@@ -272,7 +284,7 @@ class ObjectiveConfig:
     choices = {"algorithm": ("mcpo", "grpo"), "agg": AGGREGATIONS, "kl_kind": KL_KINDS,
                "coupling": ("loss", "reward"), "repr_grad": ("policy", "head"),
                "in_domain_scope": ("domain", "prompt"), "negative_scope": ("prompt", "batch"),
-               "denominator": DENOMINATORS}
+               "denominator": DENOMINATORS, "ratio": RATIOS}
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
         raise ValueError(f"objective.{name}={getattr(self, name)!r}; choose one of {list(allowed)}.")
@@ -313,7 +325,7 @@ def policy_term(logp: jax.Array, batch: TrainBatch, advantages: jax.Array, confi
   mask = batch.mask.astype(bool)
   pg_loss, metrics = policy_loss(logp, batch.old_logp, advantages, mask, eps_low=config.eps_low,
                                  eps_high=config.eps_high, dual_clip=config.dual_clip, agg=config.agg,
-                                 num_tokens=num_tokens, num_rows=num_rows)
+                                 ratio=config.ratio, num_tokens=num_tokens, num_rows=num_rows)
   kl = aggregate_loss(kl_penalty(logp, batch.ref_logp, config.kl_kind), mask, config.agg,
                       num_tokens=num_tokens, num_rows=num_rows)
   return pg_loss + config.kl_coef * kl, dict(metrics, pg_loss=pg_loss, kl=kl)

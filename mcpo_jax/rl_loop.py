@@ -239,10 +239,11 @@ def train(config: RunConfig) -> dict[str, Any]:
 def collect_rollouts(policy, prompts: PromptBatch, config: RunConfig, tokenizer, key: jax.Array, step: int):
   """G sampled responses per prompt: Rollouts with [B·G, ...] global arrays, a prompt's rows consecutive."""
   rollout = config.rollout
-  return generate(policy, prompts.prompt_tokens, prompts.prompt_mask, group_size=rollout.group_size,
-                  max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature, top_p=rollout.top_p,
-                  top_k=rollout.top_k, stop_token_ids=stop_token_ids(tokenizer), key=key, step=step,
-                  pad_id=tokenizer.pad_token_id)
+  rollouts = generate(policy, prompts.prompt_tokens, prompts.prompt_mask, group_size=rollout.group_size,
+                      max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature, top_p=rollout.top_p,
+                      top_k=rollout.top_k, stop_token_ids=stop_token_ids(tokenizer), key=key, step=step,
+                      pad_id=tokenizer.pad_token_id)
+  return jax.block_until_ready(rollouts)  # dispatch is asynchronous: the rollout's time is spent here, not later
 
 
 def score_rollouts(pool: RewardPool, tokenizer, rollouts, examples: Sequence[dict], group: int):

@@ -131,8 +131,11 @@ def aggregate(per_token, mask, agg: str, num_tokens=None, num_rows=None):
 
 
 def policy_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.2, dual_clip=3.0, agg="token-mean",
-                num_tokens=None, num_rows=None):
-  """Dual-clip PPO, token by token. Returns (loss, metrics of plain floats)."""
+                num_tokens=None, num_rows=None, ratio="token"):
+  """Dual-clip PPO, token by token. ratio="sequence" (GSPO): each row's tokens share the row's log-ratio,
+  the plain average of its response tokens' log π − log π_old (then clipped ±20). Returns (loss, metrics
+  of plain floats)."""
+  sequence = ratio == "sequence"
   logp_rows = _rows(logp)
   old_rows = [[float(v) for v in row] for row in np.asarray(old_logp, np.float64)]
   advantages = [float(a) for a in advantages]
@@ -142,8 +145,15 @@ def policy_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.2, dua
   for i, row in enumerate(logp_rows):
     a = advantages[i]
     values = []
+    row_log_ratio = 0.0
+    if sequence:
+      response = [t for t in range(len(row)) if mask[i, t]]
+      for t in response:
+        row_log_ratio = row_log_ratio + (row[t] - old_rows[i][t])
+      row_log_ratio = row_log_ratio / max(len(response), 1)
     for t, lp in enumerate(row):
-      log_ratio = _clip(lp - old_rows[i][t], -LOG_RATIO_CLIP, LOG_RATIO_CLIP)
+      raw = row_log_ratio if sequence else lp - old_rows[i][t]
+      log_ratio = _clip(raw, -LOG_RATIO_CLIP, LOG_RATIO_CLIP)
       ratio = _exp(log_ratio)
       unclipped = -a * ratio
       clipped = -a * _clip(ratio, 1.0 - eps_low, 1.0 + eps_high)

@@ -172,6 +172,43 @@ def test_policy_loss(spec, agg, eps_low, eps_high, dual_clip):
   assert ref_metrics["pg_clipfrac"] > 0 and ref_metrics["pg_clipfrac_lower"] > 0  # both clips bind here
 
 
+@pytest.mark.parametrize("agg", obj.AGGREGATIONS)
+@pytest.mark.parametrize("eps_low,eps_high", [(3e-4, 4e-4), (0.2, 0.28)])  # GSPO's ε, and GRPO-sized ones
+@pytest.mark.parametrize("spec", BATCHES[:2])
+def test_sequence_ratio_matches_the_reference_in_values_and_gradients(spec, agg, eps_low, eps_high):
+  """ratio="sequence" (GSPO): values, metrics and ∂loss/∂logp against the reference loops (float64 torch
+  autograd), with ragged and one empty response and garbage log-probs in the padding."""
+  batch = make_batch(*spec)
+  mask = batch["mask"].copy()
+  mask[3] = 0  # an empty response: its ratio is 1, it adds nothing but a row to the row means
+  args = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=3.0, agg=agg)
+  fn = lambda logp: obj.policy_loss(logp, j32(batch["old_logp"]), j32(batch["advantages"]), jnp.asarray(mask),
+                                    ratio="sequence", **args)
+  (loss, metrics), grad = jax.value_and_grad(fn, has_aux=True)(j32(batch["logp"]))
+  logp = torch.tensor(batch["logp"], dtype=torch.float64, requires_grad=True)
+  ref_loss, ref_metrics = ref.policy_loss(logp, batch["old_logp"], batch["advantages"], mask, ratio="sequence",
+                                          **args)
+  ref_loss.backward()
+  close(loss, ref_loss.item(), what="sequence-ratio loss")
+  close_metrics(metrics, ref_metrics, ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"))
+  close_grad(grad, logp.grad.numpy(), what="sequence-ratio gradient")
+  assert np.all(np.asarray(grad)[mask == 0] == 0)  # padding gets no gradient
+  assert 0 < ref_metrics["pg_clipfrac"] < 1  # some rows clipped, some not
+  token_loss = obj.policy_loss(j32(batch["logp"]), j32(batch["old_logp"]), j32(batch["advantages"]),
+                               jnp.asarray(mask), **args)[0]
+  assert abs(float(token_loss) - float(loss)) > 1e-4  # the two ratios are different objectives here
+
+
+def test_sequence_ratio_of_one_token_rows_is_the_token_ratio():
+  """With one response token per row, the sequence ratio is that token's ratio: GSPO equals GRPO."""
+  batch = make_batch(*BATCHES[0])
+  mask = np.zeros_like(batch["mask"])
+  mask[:, 0] = 1
+  values = [obj.policy_loss(j32(batch["logp"]), j32(batch["old_logp"]), j32(batch["advantages"]),
+                            jnp.asarray(mask), ratio=ratio)[0] for ratio in obj.RATIOS]
+  close(values[0], values[1], tol=1e-6, what="one-token rows")
+
+
 def test_policy_loss_hand_computed():
   """Five tokens whose per-token losses are worked out by hand (ε = 0.2, c = 3), one token per row."""
   advantages = np.array([1.0, 1.0, -1.0, -1.0, -1.0])

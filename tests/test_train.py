@@ -99,6 +99,7 @@ def test_trainer_logprobs_equal_sampler_logprobs(prompt_group):
 
 
 @pytest.mark.parametrize("objective", [{}, {"coupling": "reward", "agg": "seq-mean-token-mean"},
+                                       {"ratio": "sequence", "agg": "seq-mean-token-mean"},  # GSPO + MCPO
                                        {"repr_grad": "head"}])  # the last: no extra pass, the term after the scan
 def test_one_and_four_micro_batches_give_the_same_gradients(objective):
   loss_1, metrics_1, grads_1 = _grads(micro_batches=1, objective=objective)

@@ -72,6 +72,8 @@ def measure(config, split: str, prompts: int, samples: int, batch_size: int = 32
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  from mcpo_jax.console import quiet_libraries
+  quiet_libraries()
   from mcpo_jax.config import build
   print(measure(build(_CONFIG.value), _SPLIT.value, _PROMPTS.value, _SAMPLES.value))
 

@@ -51,6 +51,8 @@ def report(domains: Sequence[Domain], max_items: int) -> tuple[str, int]:
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  from mcpo_jax.console import quiet_libraries
+  quiet_libraries()
   table, total = report(parse_domains(_CONFIG.value.data.domains), _MAX_ITEMS.value)
   print(table)
   print(f"overlap between splits: {total} problems" + ("" if total == 0 else " (the splits leak)"))

@@ -123,6 +123,11 @@ def transfer_domains(low: int = 10, high: int = 199, second: tuple[int, int] = (
   3.1% / 9.4% / 1.6%; constant answer 3.1% on these 64. Below the 15-60% aimed for except digits:
   words and story give GRPO almost no signal at this size. Probes on 24-32 prompts: a worked example in
   the prompt dropped digits to ~1%; no instruction or "Answer with the number only" did no better.
+  Easier variants did not reach the band either (validation, sampled digits / words / story, 48-64
+  prompts x 4, so about ±4 points): a in [10, 99] at T = 1 (64 new tokens) 12.1 / 2.0 / 1.6%, at
+  T = 0.7 9.0 / 3.9 / 3.5%; a in [10, 49] at T = 1 13.0 / 1.0 / 1.0%, at T = 0.7 17.2 / 3.1 / 6.8%
+  (and its 72 test pairs are too few for a 150-prompt eval); "a plus b", "a plus <b in words>" and a
+  short coin story at T = 1 8.2 / 5.1 / 2.3%. At T = 1 the 135M model mostly rambles off the problem.
   """
   def domain(format_name: str) -> dict:
     return {"source": {"kind": "addition", "format": format_name, "low": low, "high": high,

@@ -384,6 +384,8 @@ def compare(base: ml_collections.ConfigDict, seeds: Sequence[int], runs_dir: str
 
 def main(argv) -> None:
   del argv
+  from mcpo_jax.console import quiet_libraries
+  quiet_libraries()
   from mcpo_jax import config as config_lib
   base = _CONFIG.value
   command = " ".join(["python -m mcpo_jax.experiments.compare", *sys.argv[1:]])

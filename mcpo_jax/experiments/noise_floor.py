@@ -29,6 +29,8 @@ _OUT = flags.DEFINE_string("out", "", "Also write the numbers to this JSON file.
 
 def main(argv) -> None:
   del argv
+  from mcpo_jax.console import quiet_libraries
+  quiet_libraries()
   from mcpo_jax import config as config_lib
   from mcpo_jax.evaluation import build_eval_set, evaluate
   from mcpo_jax.mesh import make_mesh
