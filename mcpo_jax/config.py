@@ -68,6 +68,8 @@ class RewardSettings:
   processes: int = 2  # verifier worker processes (0: score in this process)
   timeout_s: float = 120.0
   format_weight: float = 0.0
+  overlong_buffer: int = 0  # DAPO's overlong shaping: the last N tokens before max_new_tokens cost up to
+  overlong_penalty: float = 1.0  # ... this much reward, linearly (0 buffer = off; rewards/overlong.py)
   sandbox: str = "bwrap"  # code runs in kernel namespaces; "unsafe": rlimits + audit hook only
 
 
@@ -193,6 +195,8 @@ RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("rewards.processes", at_least(0), "use 0 (score in this process) or a number of worker processes"),
     ("rewards.timeout_s", positive, "use a positive number of seconds"),
     ("rewards.format_weight", at_least(0), "use 0 (off) or a positive weight"),
+    ("rewards.overlong_buffer", at_least(0), "use 0 (off) or the tokens before max_new_tokens that are penalised"),
+    ("rewards.overlong_penalty", at_least(0), "use a non-negative penalty (the reward lost at the token budget)"),
     ("objective.eps_low", lambda v: 0 <= v < 1, "use a value in [0, 1)"),
     ("objective.eps_high", at_least(0), "use a non-negative value"),
     ("objective.dual_clip", lambda v: v > 1, "use a value above 1 (the dual-clip bound −c·A for A < 0)"),
@@ -288,6 +292,9 @@ def build(config: ml_collections.ConfigDict) -> RunConfig:
                   **{name: (value if name in ("objective", "optim") else SECTIONS[name](**value))
                      for name, value in sections.items()},
                   source_json=config.to_json())
+  if run.rewards.overlong_buffer >= run.rollout.max_new_tokens:
+    raise ConfigError(f"--config.rewards.overlong_buffer={run.rewards.overlong_buffer} is not below "
+                      f"--config.rollout.max_new_tokens={run.rollout.max_new_tokens}; the buffer is the end of the budget.")
   _check_batches(run)
   _check_checkpoint(run)
   return run

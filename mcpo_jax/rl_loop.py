@@ -31,6 +31,7 @@ from mcpo_jax.metrics import MetricsWriter, Progress
 from mcpo_jax.model import from_pretrained, load_tokenizer, save_pretrained
 from mcpo_jax.objectives import grpo_advantages
 from mcpo_jax.rewards import RewardPool
+from mcpo_jax.rewards.overlong import overlong_penalty
 from mcpo_jax.sampling import generate
 from mcpo_jax.train import (deal_minibatches, init_train_state, jit_update_step, make_optimizer, sequence_logprobs,
                             shard_batch, take_rows)
@@ -185,7 +186,7 @@ def train(config: RunConfig) -> dict[str, Any]:
                                             before_first=lambda: stop_if_preempted(step, data_before))
       updated = time.perf_counter()
 
-      step_metrics = rollout_metrics(names, np.repeat(prompts.domain_id, group), scored.rewards, scored.correct,
+      step_metrics = rollout_metrics(names, np.repeat(prompts.domain_id, group), to_host(batch.rewards), scored.correct,
                                      to_host(rollouts.lengths), to_host(rollouts.truncated), group)
       step_metrics.update(update_metrics, verifier_errors=float(scored.errors),
                           untrusted_code_tests=float(scored.untrusted_tests), rollout_s=rolled - started,
@@ -221,15 +222,20 @@ def train(config: RunConfig) -> dict[str, Any]:
       save(config.train.steps, iterator.get_state(), metrics=summary, final=True)
   checkpointer.close()
   writer.close()
+  finish(config, evaluations, nnx.merge(graphdef, state.params["lm"]), tokenizer)
+  return evaluations
+
+
+def finish(config: RunConfig, evaluations: dict[str, dict[str, float]], policy, tokenizer) -> None:
+  """The end of a run: the before/after tables, the HF export and evaluations.json (the mark of completion)."""
   if evaluations and jax.process_index() == 0:
     print(format_table(evaluations, "pass@1"))
     if config.eval.k > 0:
       print(format_table(evaluations, f"mean@{config.eval.k}"))
   if config.export_hf:
-    save_pretrained(nnx.merge(graphdef, state.params["lm"]), f"{workdir}/hf_export", tokenizer)
+    save_pretrained(policy, f"{config.workdir}/hf_export", tokenizer)
   if jax.process_index() == 0:
-    (epath.Path(workdir) / "evaluations.json").write_text(json.dumps(evaluations, indent=2))
-  return evaluations
+    (epath.Path(config.workdir) / "evaluations.json").write_text(json.dumps(evaluations, indent=2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,10 +260,12 @@ def score_rollouts(pool: RewardPool, tokenizer, rollouts, examples: Sequence[dic
 
 
 def train_batch(prompts: PromptBatch, rollouts, scored, config: RunConfig, mesh) -> TrainBatch:
-  """The scored rollouts as the update's TrainBatch, rows sharded over the mesh; ref_logp = old_logp
-  until the reference pass replaces it."""
+  """The scored rollouts as the update's TrainBatch, rows sharded over the mesh: rewards with the overlong
+  penalty (when rewards.overlong_buffer > 0); ref_logp = old_logp until the reference pass replaces it."""
   group = config.rollout.group_size
-  rewards = scored.rewards.astype(np.float32)  # [N]
+  rewards = scored.rewards.astype(np.float32) + overlong_penalty(  # [N]
+      to_host(rollouts.lengths), config.rollout.max_new_tokens, config.rewards.overlong_buffer,
+      config.rewards.overlong_penalty)
   advantages = grpo_advantages(jnp.asarray(rewards), group, normalize_std=config.objective.normalize_std)
   return shard_batch(TrainBatch(
       prompt_tokens=rollouts.prompt_tokens, prompt_mask=rollouts.prompt_mask, tokens=rollouts.tokens,
