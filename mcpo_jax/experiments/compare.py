@@ -102,9 +102,6 @@ def sweep_arms(domains: Sequence[str]) -> list[Arm]:
       Arm("grpo-mixed", MIXED, _set(algorithm="grpo")),
       Arm("mcpo", "MCPO", _set(algorithm="mcpo")),
       Arm("mcpo-per-term", "MCPO, per-term denominators", _set(algorithm="mcpo", objective__denominator="per_term")),
-      Arm("mcpo-lambda-0.3", "MCPO, λ_cross = λ_in = 0.3",
-          _set(algorithm="mcpo", objective__lambda_cross=0.3, objective__lambda_in=0.3)),
-      Arm("mcpo-tau-0.2", "MCPO, τ = 0.2", _set(algorithm="mcpo", objective__tau=0.2)),
       Arm("mcpo-reward-warmup", "MCPO as a reward bonus after a 3-step head warm-up",
           _set(algorithm="mcpo", objective__coupling="reward", objective__head_warmup_steps=3)),
   ]
