@@ -127,3 +127,23 @@ def test_noise_floor_runs_on_a_real_evaluation(learnable_task, tmp_path):
   assert floor["summary"]["eval/seven/constant_baseline"] == 1.0 and f"eval/three/mean@{2 * K}" in floor["summary"]
   assert set(floor["floor"]) == {"seven", "three", "average"}
   assert all(np.isfinite(v["se"]) and v["se"] >= 0 for v in floor["floor"].values())
+
+
+def test_every_arm_of_both_grids_builds_a_valid_config_that_differs_from_mixed_grpo(tmp_path):
+  """--grid=comparison and --grid=defaults: each arm's config passes the builder, the defaults sweep holds
+  mixed GRPO (the reference of every difference) and the shipped MCPO, and no two arms are the same run."""
+  from configs.multi_domain import get_config
+  from mcpo_jax.config import build
+  from mcpo_jax.experiments.compare import GRIDS, run_config
+  base = get_config("compare")
+  for grid, (make_arms, stem) in GRIDS.items():
+    arms = make_arms(list(base.data.domains.keys()))
+    names = [arm.name for arm in arms]
+    assert {"grpo-mixed", "mcpo"} <= set(names) and len(set(names)) == len(names), grid
+    pinned = set()
+    for arm in arms:
+      run = build(run_config(base, arm, 0, str(tmp_path)))
+      key = json.dumps({k: v for k, v in json.loads(run.to_json()).items() if k != "workdir"}, sort_keys=True)
+      assert key not in pinned, (grid, arm.name)
+      pinned.add(key)
+    assert stem in ("compare", "sweep")
