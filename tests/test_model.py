@@ -183,6 +183,7 @@ def test_shared_prefix_logprobs_match_transformers(tiny_checkpoints, family):
   """The training forward with each group's prompt encoded once (train.forward_rollouts, G = 3) gives
   transformers' log-probs of the concatenated prompt + response rows, sharded over a 2×4 mesh."""
   from flax import nnx
+  from mcpo_jax.batch import TrainBatch
   from mcpo_jax.train import sequence_logprobs, shard_batch
   directory, hf_model = tiny_checkpoints[family]
   rng, prompts_count, group, p, t, vocab = np.random.default_rng(5), 8, 3, 10, 9, hf_model.config.vocab_size
@@ -197,7 +198,10 @@ def test_shared_prefix_logprobs_match_transformers(tiny_checkpoints, family):
 
   mesh = _mesh((1, 2, 4))
   graphdef, params = nnx.split(from_pretrained(directory, mesh=mesh), nnx.Param)
-  batch = shard_batch(dict(prompt_tokens=prompts, prompt_mask=prompt_mask, tokens=tokens, mask=mask), mesh)
+  rows = np.zeros(tokens.shape[0], np.int32)  # the fields sequence_logprobs never reads
+  batch = shard_batch(TrainBatch(prompt_tokens=prompts, prompt_mask=prompt_mask, tokens=tokens, mask=mask,
+                                 old_logp=np.zeros(tokens.shape, np.float32), ref_logp=np.zeros(tokens.shape, np.float32),
+                                 rewards=rows, correct=rows, advantages=rows, group_ids=rows, domain_ids=rows), mesh)
   got = jax.jit(lambda params, batch: sequence_logprobs(graphdef, params, batch, temperature=1.0, chunk=4,
                                                         prompt_group=group))(params, batch)
   real = mask.astype(bool)
