@@ -249,11 +249,15 @@ def _get(config: ml_collections.ConfigDict, field: str) -> Any:
   return config
 
 
+def _did_you_mean(value: Any, allowed) -> str:
+  close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+  return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _choice(field: str, value: Any, allowed) -> None:
   if value not in allowed:
-    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ConfigError(f"--config.{field}={value!r} is not allowed{hint}; choose one of {list(allowed)}.")
+    raise ConfigError(f"--config.{field}={value!r} is not allowed{_did_you_mean(value, allowed)}; choose one of "
+                      f"{list(allowed)}.")
 
 
 def build(config: ml_collections.ConfigDict) -> RunConfig:
@@ -295,6 +299,9 @@ def build(config: ml_collections.ConfigDict) -> RunConfig:
   if run.rewards.overlong_buffer >= run.rollout.max_new_tokens:
     raise ConfigError(f"--config.rewards.overlong_buffer={run.rewards.overlong_buffer} is not below "
                       f"--config.rollout.max_new_tokens={run.rollout.max_new_tokens}; the buffer is the end of the budget.")
+  if head_warmup >= run.train.steps:
+    raise ConfigError(f"--config.objective.head_warmup_steps={head_warmup} is not below "
+                      f"--config.train.steps={run.train.steps}; the LLM would never train.")
   _check_batches(run)
   _check_checkpoint(run)
   return run
@@ -306,9 +313,8 @@ def _transfer(allowed: dict[str, list[str]], domains: tuple[Domain, ...]) -> tup
   for anchor, sources in allowed.items():
     for name in [anchor, *sources]:
       if name not in names:
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"--config.objective.transfer names domain {name!r}{hint}; known domains: {', '.join(names)}.")
+        raise ConfigError(f"--config.objective.transfer names domain {name!r}{_did_you_mean(name, names)}; known "
+                          f"domains: {', '.join(names)}.")
   return tuple((anchor, tuple(sources)) for anchor, sources in sorted(allowed.items()))
 
 
@@ -324,9 +330,6 @@ def _check_batches(run: RunConfig) -> None:
     raise ConfigError(f"--config.train.micro_batches={train.micro_batches} does not divide the {units} {what} of a "
                       f"minibatch (prompts_per_step / minibatches{'' if train.shared_prefix else ' × group_size'}); "
                       f"pick a divisor of {units}.")
-  if run.objective.head_warmup_steps >= train.steps and run.algorithm == "mcpo" and run.objective.head_warmup_steps:
-    raise ConfigError(f"--config.objective.head_warmup_steps={run.objective.head_warmup_steps} is not below "
-                      f"--config.train.steps={train.steps}; the LLM would never train.")
 
 
 def _check_checkpoint(run: RunConfig) -> None:
@@ -337,7 +340,5 @@ def _check_checkpoint(run: RunConfig) -> None:
     allowed = [f"eval/{scope}/{metric}" for scope in ["mean", *(d.name for d in run.data.domains)]
                for metric in metrics]
     if best not in allowed:
-      close = difflib.get_close_matches(best, allowed, n=1)
-      hint = f" (did you mean {close[0]!r}?)" if close else ""
-      raise ConfigError(f"--config.checkpoint.best_metric={best!r} is not an eval metric{hint}; choose one of "
-                        f"{allowed}, or '' to keep no best checkpoint.")
+      raise ConfigError(f"--config.checkpoint.best_metric={best!r} is not an eval metric"
+                        f"{_did_you_mean(best, allowed)}; choose one of {allowed}, or '' to keep no best checkpoint.")

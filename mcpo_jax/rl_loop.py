@@ -106,12 +106,11 @@ def train(config: RunConfig) -> dict[str, Any]:
                           param_dtype=config.model.param_dtype or None, remat=config.model.remat)
 
   group = config.rollout.group_size
-  objective = config.objective
   optimizer = make_optimizer(config.optim)  # its LLM branch frozen for the head warm-up's updates
   update_config = config.update
   graphdef, state = init_train_state(model, optimizer, proj_dim=config.objective.proj_dim, seed=config.seed)
   del model  # the train state owns the parameters from here on
-  reference = jax.tree.map(jnp.copy, state.params["lm"]) if objective.kl_coef > 0 else None
+  reference = jax.tree.map(jnp.copy, state.params["lm"]) if config.objective.kl_coef > 0 else None
   update = jit_update_step(graphdef, optimizer, update_config, state)
   logprobs = jax.jit(functools.partial(sequence_logprobs, graphdef, temperature=config.rollout.temperature,
                                        chunk=config.train.logit_chunk, prompt_group=update_config.prompt_group))
@@ -173,21 +172,25 @@ def train(config: RunConfig) -> dict[str, Any]:
       started = time.perf_counter()
       data_before = iterator.get_state()  # the last completed step's, saved if a signal stops this one
       prompts = next(iterator)
-      rollouts = collect_rollouts(nnx.merge(graphdef, state.params["lm"]), prompts, config, tokenizer, key, step)
+      rollouts = collect_rollouts(nnx.merge(graphdef, state.params["lm"]), prompts, config, tokenizer, stops, key,
+                                  step)
       rolled = time.perf_counter()
       stop_if_preempted(step, data_before)
       scored = score_rollouts(pool, tokenizer, rollouts, prompts.examples, group)
       scored_at = time.perf_counter()
       stop_if_preempted(step, data_before)
-      batch = train_batch(prompts, rollouts, scored, config, mesh)
+      lengths, domain_ids = to_host(rollouts.lengths), np.repeat(prompts.domain_id, group)  # [N] host copies
+      rewards = scored.rewards.astype(np.float32) + overlong_penalty(  # [N] verifier + DAPO's length shaping
+          lengths, config.rollout.max_new_tokens, config.rewards.overlong_buffer, config.rewards.overlong_penalty)
+      batch = train_batch(prompts, rollouts, scored, rewards, config, mesh)
       if reference is not None:
         batch = batch.replace(ref_logp=logprobs(reference, batch))
-      state, update_metrics = update_policy(state, batch, update, transfer, config, step, mesh,
+      state, update_metrics = update_policy(state, batch, domain_ids, update, transfer, config, step, mesh,
                                             before_first=lambda: stop_if_preempted(step, data_before))
       updated = time.perf_counter()
 
-      step_metrics = rollout_metrics(names, np.repeat(prompts.domain_id, group), to_host(batch.rewards), scored.correct,
-                                     to_host(rollouts.lengths), to_host(rollouts.truncated), group)
+      step_metrics = rollout_metrics(names, domain_ids, rewards, scored.correct, lengths, to_host(rollouts.truncated),
+                                     group)
       step_metrics.update(update_metrics, verifier_errors=float(scored.errors),
                           untrusted_code_tests=float(scored.untrusted_tests), rollout_s=rolled - started,
                           reward_s=scored_at - rolled, update_s=updated - scored_at, step_s=updated - started)
@@ -242,12 +245,13 @@ def finish(config: RunConfig, evaluations: dict[str, dict[str, float]], policy, 
 # The phases of one RL step
 
 
-def collect_rollouts(policy, prompts: PromptBatch, config: RunConfig, tokenizer, key: jax.Array, step: int):
+def collect_rollouts(policy, prompts: PromptBatch, config: RunConfig, tokenizer, stops: Sequence[int],
+                     key: jax.Array, step: int):
   """G sampled responses per prompt: Rollouts with [B·G, ...] global arrays, a prompt's rows consecutive."""
   rollout = config.rollout
   rollouts = generate(policy, prompts.prompt_tokens, prompts.prompt_mask, group_size=rollout.group_size,
                       max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature, top_p=rollout.top_p,
-                      top_k=rollout.top_k, stop_token_ids=stop_token_ids(tokenizer), key=key, step=step,
+                      top_k=rollout.top_k, stop_token_ids=stops, key=key, step=step,
                       pad_id=tokenizer.pad_token_id)
   return jax.block_until_ready(rollouts)  # dispatch is asynchronous: the rollout's time is spent here, not later
 
@@ -259,13 +263,10 @@ def score_rollouts(pool: RewardPool, tokenizer, rollouts, examples: Sequence[dic
   return pool.score(texts, repeated, [example["verifier"] for example in repeated])
 
 
-def train_batch(prompts: PromptBatch, rollouts, scored, config: RunConfig, mesh) -> TrainBatch:
-  """The scored rollouts as the update's TrainBatch, rows sharded over the mesh: rewards with the overlong
-  penalty (when rewards.overlong_buffer > 0); ref_logp = old_logp until the reference pass replaces it."""
+def train_batch(prompts: PromptBatch, rollouts, scored, rewards: np.ndarray, config: RunConfig, mesh) -> TrainBatch:
+  """The scored rollouts, with their (shaped) rewards [N], as the update's TrainBatch, rows sharded over the
+  mesh; ref_logp = old_logp until the reference pass replaces it."""
   group = config.rollout.group_size
-  rewards = scored.rewards.astype(np.float32) + overlong_penalty(  # [N]
-      to_host(rollouts.lengths), config.rollout.max_new_tokens, config.rewards.overlong_buffer,
-      config.rewards.overlong_penalty)
   advantages = grpo_advantages(jnp.asarray(rewards), group, normalize_std=config.objective.normalize_std)
   return shard_batch(TrainBatch(
       prompt_tokens=rollouts.prompt_tokens, prompt_mask=rollouts.prompt_mask, tokens=rollouts.tokens,
@@ -274,12 +275,12 @@ def train_batch(prompts: PromptBatch, rollouts, scored, config: RunConfig, mesh)
       group_ids=np.repeat(prompts.prompt_id, group), domain_ids=np.repeat(prompts.domain_id, group)), mesh)
 
 
-def update_policy(state, batch: TrainBatch, update, transfer: jax.Array, config: RunConfig, step: int, mesh,
-                  before_first) -> tuple[Any, dict[str, float]]:
+def update_policy(state, batch: TrainBatch, domain_ids: np.ndarray, update, transfer: jax.Array, config: RunConfig,
+                  step: int, mesh, before_first) -> tuple[Any, dict[str, float]]:
   """train.epochs passes over the batch, each train.minibatches optimizer steps; returns the new state and
-  the updates' mean metrics. `before_first` runs before the first update (after it, the old state is donated)."""
+  the updates' mean metrics. domain_ids: [N] host copy of the batch's. `before_first` runs before the first
+  update (after it, the old state is donated)."""
   update_metrics = []
-  domain_ids = to_host(batch.domain_ids)
   for epoch in range(config.train.epochs):
     dealer = np.random.default_rng([config.seed, step, epoch])  # a pure function of the step: resume deals the same
     for minibatch in _minibatches(batch, config.train.minibatches, config.rollout.group_size, domain_ids, dealer,
