@@ -279,7 +279,11 @@ class Transformer(nnx.Module):
   def _apply_layer(self, layer: Block, *args):
     if self.remat == "none":
       return layer(*args)
-    return nnx.remat(Block.__call__, policy=REMAT_POLICIES[self.remat])(layer, *args)
+    # A pure jax.checkpoint over the layer's state, not nnx.remat: nnx.remat writes the state back to
+    # the outer Variables, which is illegal inside the sampler's while_loop and the update's scan.
+    graphdef, state = nnx.split(layer)
+    apply = lambda state, *args: nnx.merge(graphdef, state)(*args)
+    return jax.checkpoint(apply, policy=REMAT_POLICIES[self.remat])(state, *args)
 
 
 def init_model(config: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None, **kwargs) -> Transformer:
