@@ -103,14 +103,17 @@ def train(config: RunConfig) -> dict[str, Any]:
   eval_set = build_eval_set(domains, tokenizer, prompts_per_domain=config.eval.prompts_per_domain,
                             split=config.eval.split, max_prompt_tokens=config.data.max_prompt_tokens)
   model = from_pretrained(config.model.name, mesh=mesh, dtype=config.model.dtype,
-                          param_dtype=config.model.param_dtype or None, remat=config.model.remat)
+                          param_dtype=config.model.param_dtype, remat=config.model.remat)
 
   group = config.rollout.group_size
   optimizer = make_optimizer(config.optim)  # its LLM branch frozen for the head warm-up's updates
   update_config = config.update
   graphdef, state = init_train_state(model, optimizer, proj_dim=config.objective.proj_dim, seed=config.seed)
   del model  # the train state owns the parameters from here on
-  reference = jax.tree.map(jnp.copy, state.params["lm"]) if config.objective.kl_coef > 0 else None
+  # The frozen reference in the compute dtype: every matmul casts to it anyway, so its log-probs are the same.
+  compute = jnp.dtype(config.model.dtype)
+  reference = (jax.tree.map(lambda x: jnp.copy(x).astype(compute), state.params["lm"])
+               if config.objective.kl_coef > 0 else None)
   update = jit_update_step(graphdef, optimizer, update_config, state)
   logprobs = jax.jit(functools.partial(sequence_logprobs, graphdef, temperature=config.rollout.temperature,
                                        chunk=config.train.logit_chunk, prompt_group=update_config.prompt_group))

@@ -2,7 +2,6 @@
 `model.remat` policy equal remat "none" on the 8-device mesh (tolerance 1e-5, float32)."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_train import CONFIG, G, TRANSFER, _batch, _max_diff

@@ -44,7 +44,7 @@ def main(argv) -> None:
     sys.exit("error: --config.eval.k must be > 0: the floor is that of mean@k.")
   mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   model = from_pretrained(config.model.name, mesh=mesh, dtype=config.model.dtype,
-                          param_dtype=config.model.param_dtype or None)
+                          param_dtype=config.model.param_dtype)
   tokenizer = load_tokenizer(config.model.tokenizer or config.model.name)
   eval_set = build_eval_set(config.data.domains, tokenizer,
                             prompts_per_domain=config.eval.prompts_per_domain, split=config.eval.split,
