@@ -17,22 +17,28 @@ from mcpo_jax.mesh import to_host
 from mcpo_jax.train import UpdateConfig, loss_and_grads
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5))
-def _domain_gradients(graphdef, params, batch, transfer, config: UpdateConfig, num_domains: int) -> jax.Array:
-  """[D, D] cosines between per-domain policy gradients over all LLM parameters."""
+@functools.lru_cache(maxsize=None)
+def gradient_cosines_program(graphdef, config: UpdateConfig, num_domains: int):
+  """jit(params, batch, transfer) -> [D, D] cosines between the per-domain policy gradients of the LLM.
+
+  The D gradients stay sharded like the parameters and their Gram matrix is summed leaf by leaf: a flat
+  [D, params] vector would be one unsharded array (~96 GB for an 8B model and three domains).
+  """
   policy_only = dataclasses.replace(config, objective=dataclasses.replace(config.objective, algorithm="grpo"))
 
-  def flat_gradient(domain):
-    rows = batch.domain_ids == domain
-    masked = batch.replace(mask=jnp.where(rows[:, None], batch.mask, 0))
-    _, _, grads = loss_and_grads(graphdef, params, masked, transfer, policy_only)
-    return jnp.concatenate([g.reshape(-1) for g in jax.tree.leaves(grads["lm"])])
+  def cosines(params, batch, transfer):
+    def gradient(domain):
+      rows = batch.domain_ids == domain
+      masked = batch.replace(mask=jnp.where(rows[:, None], batch.mask, 0))
+      return loss_and_grads(graphdef, params, masked, transfer, policy_only)[2]["lm"]
 
-  gradients = jax.lax.map(flat_gradient, jnp.arange(num_domains))  # [D, params]
-  norms = jnp.linalg.norm(gradients, axis=1)
-  return (gradients @ gradients.T) / jnp.maximum(norms[:, None] * norms[None, :], 1e-30)
+    grads = jax.lax.map(gradient, jnp.arange(num_domains))  # leaves [D, *parameter shape]
+    gram = sum(jnp.tensordot(g, g, axes=(tuple(range(1, g.ndim)),) * 2) for g in jax.tree.leaves(grads))  # [D, D]
+    norms = jnp.sqrt(jnp.diagonal(gram))
+    return gram / jnp.maximum(norms[:, None] * norms[None, :], 1e-30)
+  return jax.jit(cosines)
 
 
 def domain_gradient_cosines(graphdef, params, batch, transfer, config: UpdateConfig, num_domains: int) -> np.ndarray:
   """Host [D, D] matrix (0 where a domain has no rows or a zero gradient)."""
-  return to_host(_domain_gradients(graphdef, params, batch, transfer, config, num_domains))
+  return to_host(gradient_cosines_program(graphdef, config, num_domains)(params, batch, transfer))

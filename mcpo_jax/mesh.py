@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -64,12 +65,25 @@ def resolve_mesh_shape(shape: dict[str, int], num_devices: int) -> tuple[int, in
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ("data", "fsdp", "tensor") mesh with Auto axis types over `devices` (default: all)."""
+  """A ("data", "fsdp", "tensor") mesh with Auto axis types over `devices` (default: all).
+
+  On TPU the devices are laid out along the chips' physical torus, splitting a physical axis where a mesh
+  axis needs it (v6e:16x16 as 4 × 64, v5p:2x4x4 as 16 × 2). Over several slices (multi-slice, joined by
+  the data-centre network) the data axis spans the slices and fsdp and tensor stay inside each one, so
+  only the once-per-step gradient all-reduce crosses the slower links.
+  """
   devices = list(jax.devices() if devices is None else devices)
   sizes = resolve_mesh_shape({"data": data, "fsdp": fsdp, "tensor": tensor}, len(devices))
-  if len(devices) == len(jax.devices()):
-    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+  slices = len({getattr(device, "slice_index", 0) for device in devices})
+  if slices > 1:
+    if sizes[0] % slices:
+      raise MeshError(f"mesh: data={sizes[0]} over {slices} TPU slices; the data axis spans the slices, so set "
+                      f"--config.mesh.data to a multiple of {slices}.")
+    grid = mesh_utils.create_hybrid_device_mesh((sizes[0] // slices, sizes[1], sizes[2]), (slices, 1, 1), devices,
+                                                allow_split_physical_axes=True)
+  else:
+    grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
 def logical_to_spec(logical_axes: LogicalAxes, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:

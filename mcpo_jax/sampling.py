@@ -150,6 +150,19 @@ def _jitted(group_size, length_bucket, greedy, top_k, use_top_p, pad_id, cache_d
       use_top_p=use_top_p, pad_id=pad_id, cache_dtype=cache_dtype), static_argnums=0)
 
 
+def generate_program(*, group_size: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+                     stop_token_ids: Sequence[int], pad_id: int, cache_dtype=None):
+  """The jitted program `generate` runs, and its trailing arguments: the program is called as
+  program(graphdef, model_state, prompt_tokens, prompt_mask, key, *settings) (mcpo_jax.aot lowers it)."""
+  stop_ids = np.full((MAX_STOP_TOKENS,), -1, np.int32)
+  stop_ids[:len(stop_token_ids)] = list(stop_token_ids)
+  greedy = temperature == 0
+  program = _jitted(group_size, next_power_of_two(max_new_tokens), greedy, int(top_k), top_p < 1.0, int(pad_id),
+                    None if cache_dtype is None else jnp.dtype(cache_dtype))
+  settings = (np.int32(max_new_tokens), np.float32(1.0 if greedy else temperature), np.float32(top_p), stop_ids)
+  return program, settings
+
+
 def generate(model: Transformer, prompt_tokens, prompt_mask, *, group_size: int = 1, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              stop_token_ids: Sequence[int] = (), key: jax.Array, step: int = 0, pad_id: int = 0,
@@ -176,15 +189,11 @@ def generate(model: Transformer, prompt_tokens, prompt_mask, *, group_size: int 
   if model.mesh is not None:
     sharding = named_sharding(model.mesh, ("batch", "length"), prompt_tokens.shape)
     prompt_tokens, prompt_mask = from_host(prompt_tokens, sharding), from_host(prompt_mask, sharding)
-  stop_ids = np.full((MAX_STOP_TOKENS,), -1, np.int32)
-  stop_ids[:len(stop_token_ids)] = list(stop_token_ids)
-  greedy = temperature == 0
-  program = _jitted(group_size, next_power_of_two(max_new_tokens), greedy, int(top_k), top_p < 1.0, int(pad_id),
-                    None if cache_dtype is None else jnp.dtype(cache_dtype))
+  program, settings = generate_program(group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature,
+                                       top_p=top_p, top_k=top_k, stop_token_ids=stop_token_ids, pad_id=pad_id,
+                                       cache_dtype=cache_dtype)
   graphdef, state = nnx.split(model)
-  key = jax.random.fold_in(key, step)
-  rollouts = program(graphdef, state, prompt_tokens, prompt_mask, key, jnp.int32(max_new_tokens),
-                     jnp.float32(1.0 if greedy else temperature), jnp.float32(top_p), stop_ids)
+  rollouts = program(graphdef, state, prompt_tokens, prompt_mask, jax.random.fold_in(key, step), *settings)
   trim = lambda x: x[:, :max_new_tokens]
   return rollouts.replace(tokens=trim(rollouts.tokens), logprobs=trim(rollouts.logprobs),
                           response_mask=trim(rollouts.response_mask))

@@ -1,0 +1,315 @@
+"""Compile every program of the RL loop for a TPU topology on this host, with no TPU: does it fit?
+
+  python -m mcpo_jax.aot --config=configs/multi_domain.py:qwen2.5-7b-instruct --topology=v5e:8x8
+
+libtpu (requirements-tpu.txt) describes a pod's chips without owning one; XLA:TPU then compiles the
+rollout, the reference log-probs, the update, the diagnostics and the evaluation exactly as the run
+would jit them, on a mesh of the topology's devices, from abstract shapes (no weights are read or made).
+Per program it prints the per-chip memory XLA plans (arguments, outputs, temporaries; donated buffers
+counted once) against the chip's HBM, the model FLOPs per chip, and a lower bound on the time: the
+larger of compute at peak and HBM traffic at full bandwidth (interconnect traffic is not modelled).
+It exits 1 when a program does not fit with --headroom to spare.
+
+FLOPs are counted from the model's shapes, not from XLA's cost analysis: the cost analysis counts a
+loop body once (a fori_loop of 10 matmuls reports the FLOPs of one), and the sampler's decode loop and
+the update's micro-batch scan are loops. The decode loop's HBM traffic is the cost analysis of one
+decode step, compiled on its own, times the number of steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from ml_collections import config_flags
+
+from mcpo_jax import config as config_lib
+from mcpo_jax.batch import TrainBatch
+from mcpo_jax.diagnostics import gradient_cosines_program
+from mcpo_jax.mesh import make_mesh, named_sharding
+from mcpo_jax.model.config import ModelConfig
+from mcpo_jax.model.transformer import KVCache, Transformer
+from mcpo_jax.sampling import generate_program, next_power_of_two, prompt_bucket
+from mcpo_jax.train import TrainState, jit_update_step, make_optimizer, sequence_logprobs
+
+GB = 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  hbm_bytes: float
+  peak_flops: float  # bf16 dense, per chip
+  hbm_bandwidth: float  # bytes/s
+
+
+# Public per-chip figures (Cloud TPU system-architecture pages), keyed by the device_kind libtpu reports.
+CHIPS = {
+    "TPU v4": Chip(32 * 2**30, 275e12, 1.2e12),
+    "TPU v5 lite": Chip(16 * 2**30, 197e12, 0.819e12),
+    "TPU v5": Chip(95 * 2**30, 459e12, 2.765e12),
+    "TPU v6 lite": Chip(32 * 2**30, 918e12, 1.64e12),
+}
+
+# The paper presets' architectures (their config.json), for when the checkpoint (gs://) is not readable here.
+ARCHITECTURES = {
+    "Qwen2.5-7B-Instruct": dict(
+        model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False,
+        max_position_embeddings=32768),
+    "Qwen3-8B": dict(
+        model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6,
+        tie_word_embeddings=False, max_position_embeddings=40960, attention_bias=False),
+}
+
+
+class AotError(ValueError):
+  """A topology, model or tool setting this tool cannot use, with the fix."""
+
+
+def topology_devices(topology: str, num_slices: int = 1) -> list:
+  """The devices of a TPU topology ("v5e:8x8", "v5p:2x4x4", "v6e:16x16"), compile-only, on a CPU host."""
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other JAX processes on this host may hold libtpu
+  try:
+    import libtpu  # noqa: F401  (the plugin the topology comes from)
+  except ImportError:
+    raise AotError("libtpu is not installed; pip install -r requirements-tpu.txt (it pins the libtpu that "
+                   "compiles with this jax).") from None
+  from jax.experimental import topologies
+  try:
+    return topologies.get_topology_desc(topology_name=topology, platform="tpu", num_slices=num_slices).devices
+  except Exception as error:  # libtpu's message names the bad part
+    raise AotError(f"--topology={topology!r}: {str(error).splitlines()[0]}; use e.g. v5e:8x8, v5p:2x4x4, "
+                   "v6e:16x16.") from None
+
+
+def model_config(name: str) -> ModelConfig:
+  """The architecture of `name`: its config.json when readable here, else a paper preset's known one."""
+  known = ARCHITECTURES.get(name.rstrip("/").split("/")[-1])
+  if known is not None and (name.startswith("gs://") or not os.path.exists(name)):
+    return ModelConfig.from_hf_dict(known, source=name)
+  from mcpo_jax.model import resolve_checkpoint
+  from mcpo_jax.model.weights import read_config
+  return read_config(resolve_checkpoint(name))
+
+
+def abstract(shape, dtype, mesh: Mesh, logical_axes) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=named_sharding(mesh, logical_axes, shape))
+
+
+def abstract_model(config: ModelConfig, mesh: Mesh, run: config_lib.RunConfig) -> tuple[nnx.GraphDef, nnx.State]:
+  """The model's graphdef and its parameters as sharded ShapeDtypeStructs (nothing allocated)."""
+  model = nnx.eval_shape(lambda: Transformer(config, dtype=jnp.dtype(run.model.dtype),
+                                             param_dtype=jnp.dtype(run.model.param_dtype), remat=run.model.remat,
+                                             mesh=mesh, rngs=nnx.Rngs(0)))
+  graphdef, params = nnx.split(model, nnx.Param)
+  params = jax.tree.map(lambda v: v.replace(abstract(v.shape, v.dtype, mesh, v.logical_axes)), params,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return graphdef, params
+
+
+def abstract_train_state(params, optimizer, mesh: Mesh, hidden: int, proj_dim: int) -> TrainState:
+  replicated = NamedSharding(mesh, PartitionSpec())
+  params = {"lm": params, "head": jax.ShapeDtypeStruct((hidden, proj_dim), jnp.float32, sharding=replicated)}
+  # Optimizer state laid out as optax.init lays it out on sharded parameters: moments like their parameter,
+  # counters (constants, which XLA leaves on one device) replicated.
+  init = jax.jit(optimizer.init).lower(params).compile()
+  on_mesh = lambda sharding: sharding if sharding.device_set == replicated.device_set else replicated
+  opt_state = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=on_mesh(sharding)),
+                           jax.eval_shape(optimizer.init, params), init.output_shardings)
+  scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+  return TrainState(step=scalar, params=params, opt_state=opt_state, nonfinite_streak=scalar)
+
+
+def abstract_batch(rows: int, prompt: int, response: int, mesh: Mesh) -> TrainBatch:
+  """A TrainBatch of `rows` rows as shard_batch places it: rows over the batch axes."""
+  def rows_of(*shape, dtype=jnp.int32):
+    return abstract((rows,) + shape, dtype, mesh, ("batch",) + (None,) * len(shape))
+  return TrainBatch(
+      prompt_tokens=rows_of(prompt), prompt_mask=rows_of(prompt), tokens=rows_of(response), mask=rows_of(response),
+      old_logp=rows_of(response, dtype=jnp.float32), ref_logp=rows_of(response, dtype=jnp.float32),
+      rewards=rows_of(dtype=jnp.float32), correct=rows_of(), advantages=rows_of(dtype=jnp.float32),
+      group_ids=rows_of(), domain_ids=rows_of())
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  name: str
+  lower: Callable[[], jax.stages.Lowered]
+  flops: float  # model FLOPs of one call, all chips together
+  decode_steps: int = 0  # a sampler: its decode step is compiled alone and counted this many times
+  decode_step: Callable[[], jax.stages.Lowered] | None = None
+
+
+def forward_flops(config: ModelConfig, rows: int, new_tokens: int, context: int) -> float:
+  """Matmul FLOPs of a forward over `new_tokens` per row attending to `context` keys (2 per multiply-add)."""
+  e, h, k, d, f = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim, config.intermediate_size
+  per_token_layer = 2 * (e * (h + 2 * k) * d + h * d * e + 3 * e * f) + 2 * 2 * h * d * context
+  return rows * new_tokens * (config.num_layers * per_token_layer + 2 * e * config.vocab_size)
+
+
+def programs(run: config_lib.RunConfig, config: ModelConfig, mesh: Mesh) -> list[Program]:
+  """The RL loop's jitted programs at the run's shapes (rl_loop.train jits the same functions)."""
+  graphdef, params = abstract_model(config, mesh, run)
+  compute = jnp.dtype(run.model.dtype)
+  reference = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, compute, sharding=s.sharding), params)
+  optimizer = make_optimizer(run.optim)
+  state = abstract_train_state(params, optimizer, mesh, config.hidden_size, run.objective.proj_dim)
+  update_config = run.update
+  b, g = run.data.prompts_per_step, run.rollout.group_size
+  p, t = prompt_bucket(run.data.max_prompt_tokens), run.rollout.max_new_tokens
+  rows, minibatch = b * g, b * g // run.train.minibatches
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  transfer = np.ones((len(run.data.domains),) * 2, np.float32)
+
+  def sampler(name, prompts, group, new_tokens, temperature):
+    program, settings = generate_program(group_size=group, max_new_tokens=new_tokens, temperature=temperature,
+                                         top_p=run.rollout.top_p, top_k=run.rollout.top_k, stop_token_ids=(0,),
+                                         pad_id=0)
+    tokens = abstract((prompts, p), jnp.int32, mesh, ("batch", "length"))
+    slots = p + next_power_of_two(new_tokens)
+    n = prompts * group
+
+    def decode_step():  # one token per row against the full cache: the decode loop's body
+      kv = abstract((n, config.num_kv_heads, slots, config.head_dim), compute, mesh,
+                    ("batch", "kv_heads", "length", "head_dim"))
+      cache = KVCache(keys=(kv,) * config.num_layers, values=(kv,) * config.num_layers,
+                      key_mask=abstract((n, slots), jnp.bool_, mesh, ("batch", "length")),
+                      index=abstract((), jnp.int32, mesh, ()))
+
+      def step(params, token, cache):
+        model = nnx.merge(graphdef, params)
+        out = model(token, jnp.ones_like(token), cache=cache, return_logits=False)
+        return model.logits_from_hidden(out.hidden), out.cache
+      return jax.jit(step, donate_argnums=2).lower(params, abstract((n, 1), jnp.int32, mesh, ("batch", None)), cache)
+
+    flops = forward_flops(config, prompts, p, p) + forward_flops(config, n, new_tokens, slots)
+    return Program(name, lambda: program.lower(graphdef, params, tokens, tokens, key, *settings), flops,
+                   new_tokens, decode_step)
+
+  train_tokens = p + t  # a row's prompt and response, each forward
+  remat = {"none": 1.0, "save_dots": 1.0, "full": 4 / 3}[run.model.remat]  # full: a second forward per backward
+  logprobs = jax.jit(lambda params, batch: sequence_logprobs(
+      graphdef, params, batch, temperature=run.rollout.temperature, chunk=run.train.logit_chunk,
+      prompt_group=update_config.prompt_group))
+  update = jit_update_step(graphdef, optimizer, update_config, state)
+  out = [sampler("rollout", b, g, t, run.rollout.temperature)]
+  if run.objective.kl_coef > 0:
+    out.append(Program("reference log-probs", lambda: logprobs.lower(reference, abstract_batch(rows, p, t, mesh)),
+                       forward_flops(config, rows, train_tokens, train_tokens)))
+  out.append(Program("update (one minibatch)", lambda: update.lower(state, abstract_batch(minibatch, p, t, mesh),
+                                                                      transfer),
+                     3 * remat * forward_flops(config, minibatch, train_tokens, train_tokens)))
+  if run.diag_every > 0:
+    cosines = gradient_cosines_program(graphdef, update_config, len(run.data.domains))
+    out.append(Program("diagnostics", lambda: cosines.lower(state.params, abstract_batch(rows, p, t, mesh), transfer),
+                       len(run.data.domains) * 3 * remat * forward_flops(config, rows, train_tokens, train_tokens)))
+  eval_rows = min(64, run.eval.prompts_per_domain * len(run.data.domains))  # evaluation's batch_size
+  out.append(sampler("eval (greedy)", eval_rows, 1, run.eval.max_new_tokens, 0.0))
+  if run.eval.k > 0:
+    out.append(sampler(f"eval (k={run.eval.k})", eval_rows, run.eval.k, run.eval.max_new_tokens,
+                       run.rollout.temperature))
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+  name: str
+  arguments: float  # bytes per chip
+  outputs: float
+  temporaries: float
+  aliased: float
+  flops: float  # per chip
+  hbm_traffic: float  # bytes per chip, a lower bound
+  compile_s: float
+
+  @property
+  def total(self) -> float:
+    return self.arguments + self.outputs + self.temporaries - self.aliased
+
+
+def _cost(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  return (cost[0] if isinstance(cost, list) else cost) or {}
+
+
+def analyze(program: Program, chips: int) -> Report:
+  """Compiles one program for the mesh's chips and reads XLA's per-chip memory plan."""
+  started = time.perf_counter()
+  compiled = program.lower().compile()
+  memory = compiled.memory_analysis()
+  traffic = float(_cost(compiled).get("bytes accessed", 0.0))
+  if program.decode_step is not None:  # the prefill (loop body once) plus every decode step's reads
+    traffic += (program.decode_steps - 1) * float(_cost(program.decode_step().compile()).get("bytes accessed", 0.0))
+  return Report(program.name, memory.argument_size_in_bytes, memory.output_size_in_bytes,
+                memory.temp_size_in_bytes, memory.alias_size_in_bytes, program.flops / chips, traffic,
+                time.perf_counter() - started)
+
+
+def format_table(reports: list[Report], chip: Chip, chip_name: str, headroom: float) -> tuple[str, bool]:
+  """A Markdown table, and whether every program fits with `headroom` of the chip's HBM to spare."""
+  lines = [f"per chip ({chip_name}: {chip.hbm_bytes / GB:.2f} GB HBM, {chip.peak_flops / 1e12:.0f} TFLOP/s bf16, "
+           f"{chip.hbm_bandwidth / 1e12:.2f} TB/s)", "",
+           "| program | arguments GB | outputs GB | temporaries GB | total GB | HBM used | fits | TFLOP | "
+           "bound s | MFU bound | compile s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+  fits_all = True
+  for r in reports:
+    used = r.total / chip.hbm_bytes
+    fits = used <= 1 - headroom
+    fits_all &= fits
+    compute_s, memory_s = r.flops / chip.peak_flops, r.hbm_traffic / chip.hbm_bandwidth
+    bound = max(compute_s, memory_s)
+    lines.append(f"| {r.name} | {r.arguments / GB:.2f} | {r.outputs / GB:.2f} | {r.temporaries / GB:.2f} | "
+                 f"{r.total / GB:.2f} | {used:.0%} | {'yes' if fits else '**no**'} | {r.flops / 1e12:.2f} | "
+                 f"{bound:.3g} | {compute_s / bound if bound else 0:.2f} | {r.compile_s:.0f} |")
+  return "\n".join(lines), fits_all
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/multi_domain.py", "The run's config (and overrides).")
+_TOPOLOGY = flags.DEFINE_string("topology", "v5e:8x8", "TPU topology: v5e:8x8, v5p:2x4x4, v6e:16x16, ...")
+_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined by the data-centre network (multi-slice).")
+_HEADROOM = flags.DEFINE_float("headroom", 0.10, "Share of HBM each program must leave free.")
+_ONLY = flags.DEFINE_list("programs", [], "Compile only the programs whose names start with these.")
+
+
+def main(argv) -> None:
+  del argv
+  from mcpo_jax.console import quiet_libraries
+  quiet_libraries()
+  try:
+    run = config_lib.build(_CONFIG.value)
+    devices = topology_devices(_TOPOLOGY.value, _SLICES.value)
+    chip_name = devices[0].device_kind
+    if chip_name not in CHIPS:
+      raise AotError(f"--topology={_TOPOLOGY.value}: chip {chip_name!r} has no HBM/peak figures here; known: "
+                     f"{', '.join(CHIPS)}.")
+    mesh = make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor, devices=devices)
+    config = model_config(run.model.name)
+    config.validate_for_mesh(mesh.shape["tensor"])
+    todo = [p for p in programs(run, config, mesh) if not _ONLY.value or p.name.startswith(tuple(_ONLY.value))]
+  except (config_lib.ConfigError, AotError, ValueError) as error:
+    sys.exit(f"error: {error}")
+  print(f"{run.model.name} ({config.num_params / 1e9:.2f}B parameters, {config.num_layers} layers) on "
+        f"{_TOPOLOGY.value} × {_SLICES.value} slice(s) = {len(devices)} chips, mesh {dict(mesh.shape)}", flush=True)
+  reports = []
+  for i, program in enumerate(todo):
+    print(f"compiling {program.name} ({i + 1}/{len(todo)})...", flush=True)
+    reports.append(analyze(program, math.prod(mesh.devices.shape)))
+  table, fits = format_table(reports, CHIPS[chip_name], chip_name, _HEADROOM.value)
+  print(table)
+  if not fits:
+    sys.exit(f"error: a program leaves less than {_HEADROOM.value:.0%} of HBM free; see the table.")
+
+
+if __name__ == "__main__":
+  app.run(main)
