@@ -19,6 +19,7 @@ decode step, compiled on its own, times the number of steps.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import sys
@@ -80,11 +81,9 @@ class AotError(ValueError):
 def topology_devices(topology: str, num_slices: int = 1) -> list:
   """The devices of a TPU topology ("v5e:8x8", "v5p:2x4x4", "v6e:16x16"), compile-only, on a CPU host."""
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other JAX processes on this host may hold libtpu
-  try:
-    import libtpu  # noqa: F401  (the plugin the topology comes from)
-  except ImportError:
+  if importlib.util.find_spec("libtpu") is None:  # the plugin the topology comes from
     raise AotError("libtpu is not installed; pip install -r requirements-tpu.txt (it pins the libtpu that "
-                   "compiles with this jax).") from None
+                   "compiles with this jax).")
   from jax.experimental import topologies
   try:
     return topologies.get_topology_desc(topology_name=topology, platform="tpu", num_slices=num_slices).devices

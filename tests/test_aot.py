@@ -1,0 +1,83 @@
+"""mcpo_jax.aot: the RL loop's programs compile from abstract shapes, and the tool's table is XLA's memory plan.
+
+With libtpu installed (requirements-test.txt) a 2-layer model's programs compile for v5e:2x2 and
+v5p:2x2x1 with XLA:TPU on this CPU host; without it those tests skip with the reason and the CPU
+test of the same code still runs.
+"""
+
+import importlib.util
+
+import jax
+import pytest
+from conftest import write_tiny_checkpoint
+
+from mcpo_jax import aot
+from mcpo_jax import config as config_lib
+from mcpo_jax.mesh import make_mesh
+from configs.multi_domain import get_config
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu is not installed: pip install -r requirements-tpu.txt")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("tiny_qwen2")
+  write_tiny_checkpoint("qwen2", directory)
+  config = get_config("tiny")
+  config.model.name = str(directory)
+  config.model.dtype = "bfloat16"
+  config.model.remat = "full"
+  config.data.prompts_per_step = 4
+  config.train.micro_batches = 2  # the scan over micro-batches, as the paper presets run it
+  return config_lib.build(config)
+
+
+def _check_reports_equal_memory_analysis(run, mesh, names):
+  programs = {p.name: p for p in aot.programs(run, aot.model_config(run.model.name), mesh)}
+  assert set(names) <= set(programs), sorted(programs)
+  for name in names:
+    report = aot.analyze(programs[name], mesh.devices.size)
+    memory = programs[name].lower().compile().memory_analysis()
+    assert (report.arguments, report.outputs, report.temporaries, report.aliased) == (
+        memory.argument_size_in_bytes, memory.output_size_in_bytes, memory.temp_size_in_bytes,
+        memory.alias_size_in_bytes), name
+    assert report.total > 0 and report.flops > 0 and report.hbm_traffic > 0
+
+
+def test_programs_compile_on_the_cpu_mesh_and_the_report_is_their_memory_plan(run):
+  _check_reports_equal_memory_analysis(run, make_mesh(1, -1, 1), ["rollout", "update (one minibatch)"])
+
+
+@needs_libtpu
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1"])
+def test_rollout_reference_and_update_compile_for_tpu(run, topology):
+  devices = aot.topology_devices(topology)
+  assert devices[0].platform == "tpu" and devices[0].device_kind in aot.CHIPS
+  mesh = make_mesh(1, -1, 1, devices=devices)
+  _check_reports_equal_memory_analysis(run, mesh, ["rollout", "reference log-probs", "update (one minibatch)"])
+
+
+def test_the_table_says_which_program_does_not_fit():
+  chip = aot.Chip(hbm_bytes=10e9, peak_flops=1e12, hbm_bandwidth=1e12)
+  small = aot.Report("small", 2e9, 1e9, 5e9, 1e9, flops=2e12, hbm_traffic=1e12, compile_s=1.0)  # 7 GB: 70%
+  large = aot.Report("large", 2e9, 1e9, 7.5e9, 1e9, flops=1e12, hbm_traffic=3e12, compile_s=1.0)  # 9.5 GB: 95%
+  table, fits = aot.format_table([small, large], chip, "test chip", headroom=0.10)
+  assert fits is False
+  small_row, large_row = table.splitlines()[-2:]
+  assert "| 7.00 | 70% | yes | 2.00 | 2 | 1.00 |" in small_row  # compute-bound: 2 s, MFU bound 1
+  assert "| 9.50 | 95% | **no** | 1.00 | 3 | 0.33 |" in large_row  # HBM-bound: 3 s of traffic
+  assert aot.format_table([small], chip, "test chip", headroom=0.10)[1] is True
+
+
+@needs_libtpu
+def test_unknown_topology_is_one_clear_error():
+  with pytest.raises(aot.AotError, match="--topology='v9z:1x1'"):
+    aot.topology_devices("v9z:1x1")
+
+
+def test_the_paper_presets_architectures_are_known_without_their_checkpoint():
+  for preset, params in (("qwen2.5-7b-instruct", 7.6e9), ("qwen3-8b", 8.2e9)):
+    config = aot.model_config(get_config(preset).model.name)
+    assert abs(config.num_params - params) / params < 0.02, (preset, config.num_params)
+  assert jax.devices()[0].platform == "cpu"
