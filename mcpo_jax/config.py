@@ -70,6 +70,7 @@ class RewardSettings:
   format_weight: float = 0.0
   overlong_buffer: int = 0  # DAPO's overlong shaping: the last N tokens before max_new_tokens cost up to
   overlong_penalty: float = 1.0  # ... this much reward, linearly (0 buffer = off; rewards/overlong.py)
+  mask_truncated: bool = False  # DAPO's overlong filtering: rows that hit max_new_tokens are not in the loss
   sandbox: str = "bwrap"  # code runs in kernel namespaces; "unsafe": rlimits + audit hook only
 
 

@@ -182,7 +182,7 @@ def train(config: RunConfig) -> dict[str, Any]:
       lengths, domain_ids = to_host(rollouts.lengths), np.repeat(prompts.domain_id, group)  # [N] host copies
       rewards = scored.rewards.astype(np.float32) + overlong_penalty(  # [N] verifier + DAPO's length shaping
           lengths, config.rollout.max_new_tokens, config.rewards.overlong_buffer, config.rewards.overlong_penalty)
-      batch = train_batch(prompts, rollouts, scored, rewards, config, mesh)
+      batch = train_batch(rollouts, rewards, scored.correct, domain_ids, config, mesh)
       if reference is not None:
         batch = batch.replace(ref_logp=logprobs(reference, batch))
       state, update_metrics = update_policy(state, batch, domain_ids, update, transfer, config, step, mesh,
@@ -263,16 +263,29 @@ def score_rollouts(pool: RewardPool, tokenizer, rollouts, examples: Sequence[dic
   return pool.score(texts, repeated, [example["verifier"] for example in repeated])
 
 
-def train_batch(prompts: PromptBatch, rollouts, scored, rewards: np.ndarray, config: RunConfig, mesh) -> TrainBatch:
-  """The scored rollouts, with their (shaped) rewards [N], as the update's TrainBatch, rows sharded over the
-  mesh; ref_logp = old_logp until the reference pass replaces it."""
+def train_batch(rollouts, rewards: np.ndarray, correct: np.ndarray, domain_ids: np.ndarray, config: RunConfig, mesh,
+                trained_groups: np.ndarray | None = None) -> TrainBatch:
+  """The scored rollouts [N, ...], with their (shaped) rewards, verdicts and domains [N], as the update's
+  TrainBatch, rows sharded over the mesh; ref_logp = old_logp until the reference pass replaces it.
+
+  Rows outside the loss (TrainBatch.in_loss): with rewards.mask_truncated, those that hit max_new_tokens
+  (DAPO's overlong filtering); with `trained_groups` [N/G] bool, the groups it marks False (dynamic
+  sampling's padding). The advantages use every row of a group, in the loss or not.
+  """
   group = config.rollout.group_size
+  in_loss = None  # every row
+  if config.rewards.mask_truncated:
+    in_loss = ~to_host(rollouts.truncated)
+  if trained_groups is not None:
+    in_loss = np.repeat(trained_groups, group) & (True if in_loss is None else in_loss)
   advantages = grpo_advantages(jnp.asarray(rewards), group, normalize_std=config.objective.normalize_std)
   return shard_batch(TrainBatch(
       prompt_tokens=rollouts.prompt_tokens, prompt_mask=rollouts.prompt_mask, tokens=rollouts.tokens,
       mask=rollouts.response_mask, old_logp=rollouts.logprobs, ref_logp=rollouts.logprobs, rewards=rewards,
-      correct=scored.correct.astype(np.int32), advantages=np.asarray(advantages),
-      group_ids=np.repeat(prompts.prompt_id, group), domain_ids=np.repeat(prompts.domain_id, group)), mesh)
+      correct=correct.astype(np.int32), advantages=np.asarray(advantages),
+      group_ids=np.repeat(np.arange(len(rewards) // group, dtype=np.int32), group),
+      domain_ids=domain_ids.astype(np.int32),
+      in_loss=None if in_loss is None else in_loss.astype(np.int32)), mesh)
 
 
 def update_policy(state, batch: TrainBatch, domain_ids: np.ndarray, update, transfer: jax.Array, config: RunConfig,
