@@ -54,6 +54,8 @@ class DataSettings:
   domains: tuple[Domain, ...] = ()  # the ConfigDict holds {name: settings}; default: data.default_domains()
   prompts_per_step: int = 3  # B prompts per RL step, stratified over domains by weight
   max_prompt_tokens: int = 192
+  dynamic_sampling: bool = False  # DAPO: drop groups whose rewards all agree, sample more prompts (dynamic_sampling.py)
+  max_sampling_rounds: int = 4  # ... in at most this many extra generation rounds per step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +74,7 @@ class RewardSettings:
   format_weight: float = 0.0
   overlong_buffer: int = 0  # DAPO's overlong shaping: the last N tokens before max_new_tokens cost up to
   overlong_penalty: float = 1.0  # ... this much reward, linearly (0 buffer = off; rewards/overlong.py)
+  mask_truncated: bool = False  # DAPO's overlong filtering: rows that hit max_new_tokens are not in the loss
   sandbox: str = "bwrap"  # code runs in kernel namespaces; "unsafe": rlimits + audit hook only
 
 
@@ -189,6 +192,7 @@ RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("diag_every", at_least(0), "use 0 (never) or a number of steps"),
     ("data.prompts_per_step", positive, "use at least 1"),
     ("data.max_prompt_tokens", positive, "use at least 1"),
+    ("data.max_sampling_rounds", at_least(0), "use 0 (no extra rounds) or the most extra generation rounds per step"),
     ("rollout.group_size", at_least(2), "use at least 2: group-relative advantages need two rollouts per prompt"),
     ("rollout.max_new_tokens", positive, "use at least 1"),
     ("rollout.temperature", positive, "use a positive temperature: RL samples, and log-probs divide by it"),

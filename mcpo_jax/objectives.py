@@ -61,9 +61,9 @@ def aggregate_loss(per_token: jax.Array, mask: jax.Array, agg: str, *, num_token
     return jnp.sum(masked) / jnp.maximum(tokens, 1)
   if agg == "seq-mean-token-mean":
     row_means = jnp.sum(masked, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1)
-    return jnp.sum(row_means) / rows
+    return jnp.sum(row_means) / jnp.maximum(rows, 1)
   if agg == "seq-mean-token-sum-norm":
-    return jnp.sum(masked) / (rows * per_token.shape[1])
+    return jnp.sum(masked) / (jnp.maximum(rows, 1) * per_token.shape[1])
   raise ValueError(f"agg={agg!r}; choose one of {AGGREGATIONS}.")
 
 
@@ -138,14 +138,16 @@ def project(pooled: jax.Array, head: jax.Array) -> jax.Array:
 
 
 def contrastive_masks(group_ids: jax.Array, domain_ids: jax.Array, correct: jax.Array, transfer: jax.Array, *,
-                      in_domain_scope: str = "domain", negative_scope: str = "prompt"):
+                      in_domain_scope: str = "domain", negative_scope: str = "prompt", in_loss: jax.Array | None = None):
   """The N×N pair masks, by broadcasting. Returns (cross candidates, in-domain positives, negatives).
 
   cross[i, j] = c_i c_j [d_i ≠ d_j] T[d_i, d_j];  in[i, j] = c_i c_j [same domain (or prompt)] [i ≠ j];
   neg[i, j] = c_i (1 − c_j) [p_i = p_j] (or any row of the batch with negative_scope="batch").
-  Only correct rows are anchors, so every row i of the masks is empty for incorrect i.
+  Only correct rows are anchors, so every row i of the masks is empty for incorrect i. in_loss [N]
+  (TrainBatch.in_loss; None = every row): a row outside the loss is in no pair at all.
   """
-  c = correct.astype(bool)
+  member = jnp.ones(correct.shape, bool) if in_loss is None else in_loss.astype(bool)
+  c = correct.astype(bool) & member
   both_correct = c[:, None] & c[None, :]
   same_domain = domain_ids[:, None] == domain_ids[None, :]
   same_prompt = group_ids[:, None] == group_ids[None, :]
@@ -157,7 +159,7 @@ def contrastive_masks(group_ids: jax.Array, domain_ids: jax.Array, correct: jax.
   in_domain = both_correct & scope & ~jnp.eye(c.shape[0], dtype=bool)
   if negative_scope not in ("prompt", "batch"):
     raise ValueError(f"negative_scope={negative_scope!r}; choose 'prompt' or 'batch'.")
-  negatives = c[:, None] & ~c[None, :]
+  negatives = c[:, None] & ~c[None, :] & member[None, :]
   if negative_scope == "prompt":
     negatives = negatives & same_prompt
   return cross, in_domain, negatives
@@ -175,7 +177,7 @@ def has_anchor(batch: TrainBatch, transfer: jax.Array, config: "ObjectiveConfig"
   are exactly zero, whatever the representations are."""
   cross, in_domain, negatives = contrastive_masks(batch.group_ids, batch.domain_ids, batch.correct, transfer,
                                                   in_domain_scope=config.in_domain_scope,
-                                                  negative_scope=config.negative_scope)
+                                                  negative_scope=config.negative_scope, in_loss=batch.in_loss)
   return jnp.any(counted_anchors(cross | in_domain, negatives, config.require_negative))
 
 
@@ -203,7 +205,7 @@ def _supcon_rows(sim: jax.Array, positives: jax.Array, denominator: jax.Array) -
 def contrastive_loss(z: jax.Array, group_ids: jax.Array, domain_ids: jax.Array, correct: jax.Array,
                      transfer: jax.Array, *, tau: float = 0.05, cross_topk: int = 4, in_domain_scope: str = "domain",
                      negative_scope: str = "prompt", require_negative: bool = True, lambda_cross: float = 1.0,
-                     lambda_in: float = 1.0, denominator: str = "shared"):
+                     lambda_in: float = 1.0, denominator: str = "shared", in_loss: jax.Array | None = None):
   """Supervised-contrastive MCPO term over normalised representations z [N, P].
 
   For a correct anchor i the positives are its top-`cross_topk` cross-domain candidates (by
@@ -215,12 +217,13 @@ def contrastive_loss(z: jax.Array, group_ids: jax.Array, domain_ids: jax.Array, 
   l_* are means over counted anchors (0 when none) and per_anchor = λ_cross·L_cross_i + λ_in·L_in_i.
   Metrics: pos_sim / neg_sim are mean cosines over the positive / negative pairs of counted anchors,
   anchors counts anchors counted for either term, cross_pos_per_anchor is |X'_i| averaged over the
-  anchors counted for the cross term.
+  anchors counted for the cross term. in_loss [N] (None = every row): rows outside the loss are in no pair.
   """
   z = z.astype(jnp.float32)
   sim = (z @ z.T) / tau  # [N, N]
   cross, in_domain, negatives = contrastive_masks(group_ids, domain_ids, correct, transfer,
-                                                  in_domain_scope=in_domain_scope, negative_scope=negative_scope)
+                                                  in_domain_scope=in_domain_scope, negative_scope=negative_scope,
+                                                  in_loss=in_loss)
   cross = top_k_per_row(cross, jax.lax.stop_gradient(sim), cross_topk)
   if denominator == "shared":
     cross_set = in_set = cross | in_domain | negatives
@@ -308,7 +311,7 @@ def contrastive_term(pooled: jax.Array, head: jax.Array, batch: TrainBatch, tran
       z, batch.group_ids, batch.domain_ids, batch.correct, transfer, tau=config.tau,
       cross_topk=config.cross_topk, in_domain_scope=config.in_domain_scope, negative_scope=config.negative_scope,
       require_negative=config.require_negative, lambda_cross=config.lambda_cross, lambda_in=config.lambda_in,
-      denominator=config.denominator)
+      denominator=config.denominator, in_loss=batch.in_loss)
   value = config.lambda_cross * l_cross + config.lambda_in * l_in
   metrics = dict(metrics, l_cross=l_cross, l_in=l_in, contrastive=value)
   advantages = batch.advantages
@@ -321,8 +324,10 @@ def contrastive_term(pooled: jax.Array, head: jax.Array, batch: TrainBatch, tran
 
 def policy_term(logp: jax.Array, batch: TrainBatch, advantages: jax.Array, config: ObjectiveConfig, *,
                 num_tokens: Any = None, num_rows: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Clipped GRPO + β·KL to the reference; row-separable, so micro-batches sum to the batch value."""
-  mask = batch.mask.astype(bool)
+  """Clipped GRPO + β·KL to the reference over the rows in the loss (TrainBatch.loss_mask); row-separable,
+  so micro-batches sum to the batch value."""
+  mask = batch.loss_mask.astype(bool)
+  num_rows = batch.loss_rows if num_rows is None else num_rows
   pg_loss, metrics = policy_loss(logp, batch.old_logp, advantages, mask, eps_low=config.eps_low,
                                  eps_high=config.eps_high, dual_clip=config.dual_clip, agg=config.agg,
                                  ratio=config.ratio, num_tokens=num_tokens, num_rows=num_rows)

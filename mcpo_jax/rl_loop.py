@@ -5,6 +5,7 @@ sampling.py, objectives.py and train.py; this file only orchestrates them.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -25,14 +26,15 @@ from mcpo_jax.batch import TrainBatch
 from mcpo_jax.config import RunConfig
 from mcpo_jax.data.domains import Domain
 from mcpo_jax.diagnostics import domain_gradient_cosines
+from mcpo_jax.dynamic_sampling import choose_groups, informative_groups, merge_rollouts
 from mcpo_jax.evaluation import build_eval_set, evaluate, format_table, write_eval
 from mcpo_jax.mesh import make_mesh, to_host
 from mcpo_jax.metrics import MetricsWriter, Progress
 from mcpo_jax.model import from_pretrained, load_tokenizer, save_pretrained
 from mcpo_jax.objectives import grpo_advantages
-from mcpo_jax.rewards import RewardPool
+from mcpo_jax.rewards import RewardPool, ScoreResult
 from mcpo_jax.rewards.overlong import overlong_penalty
-from mcpo_jax.sampling import generate
+from mcpo_jax.sampling import Rollouts, generate
 from mcpo_jax.train import (deal_minibatches, init_train_state, jit_update_step, make_optimizer, sequence_logprobs,
                             shard_batch, take_rows)
 
@@ -171,40 +173,64 @@ def train(config: RunConfig) -> dict[str, Any]:
     elif start_step and extra.get("eval_due"):  # the preempted run skipped this step's eval
       run_eval(f"step {start_step}", start_step)
     last_diag_rewards: dict[str, float] = {}  # per domain, at the previous diagnostics step
-    for step in range(start_step, config.train.steps):
+    def sample_round(step: int, round_index: int, data_before: dict) -> SampledRound:
+      """The next B prompts of the iterator, rolled out G times by the current policy and scored. Round 0 is
+      the step's batch; dynamic sampling's extra rounds draw with their own key."""
       started = time.perf_counter()
-      data_before = iterator.get_state()  # the last completed step's, saved if a signal stops this one
       prompts = next(iterator)
-      rollouts = collect_rollouts(nnx.merge(graphdef, state.params["lm"]), prompts, config, tokenizer, stops, key,
-                                  step)
+      round_key = key if round_index == 0 else jax.random.fold_in(key, round_index)
+      rollouts = collect_rollouts(nnx.merge(graphdef, state.params["lm"]), prompts, config, tokenizer, stops,
+                                  round_key, step)
       rolled = time.perf_counter()
       stop_if_preempted(step, data_before)
       scored = score_rollouts(pool, tokenizer, rollouts, prompts.examples, group)
-      scored_at = time.perf_counter()
       stop_if_preempted(step, data_before)
-      lengths, domain_ids = to_host(rollouts.lengths), np.repeat(prompts.domain_id, group)  # [N] host copies
-      rewards = scored.rewards.astype(np.float32) + overlong_penalty(  # [N] verifier + DAPO's length shaping
+      lengths = to_host(rollouts.lengths)  # [B·G] host copy
+      rewards = scored.rewards.astype(np.float32) + overlong_penalty(  # [B·G] verifier + DAPO's length shaping
           lengths, config.rollout.max_new_tokens, config.rewards.overlong_buffer, config.rewards.overlong_penalty)
-      batch = train_batch(prompts, rollouts, scored, rewards, config, mesh)
+      return SampledRound(rollouts, scored, rewards, np.repeat(prompts.domain_id, group), lengths,
+                          to_host(rollouts.truncated), rollout_s=rolled - started, reward_s=time.perf_counter() - rolled)
+
+    for step in range(start_step, config.train.steps):
+      started = time.perf_counter()
+      data_before = iterator.get_state()  # the last completed step's, saved if a signal stops this one
+      rounds = [sample_round(step, 0, data_before)]
+      while (config.data.dynamic_sampling and len(rounds) <= config.data.max_sampling_rounds and
+             informative_groups(_joined(rounds, "rewards"), group).sum() < config.data.prompts_per_step):
+        rounds.append(sample_round(step, len(rounds), data_before))
+      sampled = time.perf_counter()
+      if config.data.dynamic_sampling:
+        rollouts, rewards, correct, domain_ids, trained, sampling = informative_batch(rounds, config,
+                                                                                      tokenizer.pad_token_id)
+      else:
+        (only,) = rounds
+        rollouts, rewards, correct, domain_ids, trained, sampling = (only.rollouts, only.rewards, only.scored.correct,
+                                                                     only.domain_ids, None, {})
+      batch = train_batch(rollouts, rewards, correct, domain_ids, config, mesh, trained_groups=trained)
       if reference is not None:
         batch = batch.replace(ref_logp=logprobs(reference, batch))
       state, update_metrics = update_policy(state, batch, domain_ids, update, transfer, config, step, mesh,
                                             before_first=lambda: stop_if_preempted(step, data_before))
       updated = time.perf_counter()
 
-      step_metrics = rollout_metrics(names, domain_ids, rewards, scored.correct, lengths, to_host(rollouts.truncated),
-                                     group)
-      step_metrics.update(update_metrics, verifier_errors=float(scored.errors),
-                          untrusted_code_tests=float(scored.untrusted_tests), rollout_s=rolled - started,
-                          reward_s=scored_at - rolled, update_s=updated - scored_at, step_s=updated - started)
+      # Rollout statistics over every row sampled this step (with dynamic sampling, the dropped groups too).
+      step_metrics = rollout_metrics(names, *(_joined(rounds, name) for name in (
+          "domain_ids", "rewards", "correct", "lengths", "truncated")), group)
+      scored = [r.scored for r in rounds]
+      step_metrics.update(update_metrics, **sampling, verifier_errors=float(sum(s.errors for s in scored)),
+                          untrusted_code_tests=float(sum(s.untrusted_tests for s in scored)),
+                          rollout_s=sum(r.rollout_s for r in rounds), reward_s=sum(r.reward_s for r in rounds),
+                          update_s=updated - sampled, step_s=updated - started)
       first, final = step == 0, step + 1 == config.train.steps
       diag_due = config.diag_every and (first or final or (step + 1) % config.diag_every == 0)  # start, every N, end
       if diag_due and not preemption.requested:
         step_metrics.update(interference_metrics(graphdef, state, batch, transfer, config, step_metrics,
                                                  last_diag_rewards))
         last_diag_rewards = {n: step_metrics[f"{n}/reward"] for n in names if f"{n}/reward" in step_metrics}
-      if scored.errors:
-        logging.warning("step %d: %d verifier errors, e.g. %s", step + 1, scored.errors, scored.first_error)
+      errors = [s for s in scored if s.errors]
+      if errors:
+        logging.warning("step %d: %d verifier errors, e.g. %s", step + 1, sum(s.errors for s in errors),
+                        errors[0].first_error)
       writer.write(step + 1, step_metrics)
       progress.update(step + 1, step_metrics, PROGRESS_KEYS)
 
@@ -248,6 +274,42 @@ def finish(config: RunConfig, evaluations: dict[str, dict[str, float]], policy, 
 # The phases of one RL step
 
 
+@dataclasses.dataclass(frozen=True)
+class SampledRound:
+  """One generation round of a step: B prompts rolled out G times and scored. Host arrays are [B·G]."""
+  rollouts: Rollouts
+  scored: ScoreResult
+  rewards: np.ndarray  # float32 verifier reward + overlong shaping
+  domain_ids: np.ndarray  # int32
+  lengths: np.ndarray  # int32 response lengths
+  truncated: np.ndarray  # bool: hit max_new_tokens without a stop token
+  rollout_s: float
+  reward_s: float
+
+  @property
+  def correct(self) -> np.ndarray:
+    return self.scored.correct
+
+
+def _joined(rounds: Sequence[SampledRound], field: str) -> np.ndarray:
+  """One [B·G] field of every round, concatenated: [R·B·G]."""
+  return np.concatenate([getattr(r, field) for r in rounds])
+
+
+def informative_batch(rounds: Sequence[SampledRound], config: RunConfig, pad_id: int):
+  """Dynamic sampling's batch: the step's B groups out of every round's (dynamic_sampling.choose_groups).
+  Returns host (rollouts [B·G, ...], rewards, correct, domain_ids [B·G], trained [B] bool, metrics)."""
+  group = config.rollout.group_size
+  informative = informative_groups(_joined(rounds, "rewards"), group)  # [R·B]
+  chosen, trained = choose_groups(informative, config.data.prompts_per_step)  # [B], [B]
+  rows = (chosen[:, None] * group + np.arange(group)).reshape(-1)  # [B·G]
+  rollouts = jax.tree.map(lambda x: x[rows], merge_rollouts([r.rollouts for r in rounds], pad_id))
+  metrics = {"sampling/extra_rounds": len(rounds) - 1, "sampling/informative_groups": int(informative.sum()),
+             "sampling/dropped_groups": int((~informative).sum()), "sampling/padded_groups": int((~trained).sum())}
+  return (rollouts, *(_joined(rounds, name)[rows] for name in ("rewards", "correct", "domain_ids")), trained,
+          metrics)
+
+
 def collect_rollouts(policy, prompts: PromptBatch, config: RunConfig, tokenizer, stops: Sequence[int],
                      key: jax.Array, step: int):
   """G sampled responses per prompt: Rollouts with [B·G, ...] global arrays, a prompt's rows consecutive."""
@@ -266,16 +328,29 @@ def score_rollouts(pool: RewardPool, tokenizer, rollouts, examples: Sequence[dic
   return pool.score(texts, repeated, [example["verifier"] for example in repeated])
 
 
-def train_batch(prompts: PromptBatch, rollouts, scored, rewards: np.ndarray, config: RunConfig, mesh) -> TrainBatch:
-  """The scored rollouts, with their (shaped) rewards [N], as the update's TrainBatch, rows sharded over the
-  mesh; ref_logp = old_logp until the reference pass replaces it."""
+def train_batch(rollouts, rewards: np.ndarray, correct: np.ndarray, domain_ids: np.ndarray, config: RunConfig, mesh,
+                trained_groups: np.ndarray | None = None) -> TrainBatch:
+  """The scored rollouts [N, ...], with their (shaped) rewards, verdicts and domains [N], as the update's
+  TrainBatch, rows sharded over the mesh; ref_logp = old_logp until the reference pass replaces it.
+
+  Rows outside the loss (TrainBatch.in_loss): with rewards.mask_truncated, those that hit max_new_tokens
+  (DAPO's overlong filtering); with `trained_groups` [N/G] bool, the groups it marks False (dynamic
+  sampling's padding). The advantages use every row of a group, in the loss or not.
+  """
   group = config.rollout.group_size
+  in_loss = None  # every row
+  if config.rewards.mask_truncated:
+    in_loss = ~to_host(rollouts.truncated)
+  if trained_groups is not None:
+    in_loss = np.repeat(trained_groups, group) & (True if in_loss is None else in_loss)
   advantages = grpo_advantages(jnp.asarray(rewards), group, normalize_std=config.objective.normalize_std)
   return shard_batch(TrainBatch(
       prompt_tokens=rollouts.prompt_tokens, prompt_mask=rollouts.prompt_mask, tokens=rollouts.tokens,
       mask=rollouts.response_mask, old_logp=rollouts.logprobs, ref_logp=rollouts.logprobs, rewards=rewards,
-      correct=scored.correct.astype(np.int32), advantages=np.asarray(advantages),
-      group_ids=np.repeat(prompts.prompt_id, group), domain_ids=np.repeat(prompts.domain_id, group)), mesh)
+      correct=correct.astype(np.int32), advantages=np.asarray(advantages),
+      group_ids=np.repeat(np.arange(len(rewards) // group, dtype=np.int32), group),
+      domain_ids=domain_ids.astype(np.int32),
+      in_loss=None if in_loss is None else in_loss.astype(np.int32)), mesh)
 
 
 def update_policy(state, batch: TrainBatch, domain_ids: np.ndarray, update, transfer: jax.Array, config: RunConfig,

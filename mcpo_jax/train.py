@@ -225,7 +225,7 @@ def _micro_loss(outputs, mb: TrainBatch, advantages, pooled_grad, config: Update
   logp, entropy, pooled = outputs
   policy, metrics = policy_term(logp, mb, advantages, config.objective, num_tokens=num_tokens, num_rows=num_rows)
   surrogate = 0.0 if pooled_grad is None else jnp.sum(pooled_grad * pooled)
-  entropy_sum = jnp.sum(jnp.where(mb.mask > 0, entropy, 0.0))
+  entropy_sum = jnp.sum(jnp.where(mb.loss_mask > 0, entropy, 0.0))
   return policy + surrogate, (policy, metrics, entropy_sum, jax.lax.stop_gradient(pooled))
 
 
@@ -244,7 +244,7 @@ def accumulated_grads(graphdef, params, batch: TrainBatch, transfer, config: Upd
   neither the LLM's gradient nor the advantages, so it is evaluated after the passes, on the
   representations they computed. Returns (loss, metrics, grads)."""
   objective, group = config.objective, config.prompt_group
-  num_tokens, num_rows = jnp.sum(batch.mask), batch.num_rows
+  num_tokens, num_rows = jnp.sum(batch.loss_mask), batch.loss_rows
   micro = jax.tree.map(lambda x: _split_micro(x, config.micro_batches, group), batch)  # [M, N/M, ...]
 
   def accumulate(grads_sum, mb):
@@ -255,7 +255,7 @@ def accumulated_grads(graphdef, params, batch: TrainBatch, transfer, config: Upd
 
   lm_grads, (policy, policy_metrics, entropy_sums, pooled) = jax.lax.scan(
       accumulate, jax.tree.map(jnp.zeros_like, params["lm"]), micro)
-  loss, metrics = jnp.sum(policy), _micro_metrics(policy_metrics, entropy_sums, micro.mask, num_tokens)
+  loss, metrics = jnp.sum(policy), _micro_metrics(policy_metrics, entropy_sums, micro.loss_mask, num_tokens)
   head_grad = jnp.zeros_like(params["head"])
   if objective.algorithm == "mcpo":
     (contrastive, (_, contrastive_metrics)), head_grad = jax.value_and_grad(
@@ -284,7 +284,7 @@ def gradient_cached_grads(graphdef, params, batch: TrainBatch, transfer, config:
   there is no extra pass. Returns (loss, metrics, grads).
   """
   objective, group, count = config.objective, config.prompt_group, config.micro_batches
-  num_tokens, num_rows = jnp.sum(batch.mask), batch.num_rows
+  num_tokens, num_rows = jnp.sum(batch.loss_mask), batch.loss_rows
   split = lambda x: _split_micro(x, count, group)
   merge = lambda x: _merge_micro(x, group)
   kept = int(_keeps_last_forward(count))
@@ -302,7 +302,7 @@ def gradient_cached_grads(graphdef, params, batch: TrainBatch, transfer, config:
     # keeps its own rows), and split back: [M − kept, N/M, E].
     forward_others = lambda: _split_micro(forward(params["lm"], jax.tree.map(merge, head_rows(micro)))[2], others,
                                           group)
-    no_pooled = lambda: jnp.zeros((others, num_rows // count, width), jnp.float32)
+    no_pooled = lambda: jnp.zeros((others, batch.num_rows // count, width), jnp.float32)
     pooled_parts.append(jax.lax.cond(has_anchor(batch, transfer, objective), forward_others, no_pooled))
   if kept:
     last = jax.tree.map(lambda x: x[-1], micro)
@@ -333,7 +333,7 @@ def gradient_cached_grads(graphdef, params, batch: TrainBatch, transfer, config:
         accumulate, (lm_grads, policy), head_rows((micro, advantages, pooled_grad)))
     aux.insert(0, others_aux)  # micro-batch order: others, then the kept last one
   policy_metrics, entropy_sums, _ = jax.tree.map(lambda *parts: jnp.concatenate(parts), *aux)
-  metrics = dict(contrastive_metrics, **_micro_metrics(policy_metrics, entropy_sums, micro.mask, num_tokens))
+  metrics = dict(contrastive_metrics, **_micro_metrics(policy_metrics, entropy_sums, micro.loss_mask, num_tokens))
   return policy + contrastive, metrics, {"lm": lm_grads, "head": head_grad}
 
 

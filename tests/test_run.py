@@ -33,6 +33,7 @@ BAD_CONFIGS = [  # (override, what the one line must say): each a mistake a user
     ("--config.mesh.tensor=3", r"mesh: .*'tensor': 3.* does not divide the 8 devices"),
     ("--config.mesh.fsdp=0", r"--config.mesh.fsdp=0; use a positive size or -1"),
     ("--config.data.prompts_per_step=0", r"--config.data.prompts_per_step=0; use at least 1"),
+    ("--config.data.max_sampling_rounds=-1", r"--config.data.max_sampling_rounds=-1; use 0 \(no extra rounds\)"),
     ("--config.data.domains.gcd.weight=-1", r"config.data.domains.gcd.weight=-1.0; use a positive number"),
     ("--config.rollout.group_size=1", r"--config.rollout.group_size=1; use at least 2"),
     ("--config.rollout.temperature=0", r"--config.rollout.temperature=0.0; use a positive temperature"),

@@ -127,6 +127,33 @@ def test_a_batch_without_anchors_skips_the_extra_pass_and_still_matches_one_micr
   assert _max_diff(grads_1, grads_4) <= 5e-6 * max(scale, 1.0)
 
 
+@pytest.mark.parametrize("objective", [{}, {"algorithm": "grpo", "agg": "seq-mean-token-mean"}])
+def test_groups_out_of_the_loss_update_as_if_they_were_not_in_the_batch(objective):
+  """TrainBatch.in_loss = 0 on a whole group (dynamic sampling's padding) gives the loss, metrics and gradients
+  of the batch without that group, through gradient caching and 1, 2 or 4 micro-batches (within 5e-6 of the
+  largest gradient entry: float32 summation order)."""
+  model = init_model(CONFIG, seed=1)
+  graphdef, state = init_train_state(model, make_optimizer(OptimConfig()), proj_dim=32)
+  config = lambda micro: UpdateConfig(objective=ObjectiveConfig(group_size=G, lambda_cross=1.0, lambda_in=1.0,
+                                                                **objective), logit_chunk=5, micro_batches=micro)
+  run = lambda batch, micro: loss_and_grads(graphdef, state.params, shard_batch(batch, None), TRANSFER, config(micro))
+  full = _batch()
+  in_loss = np.repeat(np.int32([1, 0, 1, 1]), G)  # group 1 (it holds the empty row) out of the loss
+  kept = np.flatnonzero(in_loss)
+  without = jax.tree.map(lambda x: x[kept], full)
+  want_loss, want_metrics, want_grads = run(without, 1)
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(want_grads))
+  for micro in (1, 2, 4):
+    loss, metrics, grads = run(full.replace(in_loss=in_loss), micro)
+    assert abs(float(loss) - float(want_loss)) < 1e-5, micro
+    for name in ("pg_loss", "kl", "pg_clipfrac", "ppo_kl", "entropy", "contrastive", "anchors"):
+      if name in want_metrics:
+        assert abs(float(metrics[name]) - float(want_metrics[name])) < 1e-5, (micro, name)
+    assert _max_diff(grads, want_grads) <= 5e-6 * max(scale, 1.0), micro
+  loss, _, _ = run(full, 1)
+  assert abs(float(loss) - float(want_loss)) > 1e-4  # the group did carry loss
+
+
 def test_one_device_and_2x4_mesh_give_the_same_gradients_and_update():
   loss_1, _, grads_1 = _grads((1, 1, 1), micro_batches=2)
   loss_8, _, grads_8 = _grads((1, 2, 4), micro_batches=2)
