@@ -293,6 +293,7 @@ def main(argv) -> None:
       raise AotError(f"--topology={_TOPOLOGY.value}: chip {chip_name!r} has no HBM/peak figures here; known: "
                      f"{', '.join(CHIPS)}.")
     mesh = make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor, devices=devices)
+    config_lib.check_micro_batch_sharding(run, mesh)
     config = model_config(run.model.name)
     config.validate_for_mesh(mesh.shape["tensor"])
     todo = [p for p in programs(run, config, mesh) if not _ONLY.value or p.name.startswith(tuple(_ONLY.value))]

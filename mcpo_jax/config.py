@@ -337,6 +337,22 @@ def _check_batches(run: RunConfig) -> None:
                       f"pick a divisor of {units}.")
 
 
+def check_micro_batch_sharding(run: RunConfig, mesh) -> None:
+  """On TPU, the rows of one micro-batch must split evenly over the batch-sharding devices (data × fsdp):
+  otherwise XLA replicates the micro-batch on every chip (on v6e-256 the update then plans 364 GB). On
+  CPU a small test batch may be replicated (mesh.logical_to_spec drops the axis)."""
+  if mesh.devices.flat[0].platform != "tpu":
+    return
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  rows = run.data.prompts_per_step * run.rollout.group_size // run.train.minibatches  # of one minibatch
+  if (rows // run.train.micro_batches) % shards:
+    fitting = [m for m in range(1, rows + 1) if rows % m == 0 and (rows // m) % shards == 0]
+    raise ConfigError(f"--config.train.micro_batches={run.train.micro_batches}: a micro-batch of "
+                      f"{rows // run.train.micro_batches} rows does not split over the {shards} batch-sharding chips "
+                      f"(mesh data × fsdp), so every chip would hold all of it; use micro_batches in {fitting} or "
+                      "move chips from mesh.fsdp to mesh.tensor.")
+
+
 def _check_checkpoint(run: RunConfig) -> None:
   """checkpoint.best_metric names an eval metric: found here, not at the first save inside orbax's thread."""
   best = run.checkpoint.best_metric

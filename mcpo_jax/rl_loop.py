@@ -23,7 +23,7 @@ from mcpo_jax.checkpointing import (Preempted, PreemptionGuard, ResumeError, abs
                                     prepare_workdir)
 from mcpo_jax.data.batches import PromptBatch, PromptIterator
 from mcpo_jax.batch import TrainBatch
-from mcpo_jax.config import RunConfig
+from mcpo_jax.config import RunConfig, check_micro_batch_sharding
 from mcpo_jax.data.domains import Domain
 from mcpo_jax.diagnostics import domain_gradient_cosines
 from mcpo_jax.dynamic_sampling import choose_groups, informative_groups, merge_rollouts
@@ -94,6 +94,7 @@ def train(config: RunConfig) -> dict[str, Any]:
   workdir = config.workdir
   prepare_workdir(config)  # refuses an incompatible resume or an overwrite before anything loads
   mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  check_micro_batch_sharding(config, mesh)
   tokenizer = load_tokenizer(config.model.tokenizer or config.model.name)
   stops = stop_token_ids(tokenizer)
   domains = config.data.domains

@@ -5,6 +5,7 @@ v5p:2x2x1 with XLA:TPU on this CPU host; without it those tests skip with the re
 test of the same code still runs.
 """
 
+import dataclasses
 import importlib.util
 
 import jax
@@ -81,3 +82,15 @@ def test_the_paper_presets_architectures_are_known_without_their_checkpoint():
     config = aot.model_config(get_config(preset).model.name)
     assert abs(config.num_params - params) / params < 0.02, (preset, config.num_params)
   assert jax.devices()[0].platform == "cpu"
+
+
+@needs_libtpu
+def test_a_micro_batch_that_does_not_cover_the_batch_shards_is_one_clear_error(run):
+  mesh = make_mesh(1, -1, 1, devices=aot.topology_devices("v5e:2x2"))  # 4 batch shards
+  config_lib.check_micro_batch_sharding(run, mesh)  # 4 prompts × 4 rows / 2 micro-batches = 8 rows: fine
+  odd = dataclasses.replace(run, train=dataclasses.replace(run.train, micro_batches=4))  # 4 rows: fine
+  config_lib.check_micro_batch_sharding(odd, mesh)
+  odd = dataclasses.replace(run, rollout=dataclasses.replace(run.rollout, group_size=3))  # 6 rows per micro-batch
+  with pytest.raises(config_lib.ConfigError, match=r"micro_batches=2: a micro-batch of 6 rows .* 4 batch-sharding"):
+    config_lib.check_micro_batch_sharding(odd, mesh)
+  config_lib.check_micro_batch_sharding(odd, make_mesh(1, -1, 1))  # CPU: replicated, allowed
