@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
-from flax import nnx
 
 from mcpo_jax.checkpointing import (Preempted, PreemptionGuard, ResumeError, abstract_like, open_checkpoints,
                                     prepare_workdir)
@@ -28,13 +27,13 @@ from mcpo_jax.diagnostics import domain_gradient_cosines
 from mcpo_jax.evaluation import build_eval_set, evaluate, format_table, write_eval
 from mcpo_jax.mesh import make_mesh, to_host
 from mcpo_jax.metrics import MetricsWriter, Progress
-from mcpo_jax.model import from_pretrained, load_tokenizer, save_pretrained
+from mcpo_jax.model import apply_lora, frozen_params, from_pretrained, load_tokenizer, save_pretrained
 from mcpo_jax.objectives import grpo_advantages
 from mcpo_jax.rewards import RewardPool
 from mcpo_jax.rewards.overlong import overlong_penalty
 from mcpo_jax.sampling import generate
-from mcpo_jax.train import (deal_minibatches, init_train_state, jit_update_step, make_optimizer, sequence_logprobs,
-                            shard_batch, take_rows)
+from mcpo_jax.train import (deal_minibatches, init_train_state, jit_update_step, make_optimizer, merge_policy,
+                            sequence_logprobs, shard_batch, take_rows)
 
 PROGRESS_KEYS = ("reward", "accuracy", "loss", "contrastive", "kl", "response_length")  # and the phase times
 
@@ -104,16 +103,23 @@ def train(config: RunConfig) -> dict[str, Any]:
                             split=config.eval.split, max_prompt_tokens=config.data.max_prompt_tokens)
   model = from_pretrained(config.model.name, mesh=mesh, dtype=config.model.dtype,
                           param_dtype=config.model.param_dtype or None, remat=config.model.remat)
+  reference_graphdef = None  # the KL reference's structure: a LoRA model's base with the adapters off
+  if config.model.lora.rank:
+    model, reference_graphdef = apply_lora(model, config.model.lora, seed=config.seed)
 
   group = config.rollout.group_size
   optimizer = make_optimizer(config.optim)  # its LLM branch frozen for the head warm-up's updates
   update_config = config.update
   graphdef, state = init_train_state(model, optimizer, proj_dim=config.objective.proj_dim, seed=config.seed)
-  del model  # the train state owns the parameters from here on
-  reference = jax.tree.map(jnp.copy, state.params["lm"]) if config.objective.kl_coef > 0 else None
+  frozen = frozen_params(model)  # a LoRA model's base weights (None without adapters): not trained, not saved
+  del model  # the train state (and `frozen`) own the parameters from here on
+  # The KL reference: the base weights themselves for LoRA, else a copy of the initial policy.
+  reference = None if config.objective.kl_coef == 0 else (
+      frozen if reference_graphdef is not None else jax.tree.map(jnp.copy, state.params["lm"]))
   update = jit_update_step(graphdef, optimizer, update_config, state)
-  logprobs = jax.jit(functools.partial(sequence_logprobs, graphdef, temperature=config.rollout.temperature,
-                                       chunk=config.train.logit_chunk, prompt_group=update_config.prompt_group))
+  logprobs = jax.jit(functools.partial(sequence_logprobs, reference_graphdef or graphdef,
+                                       temperature=config.rollout.temperature, chunk=config.train.logit_chunk,
+                                       prompt_group=update_config.prompt_group))
 
   checkpointer = open_checkpoints(config)
   start_step = 0
@@ -142,7 +148,7 @@ def train(config: RunConfig) -> dict[str, Any]:
       PreemptionGuard(config.checkpoint.preemption_grace_s) as preemption:
 
     def run_eval(label: str, step: int) -> dict[str, float]:
-      policy = nnx.merge(graphdef, state.params["lm"])
+      policy = merge_policy(graphdef, state.params["lm"], frozen)
       summary, records = evaluate(policy, tokenizer, eval_set, pool, max_new_tokens=config.eval.max_new_tokens,
                                   k=config.eval.k, temperature=config.rollout.temperature, stop_token_ids=stops,
                                   key=jax.random.fold_in(key, 1_000_003), label=f"eval at step {step}")
@@ -172,8 +178,8 @@ def train(config: RunConfig) -> dict[str, Any]:
       started = time.perf_counter()
       data_before = iterator.get_state()  # the last completed step's, saved if a signal stops this one
       prompts = next(iterator)
-      rollouts = collect_rollouts(nnx.merge(graphdef, state.params["lm"]), prompts, config, tokenizer, stops, key,
-                                  step)
+      rollouts = collect_rollouts(merge_policy(graphdef, state.params["lm"], frozen), prompts, config, tokenizer,
+                                  stops, key, step)
       rolled = time.perf_counter()
       stop_if_preempted(step, data_before)
       scored = score_rollouts(pool, tokenizer, rollouts, prompts.examples, group)
@@ -185,7 +191,8 @@ def train(config: RunConfig) -> dict[str, Any]:
       batch = train_batch(prompts, rollouts, scored, rewards, config, mesh)
       if reference is not None:
         batch = batch.replace(ref_logp=logprobs(reference, batch))
-      state, update_metrics = update_policy(state, batch, domain_ids, update, transfer, config, step, mesh,
+      state, update_metrics = update_policy(state, batch, domain_ids, functools.partial(update, frozen=frozen),
+                                            transfer, config, step, mesh,
                                             before_first=lambda: stop_if_preempted(step, data_before))
       updated = time.perf_counter()
 
@@ -197,7 +204,7 @@ def train(config: RunConfig) -> dict[str, Any]:
       first, final = step == 0, step + 1 == config.train.steps
       diag_due = config.diag_every and (first or final or (step + 1) % config.diag_every == 0)  # start, every N, end
       if diag_due and not preemption.requested:
-        step_metrics.update(interference_metrics(graphdef, state, batch, transfer, config, step_metrics,
+        step_metrics.update(interference_metrics(graphdef, state, frozen, batch, transfer, config, step_metrics,
                                                  last_diag_rewards))
         last_diag_rewards = {n: step_metrics[f"{n}/reward"] for n in names if f"{n}/reward" in step_metrics}
       if scored.errors:
@@ -225,7 +232,7 @@ def train(config: RunConfig) -> dict[str, Any]:
       save(config.train.steps, iterator.get_state(), metrics=summary, final=True)
   checkpointer.close()
   writer.close()
-  finish(config, evaluations, nnx.merge(graphdef, state.params["lm"]), tokenizer)
+  finish(config, evaluations, merge_policy(graphdef, state.params["lm"], frozen), tokenizer)
   return evaluations
 
 
@@ -236,7 +243,9 @@ def finish(config: RunConfig, evaluations: dict[str, dict[str, float]], policy, 
     if config.eval.k > 0:
       print(format_table(evaluations, f"mean@{config.eval.k}"))
   if config.export_hf:
-    save_pretrained(policy, f"{config.workdir}/hf_export", tokenizer)
+    lora = config.model.lora
+    save_pretrained(policy, f"{config.workdir}/hf_export", tokenizer,
+                    adapters_only=bool(lora.rank) and lora.export == "adapters")
   if jax.process_index() == 0:
     (epath.Path(config.workdir) / "evaluations.json").write_text(json.dumps(evaluations, indent=2))
 
@@ -292,12 +301,12 @@ def update_policy(state, batch: TrainBatch, domain_ids: np.ndarray, update, tran
   return state, jax.tree.map(lambda *xs: float(np.mean([to_host(x) for x in xs])), *update_metrics)
 
 
-def interference_metrics(graphdef, state, batch: TrainBatch, transfer: jax.Array, config: RunConfig,
+def interference_metrics(graphdef, state, frozen, batch: TrainBatch, transfer: jax.Array, config: RunConfig,
                          step_metrics: dict[str, float], last_rewards: dict[str, float]) -> dict[str, Any]:
   """diag/grad_cosine [D, D] and, per domain, the reward change since the previous diagnostics step."""
   names = [domain.name for domain in config.data.domains]
   out = {"diag/grad_cosine": domain_gradient_cosines(graphdef, state.params, batch, transfer, config.update,
-                                                     len(names))}
+                                                     len(names), frozen)}
   for name in names:
     if f"{name}/reward" in step_metrics and name in last_rewards:
       out[f"diag/{name}/reward_delta"] = step_metrics[f"{name}/reward"] - last_rewards[name]
