@@ -31,7 +31,8 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as preserva
 # Config fields a checkpoint cannot be resumed under once changed: they fix the state's shapes (model,
 # proj_dim, LoRA) or what the run optimises and on which data. Everything else (steps, eval, mesh,
 # memory knobs, learning rate) may change on resume.
-PINNED = ("algorithm", "seed", "model.name", "model.tokenizer", "model.param_dtype", "lora", "objective",
+PINNED = ("algorithm", "seed", "model.name", "model.tokenizer", "model.param_dtype", "model.lora.rank",
+          "model.lora.alpha", "model.lora.targets", "objective",
           "data.domains", "data.prompts_per_step", "data.max_prompt_tokens", "rollout.group_size")
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run saved its last completed step; rerun the command to continue
 

@@ -19,7 +19,8 @@ import ml_collections
 
 from mcpo_jax.data.domains import Domain, default_domains, parse_domains
 from mcpo_jax.data.splits import SPLITS
-from mcpo_jax.model import ZOO, CheckpointError, check_checkpoint
+from mcpo_jax.model import ZOO, CheckpointError, LoraSettings, check_checkpoint
+from mcpo_jax.model.lora import EXPORTS, TARGETS
 from mcpo_jax.model.transformer import REMAT_POLICIES
 from mcpo_jax.objectives import ObjectiveConfig
 from mcpo_jax.train import SCHEDULES, OptimConfig, UpdateConfig
@@ -40,6 +41,7 @@ class ModelSettings:
   # mantissa bits, so one AdamW step at lr 1e-6 rounds ~98% of the updates away (tests/test_train.py).
   param_dtype: str = "float32"
   remat: str = "none"  # none | full | save_dots
+  lora: LoraSettings = LoraSettings()  # rank 0: full fine-tuning; else adapters via qwix (model/lora.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +175,9 @@ def defaults() -> ml_collections.ConfigDict:
     section = ml_collections.ConfigDict()
     for inner in dataclasses.fields(value):
       if inner.name not in DERIVED.get(field.name, ()) and inner.name != MAPPINGS.get(field.name):
-        section[inner.name] = getattr(value, inner.name)
+        inner_value = getattr(value, inner.name)
+        section[inner.name] = (ml_collections.ConfigDict(dataclasses.asdict(inner_value))
+                               if dataclasses.is_dataclass(inner_value) else inner_value)
     config[field.name] = section
   config.data.domains = default_domains()
   # Anchor domain -> domains whose correct rollouts may be its positives; unlisted anchors: all.
@@ -190,6 +194,8 @@ RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("seed", at_least(0), "use a non-negative integer"),
     ("workdir", bool, "name a directory (local or gs://) for checkpoints and metrics"),
     ("diag_every", at_least(0), "use 0 (never) or a number of steps"),
+    ("model.lora.rank", at_least(0), "use 0 (no adapters: every weight trains) or the adapters' rank"),
+    ("model.lora.alpha", positive, "use a positive alpha (an adapter adds alpha / rank · A·B to its weight)"),
     ("data.prompts_per_step", positive, "use at least 1"),
     ("data.max_prompt_tokens", positive, "use at least 1"),
     ("data.max_sampling_rounds", at_least(0), "use 0 (no extra rounds) or the most extra generation rounds per step"),
@@ -245,6 +251,7 @@ RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
 CHOICES = {
     "mode": ("train", "chat"), "algorithm": ("mcpo", "grpo"), "resume": ("auto", "none"),
     "model.dtype": DTYPES, "model.param_dtype": DTYPES, "model.remat": tuple(REMAT_POLICIES),
+    "model.lora.export": EXPORTS,
     "rewards.sandbox": ("bwrap", "unsafe"),
     "optim.schedule": SCHEDULES, "eval.split": SPLITS,
 }
@@ -285,8 +292,10 @@ def build(config: ml_collections.ConfigDict) -> RunConfig:
   if tokenizer and "://" not in tokenizer and tokenizer.lower() not in ZOO and not os.path.isdir(tokenizer):
     raise ConfigError(f"--config.model.tokenizer={tokenizer!r} is not a directory; pass the HF checkpoint or "
                       "tokenizer directory, or '' for the model's own tokenizer.")
+  _check_lora_targets(config.model.lora.targets)
   domains = tuple(parse_domains(config.data.domains))
   sections = {name: config[name].to_dict() for name in SECTIONS}
+  sections["model"]["lora"] = LoraSettings(**sections["model"]["lora"])
   sections["data"]["domains"] = domains
   sections["objective"].update(algorithm=config.algorithm, group_size=config.rollout.group_size,
                                transfer=_transfer(config.objective.transfer.to_dict(), domains))
@@ -310,6 +319,17 @@ def build(config: ml_collections.ConfigDict) -> RunConfig:
   _check_batches(run)
   _check_checkpoint(run)
   return run
+
+
+def _check_lora_targets(targets: str) -> None:
+  """model.lora.targets: a comma-separated list of distinct projection names."""
+  names = [name.strip() for name in str(targets).split(",")]
+  for name in names:
+    if name not in TARGETS:
+      raise ConfigError(f"--config.model.lora.targets names {name!r}{_did_you_mean(name, TARGETS)}; use a "
+                        f"comma-separated list of {','.join(TARGETS)}.")
+  if len(set(names)) < len(names):
+    raise ConfigError(f"--config.model.lora.targets={targets!r} names a projection twice; name each once.")
 
 
 def _transfer(allowed: dict[str, list[str]], domains: tuple[Domain, ...]) -> tuple[tuple[str, tuple[str, ...]], ...]:

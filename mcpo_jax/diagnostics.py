@@ -19,18 +19,19 @@ from mcpo_jax.train import UpdateConfig, loss_and_grads
 
 @functools.lru_cache(maxsize=None)
 def gradient_cosines_program(graphdef, config: UpdateConfig, num_domains: int):
-  """jit(params, batch, transfer) -> [D, D] cosines between the per-domain policy gradients of the LLM.
+  """jit(params, batch, transfer, frozen) -> [D, D] cosines between the per-domain policy gradients of the
+  trained LLM parameters (a LoRA model's adapters; frozen: its base weights, train.merge_policy).
 
   The D gradients stay sharded like the parameters and their Gram matrix is summed leaf by leaf: a flat
   [D, params] vector would be one unsharded array (~96 GB for an 8B model and three domains).
   """
   policy_only = dataclasses.replace(config, objective=dataclasses.replace(config.objective, algorithm="grpo"))
 
-  def cosines(params, batch, transfer):
+  def cosines(params, batch, transfer, frozen=None):
     def gradient(domain):
       rows = batch.domain_ids == domain
       masked = batch.replace(mask=jnp.where(rows[:, None], batch.mask, 0))
-      return loss_and_grads(graphdef, params, masked, transfer, policy_only)[2]["lm"]
+      return loss_and_grads(graphdef, params, masked, transfer, policy_only, frozen)[2]["lm"]
 
     grads = jax.lax.map(gradient, jnp.arange(num_domains))  # leaves [D, *parameter shape]
     gram = sum(jnp.tensordot(g, g, axes=(tuple(range(1, g.ndim)),) * 2) for g in jax.tree.leaves(grads))  # [D, D]
@@ -39,6 +40,7 @@ def gradient_cosines_program(graphdef, config: UpdateConfig, num_domains: int):
   return jax.jit(cosines)
 
 
-def domain_gradient_cosines(graphdef, params, batch, transfer, config: UpdateConfig, num_domains: int) -> np.ndarray:
+def domain_gradient_cosines(graphdef, params, batch, transfer, config: UpdateConfig, num_domains: int,
+                            frozen=None) -> np.ndarray:
   """Host [D, D] matrix (0 where a domain has no rows or a zero gradient)."""
-  return to_host(gradient_cosines_program(graphdef, config, num_domains)(params, batch, transfer))
+  return to_host(gradient_cosines_program(graphdef, config, num_domains)(params, batch, transfer, frozen))

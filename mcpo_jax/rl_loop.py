@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
-from flax import nnx
 
 from mcpo_jax.checkpointing import (Preempted, PreemptionGuard, ResumeError, abstract_like, open_checkpoints,
                                     prepare_workdir)
@@ -30,13 +29,13 @@ from mcpo_jax.dynamic_sampling import choose_groups, informative_groups, merge_r
 from mcpo_jax.evaluation import build_eval_set, evaluate, format_table, write_eval
 from mcpo_jax.mesh import make_mesh, to_host
 from mcpo_jax.metrics import MetricsWriter, Progress
-from mcpo_jax.model import from_pretrained, load_tokenizer, save_pretrained
+from mcpo_jax.model import apply_lora, frozen_params, from_pretrained, load_tokenizer, save_pretrained
 from mcpo_jax.objectives import grpo_advantages
 from mcpo_jax.rewards import RewardPool, ScoreResult
 from mcpo_jax.rewards.overlong import overlong_penalty
 from mcpo_jax.sampling import Rollouts, generate
-from mcpo_jax.train import (deal_minibatches, init_train_state, jit_update_step, make_optimizer, sequence_logprobs,
-                            shard_batch, take_rows)
+from mcpo_jax.train import (deal_minibatches, init_train_state, jit_update_step, make_optimizer, merge_policy,
+                            sequence_logprobs, shard_batch, take_rows)
 
 PROGRESS_KEYS = ("reward", "accuracy", "loss", "contrastive", "kl", "response_length")  # and the phase times
 
@@ -107,19 +106,26 @@ def train(config: RunConfig) -> dict[str, Any]:
                             split=config.eval.split, max_prompt_tokens=config.data.max_prompt_tokens)
   model = from_pretrained(config.model.name, mesh=mesh, dtype=config.model.dtype,
                           param_dtype=config.model.param_dtype, remat=config.model.remat)
+  reference_graphdef = None  # the KL reference's structure: a LoRA model's base with the adapters off
+  if config.model.lora.rank:
+    model, reference_graphdef = apply_lora(model, config.model.lora, seed=config.seed)
 
   group = config.rollout.group_size
   optimizer = make_optimizer(config.optim)  # its LLM branch frozen for the head warm-up's updates
   update_config = config.update
   graphdef, state = init_train_state(model, optimizer, proj_dim=config.objective.proj_dim, seed=config.seed)
-  del model  # the train state owns the parameters from here on
-  # The frozen reference in the compute dtype: every matmul casts to it anyway, so its log-probs are the same.
+  frozen = frozen_params(model)  # a LoRA model's base weights (None without adapters): not trained, not saved
+  del model  # the train state (and `frozen`) own the parameters from here on
+  # The KL reference: the base weights themselves for LoRA, else a copy of the initial policy in the compute
+  # dtype (every matmul casts to it anyway, so its log-probs are the same).
   compute = jnp.dtype(config.model.dtype)
-  reference = (jax.tree.map(lambda x: jnp.copy(x).astype(compute), state.params["lm"])
-               if config.objective.kl_coef > 0 else None)
+  reference = None if config.objective.kl_coef == 0 else (
+      frozen if reference_graphdef is not None else
+      jax.tree.map(lambda x: jnp.copy(x).astype(compute), state.params["lm"]))
   update = jit_update_step(graphdef, optimizer, update_config, state)
-  logprobs = jax.jit(functools.partial(sequence_logprobs, graphdef, temperature=config.rollout.temperature,
-                                       chunk=config.train.logit_chunk, prompt_group=update_config.prompt_group))
+  logprobs = jax.jit(functools.partial(sequence_logprobs, reference_graphdef or graphdef,
+                                       temperature=config.rollout.temperature, chunk=config.train.logit_chunk,
+                                       prompt_group=update_config.prompt_group))
 
   checkpointer = open_checkpoints(config)
   start_step = 0
@@ -148,7 +154,7 @@ def train(config: RunConfig) -> dict[str, Any]:
       PreemptionGuard(config.checkpoint.preemption_grace_s) as preemption:
 
     def run_eval(label: str, step: int) -> dict[str, float]:
-      policy = nnx.merge(graphdef, state.params["lm"])
+      policy = merge_policy(graphdef, state.params["lm"], frozen)
       summary, records = evaluate(policy, tokenizer, eval_set, pool, max_new_tokens=config.eval.max_new_tokens,
                                   k=config.eval.k, temperature=config.rollout.temperature, stop_token_ids=stops,
                                   key=jax.random.fold_in(key, 1_000_003), label=f"eval at step {step}")
@@ -180,8 +186,8 @@ def train(config: RunConfig) -> dict[str, Any]:
       started = time.perf_counter()
       prompts = next(iterator)
       round_key = key if round_index == 0 else jax.random.fold_in(key, round_index)
-      rollouts = collect_rollouts(nnx.merge(graphdef, state.params["lm"]), prompts, config, tokenizer, stops,
-                                  round_key, step)
+      rollouts = collect_rollouts(merge_policy(graphdef, state.params["lm"], frozen), prompts, config, tokenizer,
+                                  stops, round_key, step)
       rolled = time.perf_counter()
       stop_if_preempted(step, data_before)
       scored = score_rollouts(pool, tokenizer, rollouts, prompts.examples, group)
@@ -210,7 +216,8 @@ def train(config: RunConfig) -> dict[str, Any]:
       batch = train_batch(rollouts, rewards, correct, domain_ids, config, mesh, trained_groups=trained)
       if reference is not None:
         batch = batch.replace(ref_logp=logprobs(reference, batch))
-      state, update_metrics = update_policy(state, batch, domain_ids, update, transfer, config, step, mesh,
+      state, update_metrics = update_policy(state, batch, domain_ids, functools.partial(update, frozen=frozen),
+                                            transfer, config, step, mesh,
                                             before_first=lambda: stop_if_preempted(step, data_before))
       updated = time.perf_counter()
 
@@ -225,7 +232,7 @@ def train(config: RunConfig) -> dict[str, Any]:
       first, final = step == 0, step + 1 == config.train.steps
       diag_due = config.diag_every and (first or final or (step + 1) % config.diag_every == 0)  # start, every N, end
       if diag_due and not preemption.requested:
-        step_metrics.update(interference_metrics(graphdef, state, batch, transfer, config, step_metrics,
+        step_metrics.update(interference_metrics(graphdef, state, frozen, batch, transfer, config, step_metrics,
                                                  last_diag_rewards))
         last_diag_rewards = {n: step_metrics[f"{n}/reward"] for n in names if f"{n}/reward" in step_metrics}
       errors = [s for s in scored if s.errors]
@@ -255,7 +262,7 @@ def train(config: RunConfig) -> dict[str, Any]:
       save(config.train.steps, iterator.get_state(), metrics=summary, final=True)
   checkpointer.close()
   writer.close()
-  finish(config, evaluations, nnx.merge(graphdef, state.params["lm"]), tokenizer)
+  finish(config, evaluations, merge_policy(graphdef, state.params["lm"], frozen), tokenizer)
   return evaluations
 
 
@@ -266,7 +273,9 @@ def finish(config: RunConfig, evaluations: dict[str, dict[str, float]], policy, 
     if config.eval.k > 0:
       print(format_table(evaluations, f"mean@{config.eval.k}"))
   if config.export_hf:
-    save_pretrained(policy, f"{config.workdir}/hf_export", tokenizer)
+    lora = config.model.lora
+    save_pretrained(policy, f"{config.workdir}/hf_export", tokenizer,
+                    adapters_only=bool(lora.rank) and lora.export == "adapters")
   if jax.process_index() == 0:
     (epath.Path(config.workdir) / "evaluations.json").write_text(json.dumps(evaluations, indent=2))
 
@@ -371,12 +380,12 @@ def update_policy(state, batch: TrainBatch, domain_ids: np.ndarray, update, tran
   return state, jax.tree.map(lambda *xs: float(np.mean([to_host(x) for x in xs])), *update_metrics)
 
 
-def interference_metrics(graphdef, state, batch: TrainBatch, transfer: jax.Array, config: RunConfig,
+def interference_metrics(graphdef, state, frozen, batch: TrainBatch, transfer: jax.Array, config: RunConfig,
                          step_metrics: dict[str, float], last_rewards: dict[str, float]) -> dict[str, Any]:
   """diag/grad_cosine [D, D] and, per domain, the reward change since the previous diagnostics step."""
   names = [domain.name for domain in config.data.domains]
   out = {"diag/grad_cosine": domain_gradient_cosines(graphdef, state.params, batch, transfer, config.update,
-                                                     len(names))}
+                                                     len(names), frozen)}
   for name in names:
     if f"{name}/reward" in step_metrics and name in last_rewards:
       out[f"diag/{name}/reward_delta"] = step_metrics[f"{name}/reward"] - last_rewards[name]

@@ -129,8 +129,11 @@ def _sample_program(graphdef, state, prompt_tokens, prompt_mask, key, max_new_to
         mask=s["mask"].at[:, t].set(active.astype(jnp.int32)),
         stopped=s["stopped"] | hit_stop,
         done=s["done"] | hit_stop | (t + 1 >= max_new_tokens))
-    # Feed the token back; the final iteration's forward is wasted but keeps the loop branch-free.
-    fed = model(token[:, None], jnp.ones((n, 1), jnp.int32), cache=s["cache"], return_logits=False)
+    # Feed the token back; the final iteration's forward is wasted but keeps the loop branch-free. The model
+    # is merged inside the loop's trace: a module may not be mutated across traces, and qwix's LoRA einsum
+    # records a string on its module at every call (model/lora.py).
+    fed = nnx.merge(graphdef, state)(token[:, None], jnp.ones((n, 1), jnp.int32), cache=s["cache"],
+                                     return_logits=False)
     out["cache"] = fed.cache
     out["logits"] = constrain(model.logits_from_hidden(fed.hidden)[:, 0], mesh, ("batch", "vocab"))
     return out

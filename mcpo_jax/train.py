@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mcpo_jax.batch import TrainBatch
 from mcpo_jax.mesh import from_host, named_sharding
+from mcpo_jax.model.lora import has_adapters
 from mcpo_jax.model.transformer import Transformer
 from mcpo_jax.objectives import ObjectiveConfig, contrastive_term, has_anchor, policy_term, pool_response
 
@@ -63,7 +64,7 @@ class UpdateConfig:
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array  # [] int32
-  params: dict[str, Any]  # {"lm": nnx.State of the Transformer's params, "head": [E, P_z] contrastive head}
+  params: dict[str, Any]  # {"lm": nnx.State of the trained LLM params, "head": [E, P_z] contrastive head}
   opt_state: Any
   nonfinite_streak: jax.Array  # [] int32: consecutive skipped (non-finite) updates
 
@@ -99,8 +100,12 @@ def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
 
 def init_train_state(model: Transformer, optimizer: optax.GradientTransformation, *, proj_dim: int = 256,
                      seed: int = 0) -> tuple[nnx.GraphDef, TrainState]:
-  """Splits the model into (graphdef, params) and adds a replicated contrastive head [E, proj_dim]."""
-  graphdef, lm_params = nnx.split(model, nnx.Param)
+  """Splits the model into (graphdef, trained params) and adds a replicated contrastive head [E, proj_dim].
+
+  A LoRA model trains its adapters only: its base weights (lora.frozen_params) stay out of the state,
+  and every function that runs the policy takes them as `frozen`.
+  """
+  graphdef, lm_params, _ = nnx.split(model, nnx.LoRAParam if has_adapters(model) else nnx.Param, ...)
   hidden = model.config.hidden_size
   head = jax.random.normal(jax.random.key(seed), (hidden, proj_dim), jnp.float32) / jnp.sqrt(hidden)
   if model.mesh is not None:
@@ -113,6 +118,11 @@ def init_train_state(model: Transformer, optimizer: optax.GradientTransformation
     on_mesh = lambda x: x if isinstance(x.sharding, NamedSharding) else from_host(x, replicated)
     state = jax.tree.map(on_mesh, state)
   return graphdef, state
+
+
+def merge_policy(graphdef: nnx.GraphDef, lm_params, frozen=None) -> Transformer:
+  """The policy: its trained params, plus a LoRA model's frozen base weights (None: there are none)."""
+  return nnx.merge(graphdef, lm_params, *([] if frozen is None else [frozen]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,9 +222,9 @@ def _merge_micro(x: jax.Array, group: int = 1) -> jax.Array:
   return x.reshape(-1, *x.shape[3:])
 
 
-def _forward(graphdef: nnx.GraphDef, config: UpdateConfig, lm_params, batch: TrainBatch):
+def _forward(graphdef: nnx.GraphDef, config: UpdateConfig, frozen, lm_params, batch: TrainBatch):
   """(logp [n, T], entropy [n, T], pooled [n, E]) of `batch`'s rows under lm_params."""
-  return forward_rollouts(nnx.merge(graphdef, lm_params), batch, config.temperature, config.logit_chunk,
+  return forward_rollouts(merge_policy(graphdef, lm_params, frozen), batch, config.temperature, config.logit_chunk,
                           config.prompt_group)
 
 
@@ -238,7 +248,7 @@ def _micro_metrics(policy_metrics, entropy_sums, micro_mask, num_tokens) -> dict
               entropy=jnp.sum(entropy_sums) / jnp.maximum(num_tokens, 1))
 
 
-def accumulated_grads(graphdef, params, batch: TrainBatch, transfer, config: UpdateConfig):
+def accumulated_grads(graphdef, params, batch: TrainBatch, transfer, config: UpdateConfig, frozen=None):
   """Plain gradient accumulation over M micro-batches, one forward and backward each: GRPO, and MCPO
   whose contrastive term trains only the head (repr_grad="head", coupling="loss"). That term changes
   neither the LLM's gradient nor the advantages, so it is evaluated after the passes, on the
@@ -249,7 +259,7 @@ def accumulated_grads(graphdef, params, batch: TrainBatch, transfer, config: Upd
 
   def accumulate(grads_sum, mb):
     (_, aux), grads = jax.value_and_grad(lambda lm: _micro_loss(
-        _forward(graphdef, config, lm, mb), mb, mb.advantages, None, config, num_tokens, num_rows),
+        _forward(graphdef, config, frozen, lm, mb), mb, mb.advantages, None, config, num_tokens, num_rows),
         has_aux=True)(params["lm"])
     return jax.tree.map(jnp.add, grads_sum, grads), aux
 
@@ -273,7 +283,7 @@ def _keeps_last_forward(micro_batches: int) -> bool:
   return micro_batches != 2
 
 
-def gradient_cached_grads(graphdef, params, batch: TrainBatch, transfer, config: UpdateConfig):
+def gradient_cached_grads(graphdef, params, batch: TrainBatch, transfer, config: UpdateConfig, frozen=None):
   """MCPO whose contrastive term reaches the LLM (repr_grad="policy") or the advantages (coupling="reward").
 
   The term couples every pair of rows, so with M micro-batches it is evaluated once on all rows:
@@ -291,7 +301,7 @@ def gradient_cached_grads(graphdef, params, batch: TrainBatch, transfer, config:
   others = count - kept
   micro = jax.tree.map(split, batch)  # [M, N/M, ...]
   head_rows = lambda tree: jax.tree.map(lambda x: x[:others], tree)  # the micro-batches pass 1 re-runs
-  forward = functools.partial(_forward, graphdef, config)
+  forward = functools.partial(_forward, graphdef, config, frozen)
 
   # Pass 1. A batch without an anchor (e.g. no correct rollout yet) has a zero contrastive term and zero
   # gradients whatever the representations are: it skips the extra forward over the other micro-batches.
@@ -337,19 +347,20 @@ def gradient_cached_grads(graphdef, params, batch: TrainBatch, transfer, config:
   return policy + contrastive, metrics, {"lm": lm_grads, "head": head_grad}
 
 
-def loss_and_grads(graphdef, params, batch: TrainBatch, transfer: jax.Array, config: UpdateConfig):
-  """(loss, metrics, grads) of the objective (objectives.mcpo_loss) on `batch`, by the strategy it needs."""
+def loss_and_grads(graphdef, params, batch: TrainBatch, transfer: jax.Array, config: UpdateConfig, frozen=None):
+  """(loss, metrics, grads) of the objective (objectives.mcpo_loss) on `batch`, by the strategy it needs;
+  `frozen`: a LoRA model's base weights (merge_policy)."""
   objective = config.objective
   head_only = objective.repr_grad == "head" and objective.coupling == "loss"
   strategy = gradient_cached_grads if objective.algorithm == "mcpo" and not head_only else accumulated_grads
-  return strategy(graphdef, params, batch, transfer, config)
+  return strategy(graphdef, params, batch, transfer, config, frozen)
 
 
 def update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, config: UpdateConfig,
-                state: TrainState, batch: TrainBatch, transfer: jax.Array) -> tuple[TrainState, dict]:
+                state: TrainState, batch: TrainBatch, transfer: jax.Array, frozen=None) -> tuple[TrainState, dict]:
   """One optimizer step on a batch of scored rollouts; skipped (state kept) if anything is non-finite.
-  transfer: [D, D] (rl_loop.transfer_matrix)."""
-  loss, metrics, grads = loss_and_grads(graphdef, state.params, batch, transfer, config)
+  transfer: [D, D] (rl_loop.transfer_matrix); frozen: a LoRA model's base weights (merge_policy)."""
+  loss, metrics, grads = loss_and_grads(graphdef, state.params, batch, transfer, config, frozen)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -401,7 +412,9 @@ def take_rows(batch: TrainBatch, rows: jax.Array) -> TrainBatch:
 
 def jit_update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, config: UpdateConfig,
                     state: TrainState):
-  """update_step jitted with the state donated and its shardings pinned (params never drift)."""
+  """update_step jitted with the state donated (a LoRA model's frozen base weights are not) and its shardings
+  pinned (params never drift): `update(state, batch, transfer[, frozen])`."""
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
-  step = lambda state, batch, transfer: update_step(graphdef, optimizer, config, state, batch, transfer)
+  step = lambda state, batch, transfer, frozen=None: update_step(graphdef, optimizer, config, state, batch, transfer,
+                                                                 frozen)
   return jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, None))

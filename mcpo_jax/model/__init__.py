@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 
 from mcpo_jax.model.config import ModelConfig, ModelConfigError
 from mcpo_jax.model.gguf_import import cached_hf_directory
+from mcpo_jax.model.lora import LoraSettings, apply_lora, frozen_params, has_adapters, merge_adapters, save_adapters
 from mcpo_jax.model.tokenizer import load_hf_tokenizer
 from mcpo_jax.model.transformer import KVCache, ModelOutput, Transformer, init_model
 from mcpo_jax.model.weights import CheckpointError, load_hf_checkpoint, read_config, save_hf_checkpoint
@@ -72,9 +73,18 @@ def from_pretrained(path_or_name: str | os.PathLike, *, mesh: Mesh | None = None
 
 
 def save_pretrained(model: Transformer, directory: str | os.PathLike, tokenizer=None, *,
-                    dtype: Any = "float32") -> Path:
-  """Exports an HF directory (config.json + safetensors [+ tokenizer]) that transformers loads."""
-  return save_hf_checkpoint(model, directory, tokenizer=tokenizer, dtype=jnp.dtype(dtype))
+                    dtype: Any = "float32", adapters_only: bool = False) -> Path:
+  """Exports an HF directory (config.json + safetensors [+ tokenizer]) that transformers loads.
+
+  A LoRA model is exported with its adapters merged (W + (alpha / rank)·A·B), or with `adapters_only`
+  as its adapters alone in PEFT's layout (adapter_model.safetensors + adapter_config.json).
+  """
+  if adapters_only:
+    if not has_adapters(model):
+      raise ValueError("adapters_only=True needs a LoRA model (model.lora.rank > 0).")
+    return save_adapters(model, directory, dtype=jnp.dtype(dtype))
+  plain = merge_adapters(model) if has_adapters(model) else model
+  return save_hf_checkpoint(plain, directory, tokenizer=tokenizer, dtype=jnp.dtype(dtype))
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -102,5 +112,6 @@ def load_tokenizer(path_or_name: str | os.PathLike):
   return load_hf_tokenizer(directory)
 
 
-__all__ = ["KVCache", "ModelConfig", "ModelConfigError", "ModelOutput", "Transformer", "CheckpointError", "check_checkpoint",
-           "from_pretrained", "init_model", "load_tokenizer", "save_pretrained", "resolve_checkpoint"]
+__all__ = ["KVCache", "LoraSettings", "ModelConfig", "ModelConfigError", "ModelOutput", "Transformer", "CheckpointError",
+           "apply_lora", "check_checkpoint", "frozen_params", "from_pretrained", "init_model", "load_tokenizer",
+           "save_pretrained", "resolve_checkpoint"]

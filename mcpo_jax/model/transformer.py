@@ -84,6 +84,13 @@ class RMSNorm(nnx.Module):
     return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
 
 
+def lora_einsum(equation: str, x: jax.Array, weight: jax.Array) -> jax.Array:
+  """x · weight as one einsum accumulated in float32, for the projections a LoRA model adapts: qwix's
+  LoraProvider adds its adapter to exactly these einsums (model/lora.py). Every other weight matmul
+  goes through `linear`, which qwix leaves alone."""
+  return jnp.einsum(equation, x, weight, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 def rotate_half_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   """HF-style rotate-half RoPE. x: [B, T, N, D]; cos, sin: [B, T, D]."""
   half = x.shape[-1] // 2
@@ -106,10 +113,14 @@ class Attention(nnx.Module):
       self.q_norm = RMSNorm(d, config.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
       self.k_norm = RMSNorm(d, config.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
     self.config, self.dtype, self.mesh = config, dtype, mesh
+    self.lora_targets: frozenset[str] = frozenset()  # weights run through lora_einsum (set by model/lora.py)
 
   def _project(self, x: jax.Array, name: str) -> jax.Array:
     weight = getattr(self, f"{name}_proj")[...].astype(self.dtype)  # [E, N, D]
-    out = linear(x, weight.reshape(weight.shape[0], -1)).reshape(*x.shape[:-1], *weight.shape[1:])  # [B, T, N, D]
+    if f"{name}_proj" in self.lora_targets:
+      out = lora_einsum("bte,end->btnd", x, weight)  # [B, T, N, D]
+    else:
+      out = linear(x, weight.reshape(weight.shape[0], -1)).reshape(*x.shape[:-1], *weight.shape[1:])  # [B, T, N, D]
     if self.config.attention_bias:
       out = out + getattr(self, f"{name}_bias")[...].astype(self.dtype)
     return out
@@ -152,6 +163,8 @@ class Attention(nnx.Module):
       out = cached_attention(q, k.astype(self.dtype), v.astype(self.dtype), query_slots, key_mask)
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)  # [B, K, G, T, D] -> [B, T, H, D]
     out = constrain(out, self.mesh, ("batch", "length", "heads", "head_dim"))
+    if "o_proj" in self.lora_targets:
+      return lora_einsum("bthd,hde->bte", out, self.o_proj[...].astype(self.dtype)), new_keys, new_values
     # One [B·T, H·D]·[H·D, E] matmul: einsum would contract (d, h) in letter order and transpose both sides.
     o_proj = self.o_proj[...].astype(self.dtype).reshape(h * d, -1)
     return linear(out.reshape(b, t, h * d), o_proj), new_keys, new_values
@@ -166,12 +179,16 @@ class MLP(nnx.Module):
     self.up_proj = _param(rngs, (e, f), ("embed", "mlp"), param_dtype)
     self.down_proj = _param(rngs, (f, e), ("mlp", "embed"), param_dtype)
     self.dtype, self.mesh = dtype, mesh
+    self.lora_targets: frozenset[str] = frozenset()  # weights run through lora_einsum (set by model/lora.py)
+
+  def _matmul(self, x: jax.Array, name: str) -> jax.Array:  # [B, T, in] -> [B, T, out]
+    weight = getattr(self, name)[...].astype(self.dtype)
+    return lora_einsum("bti,io->bto", x, weight) if name in self.lora_targets else linear(x, weight)
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, E] -> [B, T, E]
-    gate = linear(x, self.gate_proj[...].astype(self.dtype))
-    up = linear(x, self.up_proj[...].astype(self.dtype))
+    gate, up = self._matmul(x, "gate_proj"), self._matmul(x, "up_proj")
     inner = constrain(jax.nn.silu(gate) * up, self.mesh, ("batch", "length", "mlp"))  # [B, T, F]
-    return linear(inner, self.down_proj[...].astype(self.dtype))
+    return self._matmul(inner, "down_proj")
 
 
 class Block(nnx.Module):
