@@ -57,3 +57,24 @@ def test_update_under_remat_equals_no_remat(remat, micro_batches):
   assert abs(loss - loss_none) < 1e-5
   scale = max(np.abs(g).max() for g in jax.tree.leaves(grads_none))
   assert _max_diff(grads, grads_none) <= 1e-5 * max(scale, 1.0)
+
+
+def test_lora_update_under_full_remat_equals_no_remat():
+  """qwix's adapters are created outside jax.checkpoint and then run inside it (model/lora.py)."""
+  from mcpo_jax.config import LoraSettings
+  from mcpo_jax.model import apply_lora, frozen_params
+
+  def lora_grads(remat):
+    model, _ = apply_lora(init_model(CONFIG, seed=1, remat=remat), LoraSettings(rank=4), seed=0)
+    frozen = frozen_params(model)
+    graphdef, state = init_train_state(model, make_optimizer(OptimConfig()), proj_dim=8)
+    params = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(5), x.shape, x.dtype),
+                          state.params)  # B ≠ 0: the adapters matter
+    config = UpdateConfig(objective=ObjectiveConfig(group_size=G), logit_chunk=5, micro_batches=2)
+    loss, _, grads = jax.jit(lambda p, b, f: loss_and_grads(graphdef, p, b, TRANSFER, config, f))(
+        params, shard_batch(_batch(), None), frozen)
+    return float(loss), jax.tree.map(np.asarray, grads)
+  (loss, grads), (loss_none, grads_none) = lora_grads("full"), lora_grads("none")
+  assert abs(loss - loss_none) < 1e-5
+  scale = max(np.abs(g).max() for g in jax.tree.leaves(grads_none))
+  assert _max_diff(grads, grads_none) <= 1e-5 * max(scale, 1.0)

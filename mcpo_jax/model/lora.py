@@ -73,6 +73,8 @@ def apply_lora(model: Transformer, settings: LoraSettings, *, seed: int = 0) -> 
   base = nnx.clone(model)  # shares the arrays
   base.set_attributes(lora_targets=frozenset(TARGETS[name][1] for name in settings.target_names))
   base_graphdef = nnx.graphdef(base)
+  base.set_attributes(remat="none")  # qwix makes no adapter for an einsum inside jax.checkpoint: create them plainly
+  creation_graphdef = nnx.graphdef(base)
   modules = "|".join(sorted({TARGETS[name][0] for name in settings.target_names}))
   provider = qwix.LoraProvider(module_path=rf"layers/\d+/({modules})", op_names=("einsum",), rank=settings.rank,
                                alpha=settings.alpha)
@@ -80,7 +82,7 @@ def apply_lora(model: Transformer, settings: LoraSettings, *, seed: int = 0) -> 
   base_state = nnx.state(base)
 
   def adapted(state: nnx.State) -> Transformer:
-    lora_model = qwix.apply_lora_to_model(nnx.merge(base_graphdef, state), provider, tokens, rngs=nnx.Rngs(seed))
+    lora_model = qwix.apply_lora_to_model(nnx.merge(creation_graphdef, state), provider, tokens, rngs=nnx.Rngs(seed))
     for path, module in nnx.iter_modules(lora_model):
       for weight in sorted(getattr(module, "lora_targets", ())):
         if hasattr(module, weight):
@@ -92,7 +94,7 @@ def apply_lora(model: Transformer, settings: LoraSettings, *, seed: int = 0) -> 
   lora_graphdef = nnx.graphdef(nnx.eval_shape(adapted, base_state))
   adapters = jax.jit(lambda state: nnx.state(adapted(state), nnx.LoRAParam))(base_state)
   lora_model = nnx.merge(lora_graphdef, adapters, base_state)
-  lora_model.lora = settings
+  lora_model.lora, lora_model.remat = settings, model.remat
   return lora_model, base_graphdef
 
 
