@@ -255,23 +255,23 @@ def analyze(program: Program, chips: int) -> Report:
                 time.perf_counter() - started)
 
 
-def format_table(reports: list[Report], chip: Chip, chip_name: str, headroom: float) -> tuple[str, bool]:
-  """A Markdown table, and whether every program fits with `headroom` of the chip's HBM to spare."""
-  lines = [f"per chip ({chip_name}: {chip.hbm_bytes / GB:.2f} GB HBM, {chip.peak_flops / 1e12:.0f} TFLOP/s bf16, "
-           f"{chip.hbm_bandwidth / 1e12:.2f} TB/s)", "",
-           "| program | arguments GB | outputs GB | temporaries GB | total GB | HBM used | fits | TFLOP | "
-           "bound s | MFU bound | compile s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-  fits_all = True
-  for r in reports:
-    used = r.total / chip.hbm_bytes
-    fits = used <= 1 - headroom
-    fits_all &= fits
-    compute_s, memory_s = r.flops / chip.peak_flops, r.hbm_traffic / chip.hbm_bandwidth
-    bound = max(compute_s, memory_s)
-    lines.append(f"| {r.name} | {r.arguments / GB:.2f} | {r.outputs / GB:.2f} | {r.temporaries / GB:.2f} | "
-                 f"{r.total / GB:.2f} | {used:.0%} | {'yes' if fits else '**no**'} | {r.flops / 1e12:.2f} | "
-                 f"{bound:.3g} | {compute_s / bound if bound else 0:.2f} | {r.compile_s:.0f} |")
-  return "\n".join(lines), fits_all
+def table_header(chip: Chip, chip_name: str) -> str:
+  return "\n".join([
+      f"per chip ({chip_name}: {chip.hbm_bytes / GB:.2f} GB HBM, {chip.peak_flops / 1e12:.0f} TFLOP/s bf16, "
+      f"{chip.hbm_bandwidth / 1e12:.2f} TB/s)", "",
+      "| program | arguments GB | outputs GB | temporaries GB | total GB | HBM used | fits | TFLOP | bound s | "
+      "MFU bound | compile s |", "|---|---|---|---|---|---|---|---|---|---|---|"])
+
+
+def table_row(r: Report, chip: Chip, headroom: float) -> tuple[str, bool]:
+  """A Markdown row, and whether the program fits with `headroom` of the chip's HBM to spare."""
+  used = r.total / chip.hbm_bytes
+  fits = used <= 1 - headroom
+  compute_s, memory_s = r.flops / chip.peak_flops, r.hbm_traffic / chip.hbm_bandwidth
+  bound = max(compute_s, memory_s)
+  return (f"| {r.name} | {r.arguments / GB:.2f} | {r.outputs / GB:.2f} | {r.temporaries / GB:.2f} | "
+          f"{r.total / GB:.2f} | {used:.0%} | {'yes' if fits else '**no**'} | {r.flops / 1e12:.2f} | "
+          f"{bound:.3g} | {compute_s / bound if bound else 0:.2f} | {r.compile_s:.0f} |"), fits
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/multi_domain.py", "The run's config (and overrides).")
@@ -301,15 +301,15 @@ def main(argv) -> None:
     sys.exit(f"error: {error}")
   print(f"{run.model.name} ({config.num_params / 1e9:.2f}B parameters, {config.num_layers} layers) on "
         f"{_TOPOLOGY.value} × {_SLICES.value} slice(s) = {len(devices)} chips, mesh {dict(mesh.shape)}", flush=True)
-  reports = []
+  chip = CHIPS[chip_name]
+  fits_all = True
   for i, program in enumerate(todo):
     print(f"compiling {program.name} ({i + 1}/{len(todo)})...", flush=True)
-    reports.append(analyze(program, math.prod(mesh.devices.shape)))
-  table, fits = format_table(reports, CHIPS[chip_name], chip_name, _HEADROOM.value)
-  print(table)
-  if not fits:
+    row, fits = table_row(analyze(program, math.prod(mesh.devices.shape)), chip, _HEADROOM.value)
+    fits_all &= fits
+    print((table_header(chip, chip_name) + "\n" if i == 0 else "") + row, flush=True)
+  if not fits_all:
     sys.exit(f"error: a program leaves less than {_HEADROOM.value:.0%} of HBM free; see the table.")
-
 
 if __name__ == "__main__":
   app.run(main)

@@ -63,12 +63,12 @@ def test_the_table_says_which_program_does_not_fit():
   chip = aot.Chip(hbm_bytes=10e9, peak_flops=1e12, hbm_bandwidth=1e12)
   small = aot.Report("small", 2e9, 1e9, 5e9, 1e9, flops=2e12, hbm_traffic=1e12, compile_s=1.0)  # 7 GB: 70%
   large = aot.Report("large", 2e9, 1e9, 7.5e9, 1e9, flops=1e12, hbm_traffic=3e12, compile_s=1.0)  # 9.5 GB: 95%
-  table, fits = aot.format_table([small, large], chip, "test chip", headroom=0.10)
-  assert fits is False
-  small_row, large_row = table.splitlines()[-2:]
+  small_row, small_fits = aot.table_row(small, chip, headroom=0.10)
+  large_row, large_fits = aot.table_row(large, chip, headroom=0.10)
+  assert small_fits and not large_fits
   assert "| 7.00 | 70% | yes | 2.00 | 2 | 1.00 |" in small_row  # compute-bound: 2 s, MFU bound 1
   assert "| 9.50 | 95% | **no** | 1.00 | 3 | 0.33 |" in large_row  # HBM-bound: 3 s of traffic
-  assert aot.format_table([small], chip, "test chip", headroom=0.10)[1] is True
+  assert aot.table_row(large, chip, headroom=0.0)[1]  # fits when nothing need be left free
 
 
 @needs_libtpu
