@@ -33,7 +33,8 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as preserva
 # memory knobs, learning rate) may change on resume.
 PINNED = ("algorithm", "seed", "model.name", "model.tokenizer", "model.param_dtype", "model.lora.rank",
           "model.lora.alpha", "model.lora.targets", "objective",
-          "data.domains", "data.prompts_per_step", "data.max_prompt_tokens", "rollout.group_size")
+          "data.domains", "data.prompts_per_step", "data.max_prompt_tokens", "data.dynamic_sampling",
+          "rewards.mask_truncated", "rollout.group_size")
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run saved its last completed step; rerun the command to continue
 
 

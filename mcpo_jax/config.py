@@ -11,6 +11,7 @@ The rest of the program reads only a RunConfig.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import difflib
 import os
 from typing import Any, Callable
@@ -112,6 +113,13 @@ class CheckpointSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class MetricsSettings:
+  # metrics.jsonl and TensorBoard event files are always written; a project name adds a Weights & Biases
+  # run (in workdir/wandb; WANDB_MODE=offline logs without a network).
+  wandb_project: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class ChatSettings:
   prompt: str = "What is the capital of France? Answer in one sentence."
   max_new_tokens: int = 64
@@ -141,6 +149,7 @@ class RunConfig:
   train: TrainSettings = TrainSettings()
   eval: EvalSettings = EvalSettings()
   checkpoint: CheckpointSettings = CheckpointSettings()
+  metrics: MetricsSettings = MetricsSettings()
   chat: ChatSettings = ChatSettings()
   source_json: str = "{}"  # the ConfigDict it was built from: what a checkpoint pins
 
@@ -288,6 +297,9 @@ def build(config: ml_collections.ConfigDict) -> RunConfig:
     check_checkpoint(config.model.name)
   except CheckpointError as error:
     raise ConfigError(f"--config.model.name: {error}") from None
+  if config.metrics.wandb_project and importlib.util.find_spec("wandb") is None:
+    raise ConfigError(f"--config.metrics.wandb_project={config.metrics.wandb_project!r} needs wandb: "
+                      "pip install wandb==0.31.0, or set it to '' (metrics.jsonl and TensorBoard are always written).")
   tokenizer = config.model.tokenizer
   if tokenizer and "://" not in tokenizer and tokenizer.lower() not in ZOO and not os.path.isdir(tokenizer):
     raise ConfigError(f"--config.model.tokenizer={tokenizer!r} is not a directory; pass the HF checkpoint or "

@@ -1,4 +1,5 @@
-"""Metric sinks: metrics.jsonl (always), TensorBoard event files, and a console progress line.
+"""Metric sinks: metrics.jsonl (always), TensorBoard event files, an optional Weights & Biases run, and a
+console progress line.
 
 Only process 0 writes. Values are plain floats by the time they arrive here (the loop gathers
 and converts device arrays first), so no sink ever touches a non-addressable array.
@@ -48,10 +49,13 @@ class MetricsWriter:
   events from that step on. Rows at `start_step` belong to the restored state and stay, except at 0.
   """
 
-  def __init__(self, workdir: str | Path, *, tensorboard: bool = True, start_step: int | None = None):
+  def __init__(self, workdir: str | Path, *, tensorboard: bool = True, start_step: int | None = None,
+               wandb_project: str = "", config_json: str = "{}"):
     self.enabled = jax.process_index() == 0
     self.path = epath.Path(workdir) / "metrics.jsonl"
-    self._tb = None
+    self._tb = self._wandb = None
+    if self.enabled and wandb_project:
+      self._wandb = _wandb_run(workdir, wandb_project, json.loads(config_json))
     if self.enabled:
       self.path.parent.mkdir(parents=True, exist_ok=True)
       first_superseded = None if start_step is None else start_step + 1 if start_step > 0 else 0
@@ -65,6 +69,11 @@ class MetricsWriter:
       if tensorboard:
         self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"), purge_step=first_superseded)
 
+  @property
+  def wandb_run(self):
+    """The Weights & Biases run (None when metrics.wandb_project is empty or on processes other than 0)."""
+    return self._wandb
+
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if not self.enabled:
       return
@@ -77,6 +86,8 @@ class MetricsWriter:
           self._tb.add_scalar(tensorboard_tag(name), scalar, step)
       elif isinstance(value, (list, np.ndarray)):  # e.g. the D×D gradient-cosine matrix
         record[name] = np.asarray(value, float).round(6).tolist()
+    if self._wandb is not None:
+      self._wandb.log({"step": int(step), **_wandb_values(record)})
     with self.path.open("a") as f:
       f.write(json.dumps(record) + "\n")
     if self._tb is not None:
@@ -85,6 +96,44 @@ class MetricsWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+    if self._wandb is not None:
+      self._wandb.finish()
+
+
+def _wandb_run(workdir, project: str, config: dict):
+  """A W&B run in workdir/wandb whose id is the workdir's, so that a resumed run continues it."""
+  import wandb
+  directory = epath.Path(workdir)
+  run_id = re.sub(r"[^A-Za-z0-9_-]", "-", str(directory).strip("/"))[-64:]
+  run = wandb.init(project=project, dir=str(directory), id=run_id, name=directory.name, config=config,
+                   resume="allow")
+  # Each write is its own W&B row on the x-axis "step": a step's training row and its evaluation are two
+  # writes, and a re-trained step after a resume goes back in step, which W&B's own step would drop.
+  run.define_metric("step")
+  run.define_metric("*", step_metric="step")
+  return run
+
+
+def _wandb_values(record: dict[str, Any]) -> dict[str, Any]:
+  """One step's values for W&B: scalars as they are; a matrix (the D×D gradient cosines) as a table; the
+  per-domain evaluation also as one table (domain × metric)."""
+  import wandb
+  values = {}
+  for name, value in record.items():
+    if name == "step":
+      continue
+    values[name] = wandb.Table(data=value, columns=[str(i) for i in range(len(value))]) if isinstance(value, list) \
+        else value
+  evals = {}  # {domain: {metric: value}} from "eval/<domain>/<metric>"
+  for name, value in record.items():
+    parts = name.split("/")
+    if len(parts) == 3 and parts[0] == "eval" and isinstance(value, float):
+      evals.setdefault(parts[1], {})[parts[2]] = value
+  if evals:
+    metrics = sorted({metric for row in evals.values() for metric in row})
+    values["eval/table"] = wandb.Table(columns=["domain", *metrics],
+                                       data=[[domain, *(row.get(m) for m in metrics)] for domain, row in evals.items()])
+  return values
 
 
 def read_metrics(workdir: str | Path) -> dict[int, dict[str, Any]]:

@@ -145,7 +145,8 @@ def train(config: RunConfig) -> dict[str, Any]:
       iterator.set_state(extra["data"])
       print(f"resumed from {workdir}/checkpoints at step {start_step}")
 
-  writer = MetricsWriter(workdir, start_step=start_step)
+  writer = MetricsWriter(workdir, start_step=start_step, wandb_project=config.metrics.wandb_project,
+                         config_json=config.to_json())
   progress = Progress(config.train.steps, start_step)
   key = jax.random.key(config.seed)
   evaluations: dict[str, dict[str, float]] = {}

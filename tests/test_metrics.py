@@ -90,3 +90,21 @@ def test_the_reader_sees_a_step_logged_twice(tmp_path):
     time.sleep(1.1)
   with pytest.raises(AssertionError, match="loss at step 1 shown twice"):
     purged_event_scalars(tmp_path / "tensorboard")
+
+
+def test_wandb_offline_run_holds_the_config_and_the_final_per_domain_eval(tmp_path, monkeypatch):
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  writer = MetricsWriter(tmp_path, wandb_project="mcpo-test", config_json=json.dumps({"algorithm": "mcpo"}))
+  writer.write(0, {"eval/add_digits/pass@1": 0.1, "eval/add_words/pass@1": 0.0})
+  writer.write(1, {"loss": 0.5, "diag/grad_cosine": [[1.0, -0.2], [-0.2, 1.0]]})
+  writer.write(2, {"eval/add_digits/pass@1": 0.25, "eval/add_words/pass@1": 0.05, "eval/mean/pass@1": 0.15})
+  run = writer.wandb_run
+  summary = {key: run.summary[key] for key in ("eval/add_digits/pass@1", "eval/add_words/pass@1", "loss", "step")}
+  assert summary == {"eval/add_digits/pass@1": 0.25, "eval/add_words/pass@1": 0.05, "loss": 0.5, "step": 2}
+  assert run.config["algorithm"] == "mcpo" and run.offline
+  writer.close()
+  # The offline run directory (`wandb sync` uploads it): the run's log and the cosine and eval tables.
+  (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+  assert list(run_dir.glob("*.wandb")) and (run_dir / "files/media/table/diag").is_dir()
+  assert len(list((run_dir / "files/media/table/eval").glob("table_*.table.json"))) == 2  # one per eval step
