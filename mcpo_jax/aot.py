@@ -305,7 +305,12 @@ def main(argv) -> None:
   fits_all = True
   for i, program in enumerate(todo):
     print(f"compiling {program.name} ({i + 1}/{len(todo)})...", flush=True)
-    row, fits = table_row(analyze(program, math.prod(mesh.devices.shape)), chip, _HEADROOM.value)
+    try:
+      row, fits = table_row(analyze(program, math.prod(mesh.devices.shape)), chip, _HEADROOM.value)
+    except jax.errors.JaxRuntimeError as error:  # XLA:TPU refuses a program that cannot fit in HBM
+      if "RESOURCE_EXHAUSTED" not in str(error):
+        raise
+      row, fits = f"| {program.name} | does not compile: {str(error).splitlines()[0][:200]} |", False
     fits_all &= fits
     print((table_header(chip, chip_name) + "\n" if i == 0 else "") + row, flush=True)
   if not fits_all:
