@@ -41,6 +41,11 @@ HOW_IT_RUNS = {
     "python -m mcpo_jax.data.inspect --config=configs/multi_domain.py[:preset]": "tests/test_splits.py (its report)",
     "python -m mcpo_jax.data.base_accuracy --config=configs/multi_domain.py:transfer":
         "tests/test_transfer.py (its measure)",
+    "python -m mcpo_jax.aot --config=configs/multi_domain.py:qwen2.5-7b-instruct --topology=v5e:8x8":
+        "tests/test_aot.py (the same programs and report on a 2-layer model, v5e:2x2 and v5p:2x2x1)",
+    "python run.py --config=configs/multi_domain.py --config.model.lora.rank=16 --config.optim.learning_rate=1e-4":
+        "here:train",
+    "python benchmarks/lora_state_size.py 16": "benchmarks/lora_state_size.py (its numbers are the README's)",
 }
 # Appended to a command run here (later flags win): the tiny model, one short step, no evaluation.
 SHRINK = ["--config.rewards.processes=0", "--config.train.steps=1", "--config.eval.at_start=false",
@@ -107,3 +112,11 @@ def test_readme_single_domain_grpo_command_trains(tiny_model_dir, tmp_path):
   assert "step 1/1" in result.stdout
   metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
   assert '"gcd/reward"' in metrics and '"logic/reward"' not in metrics
+
+
+def test_readme_lora_command_trains(tiny_model_dir, tmp_path):
+  """The README's LoRA command runs an RL step with rank-16 adapters on the tiny model."""
+  (command,) = [c for c in HOW_IT_RUNS if "lora" in c and c.startswith("python run.py")]
+  result = _run_here(command, tiny_model_dir, tmp_path / "run")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "step 1/1" in result.stdout
