@@ -274,39 +274,35 @@ def table_row(r: Report, chip: Chip, headroom: float) -> tuple[str, bool]:
           f"{bound:.3g} | {compute_s / bound if bound else 0:.2f} | {r.compile_s:.0f} |"), fits
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/multi_domain.py", "The run's config (and overrides).")
-_TOPOLOGY = flags.DEFINE_string("topology", "v5e:8x8", "TPU topology: v5e:8x8, v5p:2x4x4, v6e:16x16, ...")
-_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined by the data-centre network (multi-slice).")
-_HEADROOM = flags.DEFINE_float("headroom", 0.10, "Share of HBM each program must leave free.")
-_ONLY = flags.DEFINE_list("programs", [], "Compile only the programs whose names start with these.")
-
-
 def main(argv) -> None:
   del argv
+  options = flags.FLAGS
   from mcpo_jax.console import quiet_libraries
   quiet_libraries()
   try:
-    run = config_lib.build(_CONFIG.value)
-    devices = topology_devices(_TOPOLOGY.value, _SLICES.value)
+    run = config_lib.build(options.config)
+    devices = topology_devices(options.topology, options.num_slices)
     chip_name = devices[0].device_kind
     if chip_name not in CHIPS:
-      raise AotError(f"--topology={_TOPOLOGY.value}: chip {chip_name!r} has no HBM/peak figures here; known: "
+      raise AotError(f"--topology={options.topology}: chip {chip_name!r} has no HBM/peak figures here; known: "
                      f"{', '.join(CHIPS)}.")
     mesh = make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor, devices=devices)
     config_lib.check_micro_batch_sharding(run, mesh)
     config = model_config(run.model.name)
     config.validate_for_mesh(mesh.shape["tensor"])
-    todo = [p for p in programs(run, config, mesh) if not _ONLY.value or p.name.startswith(tuple(_ONLY.value))]
+    todo = [p for p in programs(run, config, mesh)
+            if not options.programs or p.name.startswith(tuple(options.programs))]
   except (config_lib.ConfigError, AotError, ValueError) as error:
     sys.exit(f"error: {error}")
   print(f"{run.model.name} ({config.num_params / 1e9:.2f}B parameters, {config.num_layers} layers) on "
-        f"{_TOPOLOGY.value} × {_SLICES.value} slice(s) = {len(devices)} chips, mesh {dict(mesh.shape)}", flush=True)
+        f"{options.topology} × {options.num_slices} slice(s) = {len(devices)} chips, mesh {dict(mesh.shape)}",
+        flush=True)
   chip = CHIPS[chip_name]
   fits_all = True
   for i, program in enumerate(todo):
     print(f"compiling {program.name} ({i + 1}/{len(todo)})...", flush=True)
     try:
-      row, fits = table_row(analyze(program, math.prod(mesh.devices.shape)), chip, _HEADROOM.value)
+      row, fits = table_row(analyze(program, math.prod(mesh.devices.shape)), chip, options.headroom)
     except jax.errors.JaxRuntimeError as error:  # XLA:TPU refuses a program that cannot fit in HBM
       if "RESOURCE_EXHAUSTED" not in str(error):
         raise
@@ -314,7 +310,16 @@ def main(argv) -> None:
     fits_all &= fits
     print((table_header(chip, chip_name) + "\n" if i == 0 else "") + row, flush=True)
   if not fits_all:
-    sys.exit(f"error: a program leaves less than {_HEADROOM.value:.0%} of HBM free; see the table.")
+    sys.exit(f"error: a program leaves less than {options.headroom:.0%} of HBM free; see the table.")
+
+def _define_flags() -> None:  # only when run as a program: importing this module defines no absl flags
+  config_flags.DEFINE_config_file("config", "configs/multi_domain.py", "The run's config (and overrides).")
+  flags.DEFINE_string("topology", "v5e:8x8", "TPU topology: v5e:8x8, v5p:2x4x4, v6e:16x16, ...")
+  flags.DEFINE_integer("num_slices", 1, "Slices joined by the data-centre network (multi-slice).")
+  flags.DEFINE_float("headroom", 0.10, "Share of HBM each program must leave free.")
+  flags.DEFINE_list("programs", [], "Compile only the programs whose names start with these.")
+
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
