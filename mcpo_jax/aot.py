@@ -41,7 +41,7 @@ from mcpo_jax.mesh import make_mesh, named_sharding
 from mcpo_jax.model.config import ModelConfig
 from mcpo_jax.model.transformer import KVCache, Transformer
 from mcpo_jax.sampling import generate_program, next_power_of_two, prompt_bucket
-from mcpo_jax.train import TrainState, jit_update_step, make_optimizer, sequence_logprobs
+from mcpo_jax.train import TrainState, jit_reference_logprobs, jit_update_step, make_optimizer
 
 GB = 1e9
 
@@ -198,9 +198,7 @@ def programs(run: config_lib.RunConfig, config: ModelConfig, mesh: Mesh) -> list
 
   train_tokens = p + t  # a row's prompt and response, each forward
   remat = {"none": 1.0, "save_dots": 1.0, "full": 4 / 3}[run.model.remat]  # full: a second forward per backward
-  logprobs = jax.jit(lambda params, batch: sequence_logprobs(
-      graphdef, params, batch, temperature=run.rollout.temperature, chunk=run.train.logit_chunk,
-      prompt_group=update_config.prompt_group))
+  logprobs = jit_reference_logprobs(graphdef, update_config, run.train.minibatches)
   update = jit_update_step(graphdef, optimizer, update_config, state)
   out = [sampler("rollout", b, g, t, run.rollout.temperature)]
   if run.objective.kl_coef > 0:

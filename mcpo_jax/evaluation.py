@@ -26,7 +26,7 @@ from mcpo_jax.data.splits import content_key
 from mcpo_jax.data.tokenize import encode_prompt, left_pad, render_messages
 from mcpo_jax.mesh import to_host
 from mcpo_jax.model.transformer import Transformer
-from mcpo_jax.rewards import RewardPool
+from mcpo_jax.rewards import RewardPool, score_held_rows
 from mcpo_jax.rewards.choice import chosen_letter
 from mcpo_jax.rewards.exact import normalize
 from mcpo_jax.rewards.extract import final_answer
@@ -150,7 +150,7 @@ def evaluate(model: Transformer, tokenizer, eval_set: EvalSet, pool: RewardPool,
                           stop_token_ids=stop_token_ids, key=key, step=start, pad_id=tokenizer.pad_token_id)
       repeated = [example for example in examples for _ in range(group)]
       texts = _decode(tokenizer, rollouts)
-      scored = pool.score(texts, repeated, [e["verifier"] for e in repeated])
+      scored = score_held_rows(pool, texts, repeated, [e["verifier"] for e in repeated], rollouts.tokens)
       answers = [extracted_answer(text, example) for text, example in zip(texts, repeated)]
       results[name] = (scored.correct.reshape(-1, group), [answers[i:i + group] for i in range(0, len(texts), group)])
     for row, example in enumerate(examples):

@@ -31,11 +31,11 @@ from mcpo_jax.mesh import make_mesh, to_host
 from mcpo_jax.metrics import MetricsWriter, Progress
 from mcpo_jax.model import apply_lora, frozen_params, from_pretrained, load_tokenizer, save_pretrained
 from mcpo_jax.objectives import grpo_advantages
-from mcpo_jax.rewards import RewardPool, ScoreResult
+from mcpo_jax.rewards import RewardPool, ScoreResult, score_held_rows
 from mcpo_jax.rewards.overlong import overlong_penalty
 from mcpo_jax.sampling import Rollouts, generate
 from mcpo_jax.train import (deal_minibatches, init_train_state, jit_update_step, make_optimizer, merge_policy,
-                            sequence_logprobs, shard_batch, take_rows)
+                            jit_reference_logprobs, shard_batch, take_rows)
 
 PROGRESS_KEYS = ("reward", "accuracy", "loss", "contrastive", "kl", "response_length")  # and the phase times
 
@@ -123,9 +123,7 @@ def train(config: RunConfig) -> dict[str, Any]:
       frozen if reference_graphdef is not None else
       jax.tree.map(lambda x: jnp.copy(x).astype(compute), state.params["lm"]))
   update = jit_update_step(graphdef, optimizer, update_config, state)
-  logprobs = jax.jit(functools.partial(sequence_logprobs, reference_graphdef or graphdef,
-                                       temperature=config.rollout.temperature, chunk=config.train.logit_chunk,
-                                       prompt_group=update_config.prompt_group))
+  logprobs = jit_reference_logprobs(reference_graphdef or graphdef, update_config, config.train.minibatches)
 
   checkpointer = open_checkpoints(config)
   start_step = 0
@@ -333,10 +331,11 @@ def collect_rollouts(policy, prompts: PromptBatch, config: RunConfig, tokenizer,
 
 
 def score_rollouts(pool: RewardPool, tokenizer, rollouts, examples: Sequence[dict], group: int):
-  """Each response decoded and judged by its domain's verifier (code in the sandbox): the pool's Scores."""
+  """Each response decoded and judged by its domain's verifier (code in the sandbox): the pool's ScoreResult,
+  the same on every host; each host verifies only the rows it holds (rewards.held_rows)."""
   texts = _decode(tokenizer, to_host(rollouts.tokens), to_host(rollouts.response_mask))
   repeated = [example for example in examples for _ in range(group)]
-  return pool.score(texts, repeated, [example["verifier"] for example in repeated])
+  return score_held_rows(pool, texts, repeated, [example["verifier"] for example in repeated], rollouts.tokens)
 
 
 def train_batch(rollouts, rewards: np.ndarray, correct: np.ndarray, domain_ids: np.ndarray, config: RunConfig, mesh,

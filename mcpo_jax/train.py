@@ -190,10 +190,21 @@ def forward_rollouts(model: Transformer, batch: TrainBatch, temperature: float, 
 
 
 def sequence_logprobs(graphdef: nnx.GraphDef, lm_params, batch: TrainBatch, *, temperature: float,
-                      chunk: int = 64, prompt_group: int = 1) -> jax.Array:
-  """Log-probs [N, T] of the rollouts under `lm_params` (the frozen reference, or π_old recomputed)."""
+                      chunk: int = 64, prompt_group: int = 1, micro_batches: int = 1) -> jax.Array:
+  """Log-probs [N, T] of the rollouts under `lm_params` (the frozen reference, or π_old recomputed), one
+  micro-batch of N / micro_batches rows (whole prompt groups, strided as the update's) at a time."""
   model = nnx.merge(graphdef, lm_params)
-  return forward_rollouts(model, batch, temperature, chunk, prompt_group)[0]
+  micro = jax.tree.map(lambda x: _split_micro(x, micro_batches, prompt_group), batch)  # [M, N/M, ...]
+  logp = jax.lax.map(lambda mb: forward_rollouts(model, mb, temperature, chunk, prompt_group)[0], micro)
+  return _merge_micro(logp, prompt_group)  # [N, T]
+
+
+def jit_reference_logprobs(graphdef: nnx.GraphDef, config: UpdateConfig, minibatches: int):
+  """The jitted reference pass over a step's whole batch (its `minibatches` × the update's micro-batches):
+  (lm_params, batch) -> log-probs [N, T], one update-sized micro-batch at a time."""
+  return jax.jit(functools.partial(sequence_logprobs, graphdef, temperature=config.temperature,
+                                   chunk=config.logit_chunk, prompt_group=config.prompt_group,
+                                   micro_batches=minibatches * config.micro_batches))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -63,13 +63,14 @@ def _max_diff(a, b):
   return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b)))
 
 
-@pytest.mark.parametrize("prompt_group", [1, G])
-def test_chunked_logprobs_equal_full_log_softmax(prompt_group):
+@pytest.mark.parametrize("prompt_group,micro_batches", [(1, 1), (G, 1), (1, 4), (G, 2)])
+def test_chunked_logprobs_equal_full_log_softmax(prompt_group, micro_batches):
+  """Also in micro-batches (the reference pass's memory bound): each row's log-probs land back in its place."""
   model = init_model(CONFIG, seed=2)
   batch = _batch()
   graphdef, params = nnx.split(model, nnx.Param)
   got = sequence_logprobs(graphdef, params, batch, temperature=0.7, chunk=5,  # 12 = 5 + 5 + 2 (padded chunk)
-                          prompt_group=prompt_group)
+                          prompt_group=prompt_group, micro_batches=micro_batches)
   ids = np.concatenate([batch.prompt_tokens, batch.tokens], 1)
   mask = np.concatenate([batch.prompt_mask, batch.mask], 1)
   logits = np.asarray(model(ids, mask).logits, np.float64)[:, P - 1:P + T - 1] / 0.7

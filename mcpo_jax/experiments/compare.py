@@ -117,7 +117,8 @@ def run_config(base: ml_collections.ConfigDict, arm: Arm, seed: int, runs_dir: s
   config.seed = seed
   config.workdir = f"{runs_dir}/{arm.name}/seed{seed}"
   config.resume = "auto"
-  config.eval.at_start = config.eval.at_end = True
+  # The start row is mixed GRPO's step-0 evaluation; every arm starts from the same policy and eval key.
+  config.eval.at_start, config.eval.at_end = arm.name == "grpo-mixed", True
   return config
 
 
@@ -335,7 +336,8 @@ def compare(base: ml_collections.ConfigDict, seeds: Sequence[int], runs_dir: str
   unknown = set(only) - {a.name for a in arm_list}
   if unknown:
     raise ValueError(f"--arms: unknown {sorted(unknown)}; the arms are {', '.join(a.name for a in arm_list)}.")
-  todo = [(arm, seed) for arm in arm_list for seed in seeds if not only or arm.name in only]
+  # Seed-major, so that a grid stopped part-way holds whole paired seeds.
+  todo = [(arm, seed) for seed in seeds for arm in arm_list if not only or arm.name in only]
   for i, (arm, seed) in enumerate(todo):
     config = run_config(base, arm, seed, runs_dir)
     if is_complete(Path(config.workdir)):

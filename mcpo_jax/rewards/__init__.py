@@ -15,7 +15,7 @@ _HOMES = {
     "RewardPool": "pool", "ScoreResult": "pool", "score_batch": "pool",
     "VERIFIERS": "registry", "UnknownVerifierError": "registry", "Verifier": "registry", "check_name": "registry",
     "get": "registry", "score_one": "registry",
-    "SandboxUnavailable": "sandbox",
+    "SandboxUnavailable": "sandbox", "score_held_rows": "held_rows",
 }
 __all__ = sorted(_HOMES)
 

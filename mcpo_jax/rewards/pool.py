@@ -199,10 +199,14 @@ class RewardPool:
       formats = np.array([format_score(text, example["answer_format"])
                           for text, example in zip(completions, examples)], np.float32)
     correct = scores >= 1.0
-    groups = [example.get("domain", name) for example, name in zip(examples, verifier_names)]
-    accuracy = {group: float(correct[[g == group for g in groups]].mean()) for group in dict.fromkeys(groups)}
-    return ScoreResult(scores + self.format_weight * formats, correct, accuracy, len(messages),
-                       messages[0] if messages else None, untrusted)
+    return ScoreResult(scores + self.format_weight * formats, correct, domain_accuracy(correct, examples, verifier_names),
+                       len(messages), messages[0] if messages else None, untrusted)
+
+
+def domain_accuracy(correct: np.ndarray, examples: Sequence[dict], verifier_names: Sequence[str]) -> dict[str, float]:
+  """{domain (or verifier, for examples without "domain"): the mean of `correct` [N] over its rows}."""
+  groups = [example.get("domain", name) for example, name in zip(examples, verifier_names)]
+  return {group: float(correct[[g == group for g in groups]].mean()) for group in dict.fromkeys(groups)}
 
 
 def _warn_unsafe() -> None:
