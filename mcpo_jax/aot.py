@@ -145,9 +145,10 @@ def abstract_batch(rows: int, prompt: int, response: int, mesh: Mesh) -> TrainBa
 class Program:
   name: str
   lower: Callable[[], jax.stages.Lowered]
-  flops: float  # model FLOPs of one call, all chips together
+  flops: float  # model FLOPs per RL step (all its calls), all chips together
   decode_steps: int = 0  # a sampler: its decode step is compiled alone and counted this many times
   decode_step: Callable[[], jax.stages.Lowered] | None = None
+  calls: int = 1  # calls per RL step (the rollout in rollout.max_rows_per_call chunks); memory is one call's
 
 
 def forward_flops(config: ModelConfig, rows: int, new_tokens: int, context: int) -> float:
@@ -171,7 +172,7 @@ def programs(run: config_lib.RunConfig, config: ModelConfig, mesh: Mesh) -> list
   key = jax.eval_shape(lambda: jax.random.key(0))
   transfer = np.ones((len(run.data.domains),) * 2, np.float32)
 
-  def sampler(name, prompts, group, new_tokens, temperature):
+  def sampler(name, prompts, group, new_tokens, temperature, calls=1):
     program, settings = generate_program(group_size=group, max_new_tokens=new_tokens, temperature=temperature,
                                          top_p=run.rollout.top_p, top_k=run.rollout.top_k, stop_token_ids=(0,),
                                          pad_id=0)
@@ -192,15 +193,18 @@ def programs(run: config_lib.RunConfig, config: ModelConfig, mesh: Mesh) -> list
         return model.logits_from_hidden(out.hidden), out.cache
       return jax.jit(step, donate_argnums=2).lower(params, abstract((n, 1), jnp.int32, mesh, ("batch", None)), cache)
 
-    flops = forward_flops(config, prompts, p, p) + forward_flops(config, n, new_tokens, slots)
+    flops = calls * (forward_flops(config, prompts, p, p) + forward_flops(config, n, new_tokens, slots))
     return Program(name, lambda: program.lower(graphdef, params, tokens, tokens, key, *settings), flops,
-                   new_tokens, decode_step)
+                   new_tokens, decode_step, calls)
 
   train_tokens = p + t  # a row's prompt and response, each forward
   remat = {"none": 1.0, "save_dots": 1.0, "full": 4 / 3}[run.model.remat]  # full: a second forward per backward
   logprobs = jit_reference_logprobs(graphdef, update_config, run.train.minibatches)
   update = jit_update_step(graphdef, optimizer, update_config, state)
-  out = [sampler("rollout", b, g, t, run.rollout.temperature)]
+  per_call = min(b, run.rollout.prompts_per_call or b)  # rollout.max_rows_per_call: one call's prompts
+  calls = -(-b // per_call)
+  out = [sampler("rollout" if calls == 1 else f"rollout ({calls} calls of {per_call * g} rows)", per_call, g, t,
+                 run.rollout.temperature, calls)]
   if run.objective.kl_coef > 0:
     out.append(Program("reference log-probs", lambda: logprobs.lower(reference, abstract_batch(rows, p, t, mesh)),
                        forward_flops(config, rows, train_tokens, train_tokens)))
@@ -248,6 +252,7 @@ def analyze(program: Program, chips: int) -> Report:
   traffic = float(_cost(compiled).get("bytes accessed", 0.0))
   if program.decode_step is not None:  # the prefill (loop body once) plus every decode step's reads
     traffic += (program.decode_steps - 1) * float(_cost(program.decode_step().compile()).get("bytes accessed", 0.0))
+  traffic *= program.calls
   return Report(program.name, memory.argument_size_in_bytes, memory.output_size_in_bytes,
                 memory.temp_size_in_bytes, memory.alias_size_in_bytes, program.flops / chips, traffic,
                 time.perf_counter() - started)

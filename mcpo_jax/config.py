@@ -68,6 +68,12 @@ class RolloutSettings:
   temperature: float = 1.0
   top_p: float = 1.0
   top_k: int = 0
+  max_rows_per_call: int = 0  # rows (prompts × G) per sampler call, bounding its KV cache; 0 = the whole batch
+
+  @property
+  def prompts_per_call(self) -> int | None:
+    """Prompts per sampler call (None: the whole batch in one)."""
+    return self.max_rows_per_call // self.group_size if self.max_rows_per_call else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +219,7 @@ RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("rollout.temperature", positive, "use a positive temperature: RL samples, and log-probs divide by it"),
     ("rollout.top_p", lambda v: 0 < v <= 1, "use a value in (0, 1]"),
     ("rollout.top_k", at_least(0), "use 0 (off) or a positive count"),
+    ("rollout.max_rows_per_call", at_least(0), "use 0 (one call per batch) or a multiple of rollout.group_size"),
     ("rewards.processes", at_least(0), "use 0 (score in this process) or a number of worker processes"),
     ("rewards.timeout_s", positive, "use a positive number of seconds"),
     ("rewards.format_weight", at_least(0), "use 0 (off) or a positive weight"),
@@ -322,6 +329,9 @@ def build(config: ml_collections.ConfigDict) -> RunConfig:
                   **{name: (value if name in ("objective", "optim") else SECTIONS[name](**value))
                      for name, value in sections.items()},
                   source_json=config.to_json())
+  if run.rollout.max_rows_per_call % run.rollout.group_size:
+    raise ConfigError(f"--config.rollout.max_rows_per_call={run.rollout.max_rows_per_call} is not a multiple of "
+                      f"--config.rollout.group_size={run.rollout.group_size}; a call holds whole prompt groups.")
   if run.rewards.overlong_buffer >= run.rollout.max_new_tokens:
     raise ConfigError(f"--config.rewards.overlong_buffer={run.rewards.overlong_buffer} is not below "
                       f"--config.rollout.max_new_tokens={run.rollout.max_new_tokens}; the buffer is the end of the budget.")

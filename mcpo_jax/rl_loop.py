@@ -321,12 +321,20 @@ def informative_batch(rounds: Sequence[SampledRound], config: RunConfig, pad_id:
 
 def collect_rollouts(policy, prompts: PromptBatch, config: RunConfig, tokenizer, stops: Sequence[int],
                      key: jax.Array, step: int):
-  """G sampled responses per prompt: Rollouts with [B·G, ...] global arrays, a prompt's rows consecutive."""
+  """G sampled responses per prompt: Rollouts with [B·G, ...] global arrays, a prompt's rows consecutive.
+
+  With rollout.max_rows_per_call, the prompts go to the sampler in calls of that many rows (the KV cache
+  of one call is what must fit); call c > 0 draws with the key folded with c, so every call samples anew."""
   rollout = config.rollout
-  rollouts = generate(policy, prompts.prompt_tokens, prompts.prompt_mask, group_size=rollout.group_size,
-                      max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature, top_p=rollout.top_p,
-                      top_k=rollout.top_k, stop_token_ids=stops, key=key, step=step,
-                      pad_id=tokenizer.pad_token_id)
+  per_call = rollout.prompts_per_call or len(prompts.prompt_tokens)
+  parts = []
+  for call, start in enumerate(range(0, len(prompts.prompt_tokens), per_call)):
+    parts.append(generate(policy, prompts.prompt_tokens[start:start + per_call],
+                          prompts.prompt_mask[start:start + per_call], group_size=rollout.group_size,
+                          max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature, top_p=rollout.top_p,
+                          top_k=rollout.top_k, stop_token_ids=stops, key=key if call == 0 else jax.random.fold_in(
+                              key, call), step=step, pad_id=tokenizer.pad_token_id))
+  rollouts = parts[0] if len(parts) == 1 else jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
   return jax.block_until_ready(rollouts)  # dispatch is asynchronous: the rollout's time is spent here, not later
 
 

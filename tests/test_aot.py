@@ -59,6 +59,21 @@ def test_rollout_reference_and_update_compile_for_tpu(run, topology):
   _check_reports_equal_memory_analysis(run, mesh, ["rollout", "reference log-probs", "update (one minibatch)"])
 
 
+def test_rollout_in_bounded_calls_plans_one_calls_memory(run):
+  """rollout.max_rows_per_call: the compiled sampler holds one call's rows (a smaller KV cache), and the step's
+  FLOPs and HBM traffic count every call."""
+  mesh = make_mesh(1, -1, 1)
+  whole = next(p for p in aot.programs(run, aot.model_config(run.model.name), mesh) if p.name.startswith("rollout"))
+  chunked_run = dataclasses.replace(run, rollout=dataclasses.replace(run.rollout, max_rows_per_call=8))  # 16 rows
+  chunked = next(p for p in aot.programs(chunked_run, aot.model_config(run.model.name), mesh)
+                 if p.name.startswith("rollout"))
+  assert whole.name == "rollout" and chunked.name == "rollout (2 calls of 8 rows)" and chunked.calls == 2
+  assert chunked.flops == whole.flops
+  one, two = aot.analyze(whole, mesh.devices.size), aot.analyze(chunked, mesh.devices.size)
+  assert two.arguments + two.outputs + two.temporaries < one.arguments + one.outputs + one.temporaries
+  assert two.hbm_traffic > 0.5 * one.hbm_traffic  # both calls' reads, not one's
+
+
 def test_the_table_says_which_program_does_not_fit():
   chip = aot.Chip(hbm_bytes=10e9, peak_flops=1e12, hbm_bandwidth=1e12)
   small = aot.Report("small", 2e9, 1e9, 5e9, 1e9, flops=2e12, hbm_traffic=1e12, compile_s=1.0)  # 7 GB: 70%

@@ -46,7 +46,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/multi_domain.py:com
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds; every arm runs each of them.")
 _RUNS_DIR = flags.DEFINE_string("runs_dir", "runs/compare", "One run directory per arm and seed goes here.")
 _OUT = flags.DEFINE_string("out", "docs/results", "Where compare.md and the figures are written.")
-_ARMS = flags.DEFINE_list("arms", [], "Run only these arms (default: all); see `arms()` for the names.")
+_ARMS = flags.DEFINE_list("arms", [], "Run and report only these arms, grpo-mixed among them (default: all); see "
+                          "`arms()` for the names.")
+_NAME = flags.DEFINE_string("name", "", "The report's file stem in --out (default: compare, or sweep for --grid=defaults).")
 _GRID = flags.DEFINE_enum("grid", "comparison", ["comparison", "defaults"],
                           "comparison: the methods (compare.md); defaults: the sweep of MCPO's knobs (sweep.md).")
 
@@ -111,14 +113,15 @@ def sweep_arms(domains: Sequence[str]) -> list[Arm]:
 GRIDS = {"comparison": (arms, "compare"), "defaults": (sweep_arms, "sweep")}
 
 
-def run_config(base: ml_collections.ConfigDict, arm: Arm, seed: int, runs_dir: str) -> ml_collections.ConfigDict:
+def run_config(base: ml_collections.ConfigDict, arm: Arm, seed: int, runs_dir: str,
+               start_eval: bool = False) -> ml_collections.ConfigDict:
+  """One arm × seed's run config; `start_eval`: evaluate the initial policy too (the report's start row)."""
   config = copy.deepcopy(base)
   arm.configure(config)
   config.seed = seed
   config.workdir = f"{runs_dir}/{arm.name}/seed{seed}"
   config.resume = "auto"
-  # The start row is mixed GRPO's step-0 evaluation; every arm starts from the same policy and eval key.
-  config.eval.at_start, config.eval.at_end = arm.name == "grpo-mixed", True
+  config.eval.at_start, config.eval.at_end = start_eval, True
   return config
 
 
@@ -146,7 +149,8 @@ MIXED = "GRPO, mixed domains"
 
 def score_tables(runs: dict[tuple[str, int], dict], arm_list: Sequence[Arm], domains: Sequence[str],
                  seeds: Sequence[int], metric: str) -> dict[str, dict[str, np.ndarray]]:
-  """{row label: {domain: [S, P] per-(seed, prompt) score}} of the final evaluation (the start row: step 0).
+  """{row label: {domain: [S, P] per-(seed, prompt) score}} of the final evaluation (the start row: [1, P], step 0
+  of mixed GRPO's first seed).
 
   metric "pass@1" scores the greedy answer (0/1), "mean@k" the share of the k samples that are right.
   Prompts are in the order of mixed GRPO's first seed, matched by domain, eval index and content hash,
@@ -167,7 +171,7 @@ def score_tables(runs: dict[tuple[str, int], dict], arm_list: Sequence[Arm], dom
     return [score(by_key[key]) for key in order[domain]]
 
   final = lambda run: max(run["curve"])
-  tables = {START: {d: np.array([table(runs[("grpo-mixed", s)], 0, d) for s in seeds]) for d in domains}}
+  tables = {START: {d: np.array([table(runs[("grpo-mixed", seeds[0])], 0, d)]) for d in domains}}  # [1, P]
   for arm in arm_list:
     row = tables.setdefault(arm.label, {})
     for d in ([arm.domain] if arm.domain else domains):
@@ -246,8 +250,8 @@ def answer_shares(runs, arm_list: Sequence[Arm], domains: Sequence[str], seeds: 
   """{row label: {domain or "average": mean over seeds of the most common greedy answer's share}}."""
   def share(run, step, domain):
     return run["curve"][step].get(f"eval/{domain}/top_answer_share")
-  rows = {START: {d: float(np.mean([share(runs[("grpo-mixed", s)], 0, d) for s in seeds])) for d in domains
-                  if share(runs[("grpo-mixed", seeds[0])], 0, d) is not None}}
+  start = runs[("grpo-mixed", seeds[0])]
+  rows = {START: {d: share(start, 0, d) for d in domains if share(start, 0, d) is not None}}
   for arm in arm_list:
     row = rows.setdefault(arm.label, {})
     for d in ([arm.domain] if arm.domain else domains):
@@ -269,8 +273,12 @@ def plot_curves(runs, arm_list, domains, seeds, path: Path, metric: str = "pass@
     for arm in arm_list:
       if arm.domain not in (None, domain):
         continue
-      steps = sorted(runs[(arm.name, seeds[0])]["curve"])
-      values = np.array([[runs[(arm.name, s)]["curve"][t][f"eval/{domain}/{metric}"] for t in steps] for s in seeds])
+      # Every arm starts at the one evaluation of the initial policy (mixed GRPO's first seed).
+      start = runs[("grpo-mixed", seeds[0])]["curve"][0][f"eval/{domain}/{metric}"]
+      curves = [runs[(arm.name, s)]["curve"] for s in seeds]
+      steps = sorted(set.intersection(*(set(curve) for curve in curves)) - {0})
+      values = np.array([[start] + [curve[t][f"eval/{domain}/{metric}"] for t in steps] for curve in curves])
+      steps = [0, *steps]
       label = "GRPO single-domain" if arm.domain else arm.name
       line, = ax.plot(steps, values.mean(0), marker="o", ms=3, label=label)
       ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
@@ -294,7 +302,7 @@ def plot_interference(runs, domains, seeds, path: Path) -> None:
   for row, arm in enumerate(("grpo-mixed", "mcpo")):
     for col, which in enumerate(("first", "last")):
       index = 0 if which == "first" else -1
-      matrices = [runs[(arm, s)]["cosines"][index] for s in seeds if runs[(arm, s)]["cosines"]]
+      matrices = [runs[(arm, s)]["cosines"][index] for s in seeds if runs.get((arm, s), {}).get("cosines")]
       ax = axes[row][col]
       if not matrices:
         ax.set_axis_off()
@@ -324,29 +332,33 @@ def _commit() -> str:
 
 
 def compare(base: ml_collections.ConfigDict, seeds: Sequence[int], runs_dir: str, out: str,
-            only: Sequence[str] = (), command: str = "", grid: str = "comparison") -> Path:
+            only: Sequence[str] = (), command: str = "", grid: str = "comparison", name: str = "") -> Path:
   """Runs every missing (arm, seed) of the grid, then writes the report; returns the path of <stem>.md."""
   from mcpo_jax.config import build
   from mcpo_jax.data.domains import parse_domains
   from mcpo_jax.rl_loop import train
 
   domains = [d.name for d in parse_domains(base.data.domains)]
-  make_arms, stem = GRIDS[grid]
+  make_arms, grid_stem = GRIDS[grid]
   arm_list = make_arms(domains)
   unknown = set(only) - {a.name for a in arm_list}
   if unknown:
     raise ValueError(f"--arms: unknown {sorted(unknown)}; the arms are {', '.join(a.name for a in arm_list)}.")
   # Seed-major, so that a grid stopped part-way holds whole paired seeds.
-  todo = [(arm, seed) for seed in seeds for arm in arm_list if not only or arm.name in only]
+  if only:  # the grid and its report narrowed to these arms; mixed GRPO is every difference's reference
+    if "grpo-mixed" not in only:
+      raise ValueError("--arms must include grpo-mixed: the report's start row and differences are taken from it.")
+    arm_list = [arm for arm in arm_list if arm.name in only]
+  stem = name or grid_stem
+  todo = [(arm, seed) for seed in seeds for arm in arm_list]
   for i, (arm, seed) in enumerate(todo):
-    config = run_config(base, arm, seed, runs_dir)
+    # The start row: mixed GRPO's first seed evaluates the initial policy, which every arm starts from.
+    config = run_config(base, arm, seed, runs_dir, start_eval=(arm.name, seed) == ("grpo-mixed", seeds[0]))
     if is_complete(Path(config.workdir)):
       print(f"[{i + 1}/{len(todo)}] {arm.name} seed {seed}: complete, skipped")
       continue
     print(f"[{i + 1}/{len(todo)}] {arm.name} seed {seed} -> {config.workdir}", flush=True)
     train(build(config))
-  if only:
-    return Path(out)
 
   runs = {(arm.name, seed): read_run(Path(run_config(base, arm, seed, runs_dir).workdir))
           for arm in arm_list for seed in seeds}
@@ -364,7 +376,7 @@ def compare(base: ml_collections.ConfigDict, seeds: Sequence[int], runs_dir: str
   (out_dir / f"{stem}.json").write_text(json.dumps(
       {"seeds": list(seeds), "constant_baseline": baselines, "top_answer_share": shares, "metrics": stats}, indent=2))
   report = "\n\n".join([
-      "# Single-domain GRPO vs mixed GRPO vs MCPO" if stem == "compare" else
+      "# " + " vs ".join(dict.fromkeys(arm.label for arm in arm_list)) if grid == "comparison" else
       "# MCPO's knobs, one at a time, against mixed GRPO (the defaults sweep)",
       f"Command: `{command}`\n\nCommit: `{_commit()}`. Base config: {base.model.name}, {base.train.steps} RL steps "
       f"of {base.data.prompts_per_step} prompts × {base.rollout.group_size} rollouts, "
@@ -390,7 +402,8 @@ def main(argv) -> None:
   command = " ".join(["python -m mcpo_jax.experiments.compare", *sys.argv[1:]])
   try:
     config_lib.build(base)  # every arm's config is built (and checked) again before it runs
-    compare(base, [int(s) for s in _SEEDS.value], _RUNS_DIR.value, _OUT.value, _ARMS.value, command, _GRID.value)
+    compare(base, [int(s) for s in _SEEDS.value], _RUNS_DIR.value, _OUT.value, _ARMS.value, command, _GRID.value,
+            _NAME.value)
   except (config_lib.ConfigError, ValueError, FileNotFoundError) as error:
     sys.exit(f"error: {error}")
 

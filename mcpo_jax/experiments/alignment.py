@@ -1,0 +1,162 @@
+"""Does a trained policy represent the same problem alike across formats? The mechanism MCPO claims.
+
+  python -m mcpo_jax.experiments.alignment --config=configs/multi_domain.py:compare --runs_dir=runs/transfer \
+      --arms=grpo-mixed,mcpo --seeds=0,1,2,3 [--prompts=150] [--out=docs/results]
+
+For the initial policy and each run's exported final policy (`<runs_dir>/<arm>/seed<s>/hf_export`), the
+greedy response to each of the first `--prompts` held-out problems of every domain is pooled as MCPO's
+contrastive term pools rollouts (the mean over response tokens of the final hidden state, before the
+head). The representations are centred (the mean over every problem and format is subtracted; raw
+pooled states share one dominant direction) and, per pair of formats, the alignment of problem p is
+cos(same problem in the two formats) − mean cos(p in one format, every other problem in the other).
+0 = the formats' representations carry no problem identity; higher = the same problem looks alike
+across formats. Domains must be formats of one problem set, matched by position (the transfer task:
+held-out operand pairs are in the same hash order in every format).
+
+Writes <out>/alignment.json and alignment.png: per policy, the mean alignment over problems and format
+pairs with a 95% CI (a cluster bootstrap over seeds and problems), and each arm − mixed GRPO.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/multi_domain.py:compare", "The comparison's config.")
+_RUNS_DIR = flags.DEFINE_string("runs_dir", "runs/compare", "The comparison's run directories.")
+_ARMS = flags.DEFINE_list("arms", ["grpo-mixed", "mcpo"], "Arms to measure; the first is the reference.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds of every arm.")
+_PROMPTS = flags.DEFINE_integer("prompts", 150, "Held-out problems per format.")
+_OUT = flags.DEFINE_string("out", "docs/results", "Where alignment.json and alignment.png go.")
+
+
+def pooled_responses(model, tokenizer, eval_set, *, max_new_tokens: int, stop_token_ids: Sequence[int],
+                     batch_size: int = 64) -> np.ndarray:
+  """[M, E] float32: each eval prompt's greedy response, pooled over its tokens (objectives.pool_response)."""
+  import jax
+  import jax.numpy as jnp
+
+  from mcpo_jax.objectives import pool_response
+  from mcpo_jax.sampling import generate
+
+  @jax.jit
+  def pool(model_state, prompt_tokens, prompt_mask, tokens, mask):
+    from flax import nnx
+    policy = nnx.merge(graphdef, model_state)
+    ids = jnp.concatenate([prompt_tokens, tokens], axis=1)  # [B, P + T]
+    hidden = policy(ids, jnp.concatenate([prompt_mask, mask], axis=1), return_logits=False).hidden
+    return pool_response(hidden[:, prompt_tokens.shape[1]:], mask)  # [B, E]
+
+  from flax import nnx
+  graphdef, model_state = nnx.split(model)
+  out = []
+  for start in range(0, len(eval_set.examples), batch_size):
+    ids = eval_set.prompt_tokens[start:start + batch_size]
+    mask = eval_set.prompt_mask[start:start + batch_size]
+    rollouts = generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=0.0,
+                        stop_token_ids=stop_token_ids, key=jax.random.key(0), pad_id=tokenizer.pad_token_id)
+    out.append(np.asarray(pool(model_state, rollouts.prompt_tokens, rollouts.prompt_mask, rollouts.tokens,
+                               rollouts.response_mask)))
+  return np.concatenate(out)
+
+
+def alignment(pooled: np.ndarray, formats: int) -> np.ndarray:
+  """[P] per-problem alignment (see the module docstring) from pooled [F·P, E], format-major, averaged over
+  the F(F−1)/2 format pairs."""
+  x = pooled.reshape(formats, -1, pooled.shape[-1]).astype(np.float64)  # [F, P, E]
+  x = x - x.mean(axis=(0, 1))
+  x /= np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  problems = x.shape[1]
+  per_pair = []
+  for f, g in itertools.combinations(range(formats), 2):
+    cos = x[f] @ x[g].T  # [P, P]
+    same = np.diag(cos)
+    other = (cos.sum(1) + cos.sum(0) - 2 * same) / (2 * (problems - 1))  # mean over both directions
+    per_pair.append(same - other)
+  return np.mean(per_pair, axis=0)
+
+
+def measure(base, runs_dir: str, arms: Sequence[str], seeds: Sequence[int], prompts: int) -> dict:
+  """{"start": [P], arm: [S, P]} per-problem alignments."""
+  from mcpo_jax.config import build
+  from mcpo_jax.evaluation import build_eval_set
+  from mcpo_jax.model import from_pretrained, load_tokenizer
+  from mcpo_jax.rl_loop import stop_token_ids
+
+  run = build(base)
+  tokenizer = load_tokenizer(run.model.tokenizer or run.model.name)
+  eval_set = build_eval_set(run.data.domains, tokenizer, prompts_per_domain=prompts, split=run.eval.split,
+                            max_prompt_tokens=run.data.max_prompt_tokens)
+  formats = len(run.data.domains)
+  pairs = [tuple(sorted(e.get("metadata", {}).items())) or e["index"] for e in eval_set.examples]
+  if pairs[:prompts] * formats != pairs:
+    raise ValueError("the domains' held-out problems do not line up by position; alignment needs one problem set "
+                     "asked in several formats (the transfer task).")
+  stops = stop_token_ids(tokenizer)
+
+  def of(path: str) -> np.ndarray:
+    model = from_pretrained(path, dtype=run.model.dtype)
+    print(f"alignment: {path}", flush=True)
+    return alignment(pooled_responses(model, tokenizer, eval_set, max_new_tokens=run.eval.max_new_tokens,
+                                      stop_token_ids=stops), formats)
+
+  result = {"start": of(run.model.name)}
+  for arm in arms:
+    result[arm] = np.stack([of(f"{runs_dir}/{arm}/seed{seed}/hf_export") for seed in seeds])  # [S, P]
+  return result
+
+
+def report(values: dict, arms: Sequence[str], seeds: Sequence[int], out: Path) -> dict:
+  from mcpo_jax.experiments.stats import cluster_bootstrap
+  from dataclasses import asdict
+
+  reference = arms[0] if arms else None
+  summary = {"start": asdict(cluster_bootstrap({"alignment": values["start"][None]})["alignment"])}
+  for arm in arms:
+    summary[arm] = asdict(cluster_bootstrap({"alignment": values[arm]})["alignment"])
+    if arm != reference:
+      summary[f"{arm} − {reference}"] = asdict(cluster_bootstrap(
+          {"alignment": values[arm] - values[reference]})["alignment"])
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "alignment.json").write_text(json.dumps({"seeds": list(seeds), "summary": summary}, indent=2))
+
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  figure, ax = plt.subplots(figsize=(5, 3.6))
+  labels = ["start", *arms]
+  for i, label in enumerate(labels):
+    entry = summary[label]
+    ax.errorbar([i], [entry["estimate"]], yerr=[[entry["estimate"] - entry["low"]], [entry["high"] - entry["estimate"]]],
+                fmt="o", capsize=4)
+    if label != "start":
+      ax.scatter(np.full(len(seeds), i + 0.12), values[label].mean(axis=1), s=10, color="gray")
+  ax.axhline(0, color="black", lw=0.5)
+  ax.set_xticks(range(len(labels)), labels)
+  ax.set_ylabel("same-problem − different-problem cosine")
+  ax.set_title("cross-format alignment of pooled responses\n(95% CI; grey: one seed's mean)", fontsize=9)
+  figure.tight_layout()
+  figure.savefig(out / "alignment.png", dpi=120)
+  plt.close(figure)
+  return summary
+
+
+def main(argv) -> None:
+  del argv
+  from mcpo_jax.console import quiet_libraries
+  quiet_libraries()
+  seeds = [int(s) for s in _SEEDS.value]
+  values = measure(_CONFIG.value, _RUNS_DIR.value, _ARMS.value, seeds, _PROMPTS.value)
+  summary = report(values, _ARMS.value, seeds, Path(_OUT.value))
+  for label, entry in summary.items():
+    print(f"{label}: {entry['estimate']:+.4f} [{entry['low']:+.4f}, {entry['high']:+.4f}]")
+
+
+if __name__ == "__main__":
+  app.run(main)
