@@ -8,6 +8,7 @@ PROJECT="${PROJECT:-}"              # empty: gcloud's configured core/project
 REMOTE_DIR="${REMOTE_DIR:-mcpo_jax}"  # checkout on every worker; relative paths are under $HOME
 LOG_DIR="${LOG_DIR:-mcpo_logs}"       # run logs on every worker; relative paths are under $HOME
 DRY_RUN="${DRY_RUN:-0}"
+QR_ID="${QR_ID:-}"                  # queued resource of the slice (create.sh, delete.sh); default: TPU_NAME
 # Extra flags for every `tpu-vm ssh` / `tpu-vm scp`, e.g. TPU_SSH_FLAGS="--internal-ip".
 read -r -a TPU_SSH_EXTRA <<< "${TPU_SSH_FLAGS:-}"
 
@@ -52,6 +53,7 @@ require_slice() {
     printf 'error: missing %s\n' "$missing" >&2
     exit 2
   fi
+  QR_ID="${QR_ID:-$TPU_NAME}"
   LOCATION_FLAGS=(--zone="$ZONE")
   if [[ -n "$PROJECT" ]]; then LOCATION_FLAGS+=(--project="$PROJECT"); fi
 }
@@ -70,6 +72,51 @@ run_gcloud() {
     return 0
   fi
   gcloud "$@"
+}
+
+# Runs a gcloud command whose output the caller reads, e.g. x="$(query_gcloud ... describe ...)".
+# With --dry-run it prints the command on stderr and fails: there is nothing to read.
+query_gcloud() {
+  if [[ "$DRY_RUN" == 1 ]]; then
+    printf '+ gcloud' >&2
+    printf ' %q' "$@" >&2
+    printf '\n' >&2
+    return 1
+  fi
+  gcloud "$@"
+}
+
+# qr_value FORMAT: one field of queued resource $QR_ID, e.g. qr_value 'value(state.state)'.
+# Fails when it does not exist (or cannot be read); gcloud's own message goes to /dev/null.
+qr_value() {
+  local args=(compute tpus queued-resources describe "$QR_ID" "${LOCATION_FLAGS[@]}" --format="$1")
+  if [[ "$DRY_RUN" == 1 ]]; then
+    query_gcloud "${args[@]}"
+    return 1
+  fi
+  gcloud "${args[@]}" 2>/dev/null
+}
+
+# pack_checkout TARBALL: this checkout's files (tracked + untracked, minus .gitignore'd ones) as a
+# .tar.gz, after checking the jax== pin that the TPU install reads. Sets JAX_VERSION.
+pack_checkout() {
+  local tarball="$1"
+  # Fail here, not on every worker, when the pin the TPU install depends on is missing.
+  [[ -f "$REPO_ROOT/requirements.txt" ]] || die "no requirements.txt in $REPO_ROOT"
+  JAX_VERSION="$(sed -n -E "/$JAX_PIN_ERE/{s/$JAX_PIN_ERE.*/\\2/p;q;}" "$REPO_ROOT/requirements.txt")"
+  [[ -n "$JAX_VERSION" ]] || die "$REPO_ROOT/requirements.txt has no 'jax==X.Y.Z' line; pin jax there"
+  printf 'Packing %s (jax==%s)\n' "$REPO_ROOT" "$JAX_VERSION"
+  export COPYFILE_DISABLE=1  # no macOS ._* files in the archive
+  if git -C "$REPO_ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    git -C "$REPO_ROOT" ls-files -z --cached --others --exclude-standard |
+      while IFS= read -r -d '' path; do
+        if [[ -e "$REPO_ROOT/$path" ]]; then printf '%s\0' "$path"; fi  # skip deleted files
+      done |
+      tar -C "$REPO_ROOT" --null -T - -czf "$tarball"
+  else
+    tar -C "$REPO_ROOT" --exclude=.git --exclude=.venv --exclude=__pycache__ \
+      --exclude=./workdir --exclude=./runs -czf "$tarball" .
+  fi
 }
 
 # tpu_ssh WORKER COMMAND: COMMAND runs in the login shell (bash) of worker WORKER ("all" = every

@@ -8,8 +8,10 @@ REPO_URL="${REPO_URL:-}"
 REPO_REF="${REPO_REF:-}"
 PYTHON_VERSION="${PYTHON_VERSION:-3.12}"
 SYSTEM_PACKAGES="${SYSTEM_PACKAGES:-1}"
+LOCAL=0
 
 USAGE="Usage: tpu_setup/install.sh --name=TPU --zone=ZONE [options]
+       tpu_setup/install.sh --local [options]     (on a worker: what tpu_setup/startup.sh runs at boot)
 
 On every worker (--worker=all): puts the code in REMOTE_DIR, creates REMOTE_DIR/.venv with Python
 $PYTHON_VERSION, installs requirements.txt, then jax[tpu] at the version of the jax== pin in
@@ -21,6 +23,8 @@ Where the code comes from:
                        packed here and copied to every worker with 'tpu-vm scp'
   --repo=URL           'git clone' URL on every worker instead (workers need access to it) [REPO_URL]
   --ref=REF            branch, tag or commit to check out with --repo (default: remote HEAD) [REPO_REF]
+  --local              run the worker part here, on this machine, with the code already in
+                       REMOTE_DIR (or --repo); no ssh, no --name/--zone
 
 Other options:
   --remote-dir=DIR     checkout on the workers (default: mcpo_jax, under \$HOME)  [REMOTE_DIR]
@@ -29,7 +33,8 @@ Other options:
 
 $COMMON_OPTS_HELP
 
-Safe to rerun: the venv is reused while its Python version matches."
+Safe to rerun: the venv is reused while its Python version matches, and two installs on one worker
+(this script and the startup script at boot) take turns."
 
 # shellcheck disable=SC2034  # some options are only read through export_vars
 while (($#)); do
@@ -40,41 +45,36 @@ while (($#)); do
     --remote-dir=*) REMOTE_DIR="${1#*=}" ;;
     --python=*) PYTHON_VERSION="${1#*=}" ;;
     --no-system-packages) SYSTEM_PACKAGES=0 ;;
+    --local) LOCAL=1 ;;
     -h | --help) printf '%s\n' "$USAGE"; exit 0 ;;
     *) printf '%s\n\n' "$USAGE" >&2; die "unknown argument: $1" ;;
   esac
   shift
 done
-require_slice "$USAGE"
+if [[ "$LOCAL" != 1 ]]; then require_slice "$USAGE"; fi
 
 if [[ -n "$REPO_REF" && -z "$REPO_URL" ]]; then die "--ref needs --repo"; fi
 if [[ ! "$PYTHON_VERSION" =~ ^3\.[0-9]+$ ]]; then die "--python wants X.Y, e.g. 3.12 (got '$PYTHON_VERSION')"; fi
 TARBALL="/tmp/mcpo_jax_src.$$.tar.gz"  # same path locally and on the workers
+if [[ "$LOCAL" == 1 ]]; then TARBALL=""; fi  # the code is in REMOTE_DIR already (or comes from --repo)
 
-if [[ -z "$REPO_URL" ]]; then
-  # Fail here, not on every worker, when the pin the TPU install depends on is missing.
-  [[ -f "$REPO_ROOT/requirements.txt" ]] || die "no requirements.txt in $REPO_ROOT"
-  jax_version="$(sed -n -E "/$JAX_PIN_ERE/{s/$JAX_PIN_ERE.*/\\2/p;q;}" "$REPO_ROOT/requirements.txt")"
-  [[ -n "$jax_version" ]] || die "$REPO_ROOT/requirements.txt has no 'jax==X.Y.Z' line; pin jax there"
-  printf 'Packing %s (jax==%s)\n' "$REPO_ROOT" "$jax_version"
+if [[ -z "$REPO_URL" && "$LOCAL" != 1 ]]; then
   trap 'rm -f "$TARBALL"' EXIT
-  export COPYFILE_DISABLE=1  # no macOS ._* files in the archive
-  if git -C "$REPO_ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
-    git -C "$REPO_ROOT" ls-files -z --cached --others --exclude-standard |
-      while IFS= read -r -d '' path; do
-        if [[ -e "$REPO_ROOT/$path" ]]; then printf '%s\0' "$path"; fi  # skip deleted files
-      done |
-      tar -C "$REPO_ROOT" --null -T - -czf "$TARBALL"
-  else
-    tar -C "$REPO_ROOT" --exclude=.git --exclude=.venv --exclude=__pycache__ \
-      --exclude=./workdir --exclude=./runs -czf "$TARBALL" .
-  fi
+  pack_checkout "$TARBALL"
   printf 'Copying %s to every worker of %s\n' "$(du -h "$TARBALL" | cut -f1)" "$TPU_NAME"
   run_gcloud compute tpus tpu-vm scp "$TARBALL" "$TPU_NAME:$TARBALL" "${LOCATION_FLAGS[@]}" --worker=all \
     ${TPU_SSH_EXTRA[@]+"${TPU_SSH_EXTRA[@]}"}
 fi
 
 heredoc REMOTE_BODY <<'BODY'
+# One install at a time on a worker: the startup script at boot and this script over ssh may overlap.
+if command -v flock >/dev/null; then
+  exec 9>"$HOME/.mcpo_jax-install.lock"
+  if ! flock -n 9; then
+    say "another install is running here (the startup script?); waiting for it"
+    flock 9
+  fi
+fi
 if [[ -n "$REPO_URL" ]]; then
   command -v git >/dev/null || fail "git is not installed"
   if [[ -d "$REMOTE_DIR/.git" ]]; then
@@ -86,12 +86,15 @@ if [[ -n "$REPO_URL" ]]; then
   git -C "$REMOTE_DIR" fetch --quiet "$REPO_URL" "${REPO_REF:-HEAD}"
   git -C "$REMOTE_DIR" checkout --quiet --detach FETCH_HEAD
   say "code at $(git -C "$REMOTE_DIR" rev-parse --short HEAD)"
-else
+elif [[ -n "$TARBALL" ]]; then
   [[ -f "$TARBALL" ]] || fail "$TARBALL did not arrive"
   mkdir -p "$REMOTE_DIR"
   tar -xzf "$TARBALL" -C "$REMOTE_DIR"
   rm -f "$TARBALL"
   say "code unpacked into $REMOTE_DIR"
+else
+  [[ -d "$REMOTE_DIR" ]] || fail "$REMOTE_DIR is missing (--local installs the code already there)"
+  say "installing the code in $REMOTE_DIR"
 fi
 cd "$REMOTE_DIR"
 
@@ -158,5 +161,12 @@ SCRIPT="$(export_vars REMOTE_DIR LOG_DIR REPO_URL REPO_REF TARBALL PYTHON_VERSIO
 $REMOTE_PRELUDE
 $REMOTE_BODY"
 
+if [[ "$LOCAL" == 1 ]]; then
+  if [[ "$DRY_RUN" == 1 ]]; then
+    printf '+ bash -c %q\n' "$SCRIPT"
+    exit 0
+  fi
+  exec bash -c "$SCRIPT"
+fi
 printf 'Installing on every worker of %s (this takes a few minutes)\n' "$TPU_NAME"
 tpu_ssh all "$(as_remote_command "$SCRIPT")"

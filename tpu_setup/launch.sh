@@ -6,11 +6,14 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 RUN_TAG="${RUN_TAG:-}"
 ACTION="start"
+LOCAL=0
+UNLESS_RUNNING=0
 ENV_ASSIGNMENTS=()
 RUN_ARGS=()
 
 USAGE="Usage: tpu_setup/launch.sh --name=TPU --zone=ZONE [options] [--] RUN_PY_ARGS...
        tpu_setup/launch.sh --name=TPU --zone=ZONE --stop
+       tpu_setup/launch.sh --local [options] [--] RUN_PY_ARGS...   (on a worker; tpu_setup/startup.sh)
 
 Runs 'python run.py RUN_PY_ARGS...' in REMOTE_DIR/.venv on every worker at once (--worker=all),
 under nohup, so it survives the ssh session. Each worker writes its own log,
@@ -24,6 +27,9 @@ after '--') goes to run.py unchanged.
   --remote-dir=DIR     checkout on the workers (default: mcpo_jax, under \$HOME) [REMOTE_DIR]
   --log-dir=DIR        log folder on the workers (default: mcpo_logs, under \$HOME) [LOG_DIR]
   --stop               stop the run started by this script (SIGTERM, then SIGKILL after 60 s)
+  --unless-running     when a run started by this script is alive, leave it and exit 0 (default: fail)
+  --local              start (or stop) the run here, on this machine, instead of over ssh;
+                       no --name/--zone (what tpu_setup/startup.sh does at boot)
 
 $COMMON_OPTS_HELP
 
@@ -42,40 +48,71 @@ while (($#)); do
     --remote-dir=*) REMOTE_DIR="${1#*=}" ;;
     --log-dir=*) LOG_DIR="${1#*=}" ;;
     --stop) ACTION="stop" ;;
+    --unless-running) UNLESS_RUNNING=1 ;;
+    --local) LOCAL=1 ;;
     -h | --help) printf '%s\n' "$USAGE"; exit 0 ;;
     --) shift; RUN_ARGS=("$@"); break ;;
     *) RUN_ARGS=("$@"); break ;;
   esac
   shift
 done
-require_slice "$USAGE"
+if [[ "$LOCAL" != 1 ]]; then require_slice "$USAGE"; fi
 
 for assignment in ${ENV_ASSIGNMENTS[@]+"${ENV_ASSIGNMENTS[@]}"}; do
   [[ "${assignment%%=*}" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || die "--env: '${assignment%%=*}' is not a variable name"
 done
 
+# Runs SCRIPT on every worker over ssh, or here with --local.
+run_script() {
+  if [[ "$LOCAL" != 1 ]]; then
+    tpu_ssh all "$(as_remote_command "$1")"
+  elif [[ "$DRY_RUN" == 1 ]]; then
+    printf '+ bash -c %q\n' "$1"
+  else
+    bash -c "$1"
+  fi
+}
+
+# Remote: the run this script started, if it is still alive. The boot id beside the pid tells a pid
+# file from an earlier boot (the slice restarted; that number may now be another process) from a
+# live one.
+heredoc RUN_STATE <<'BODY'
+PID_FILE="$LOG_DIR/run.pid"
+BOOT_ID_FILE="$LOG_DIR/run.boot_id"
+this_boot() { cat /proc/sys/kernel/random/boot_id 2>/dev/null || true; }
+live_run_pid() {
+  local pid boot
+  [[ -f "$PID_FILE" ]] || return 1
+  pid="$(cat "$PID_FILE")"
+  boot="$(cat "$BOOT_ID_FILE" 2>/dev/null || true)"
+  if [[ -n "$boot" && "$boot" != "$(this_boot)" ]]; then return 1; fi
+  kill -0 "$pid" 2>/dev/null || return 1
+  printf '%s' "$pid"
+}
+BODY
+
 if [[ "$ACTION" == stop ]]; then
   ((${#RUN_ARGS[@]} == 0)) || die "--stop takes no run.py arguments (got: ${RUN_ARGS[*]})"
   heredoc STOP_BODY <<'BODY'
-PID_FILE="$LOG_DIR/run.pid"
-if [[ ! -f "$PID_FILE" ]] || ! kill -0 "$(cat "$PID_FILE")" 2>/dev/null; then
+if ! pid="$(live_run_pid)"; then
   say "no run to stop"
+  rm -f "$PID_FILE" "$BOOT_ID_FILE"
   exit 0
 fi
-pid="$(cat "$PID_FILE")"
 say "stopping pid $pid"
 kill -TERM "$pid" 2>/dev/null || true
 for _ in $(seq 60); do
-  kill -0 "$pid" 2>/dev/null || { say "stopped"; rm -f "$PID_FILE"; exit 0; }
+  kill -0 "$pid" 2>/dev/null || { say "stopped"; rm -f "$PID_FILE" "$BOOT_ID_FILE"; exit 0; }
   sleep 1
 done
 say "pid $pid ignored SIGTERM for 60 s; sending SIGKILL"
 kill -KILL "$pid" 2>/dev/null || true
-rm -f "$PID_FILE"
+rm -f "$PID_FILE" "$BOOT_ID_FILE"
 BODY
-  tpu_ssh all "$(as_remote_command "$(export_vars REMOTE_DIR LOG_DIR)
+  run_script "$(export_vars REMOTE_DIR LOG_DIR)
 $REMOTE_PRELUDE
-$STOP_BODY")"
+$RUN_STATE
+$STOP_BODY"
   exit 0
 fi
 
@@ -99,9 +136,12 @@ remote_arrays+=" )"
 
 heredoc START_BODY <<'BODY'
 mkdir -p "$LOG_DIR"
-PID_FILE="$LOG_DIR/run.pid"
-if [[ -f "$PID_FILE" ]] && kill -0 "$(cat "$PID_FILE")" 2>/dev/null; then
-  fail "a run is still alive here (pid $(cat "$PID_FILE")); stop it first: tpu_setup/launch.sh ... --stop"
+if pid="$(live_run_pid)"; then
+  if [[ "$UNLESS_RUNNING" == 1 ]]; then
+    say "a run started by tpu_setup/launch.sh is alive here (pid $pid); leaving it as it is"
+    exit 0
+  fi
+  fail "a run is still alive here (pid $pid); stop it first: tpu_setup/launch.sh ... --stop"
 fi
 cd "$REMOTE_DIR" 2>/dev/null || fail "$REMOTE_DIR is missing; run tpu_setup/install.sh first"
 [[ -x .venv/bin/python ]] || fail "$REMOTE_DIR/.venv is missing; run tpu_setup/install.sh first"
@@ -117,14 +157,20 @@ ln -sfn "$(basename "$LOG")" "$LOG_DIR/latest.log"
 nohup env ${ENV_ASSIGNMENTS[@]+"${ENV_ASSIGNMENTS[@]}"} PYTHONUNBUFFERED=1 \
   .venv/bin/python run.py "${RUN_ARGS[@]}" >>"$LOG" 2>&1 </dev/null &
 echo "$!" >"$PID_FILE"
+this_boot >"$BOOT_ID_FILE"
 say "started pid $! on $(hostname), log $LOG"
 BODY
 
-SCRIPT="$(export_vars REMOTE_DIR LOG_DIR RUN_TAG)
+SCRIPT="$(export_vars REMOTE_DIR LOG_DIR RUN_TAG UNLESS_RUNNING)
 $remote_arrays
 $REMOTE_PRELUDE
+$RUN_STATE
 $START_BODY"
 
+if [[ "$LOCAL" == 1 ]]; then
+  run_script "$SCRIPT"
+  exit 0
+fi
 printf 'Launching on every worker of %s: python run.py %s\n' "$TPU_NAME" "${RUN_ARGS[*]}"
-tpu_ssh all "$(as_remote_command "$SCRIPT")"
+run_script "$SCRIPT"
 printf '\nFollow worker 0: tpu_setup/logs.sh --name=%s --zone=%s%s\n' "$TPU_NAME" "$ZONE" "${PROJECT:+ --project=$PROJECT}"
