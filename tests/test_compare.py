@@ -87,9 +87,14 @@ def test_comparison_runs_every_arm_and_reports_them(learnable_task, tmp_path):
   for figure in ("accuracy_curves.png", "interference.png"):
     assert (tmp_path / "out" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+  # A rerun skips the finished runs; the one run deleted is trained again and reproduces its evaluation exactly.
+  redone = tmp_path / "runs" / "mcpo" / f"seed{SEEDS[-1]}"
+  final_records = (redone / "eval" / f"step_{STEPS:06d}.per_prompt.jsonl").read_text()
+  redone.rename(tmp_path / "mcpo-first-try")
   rerun = _compare(learnable_task, tmp_path)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
-  assert rerun.stdout.count("complete, skipped") == len(arms) * len(SEEDS)
+  assert rerun.stdout.count("complete, skipped") == len(arms) * len(SEEDS) - 1
+  assert (redone / "eval" / f"step_{STEPS:06d}.per_prompt.jsonl").read_text() == final_records
   assert json.loads((tmp_path / "out" / "compare.json").read_text()) == report_data
 
 

@@ -48,13 +48,15 @@ def _completions(n):
   return texts, examples, [e["verifier"] for e in examples]
 
 
-def test_two_hosts_assemble_the_single_host_result(monkeypatch):
-  """Two processes simulated in turn: each verifies its own half; the sums across processes are replayed."""
+@pytest.mark.parametrize("spec", [("data", "fsdp"), None])  # rows split over the hosts; replicated: host 0 owns all
+def test_two_hosts_assemble_the_single_host_result(monkeypatch, spec):
+  """Two processes simulated in turn: each verifies the rows it owns (host 1 possibly none, yet it joins the
+  sums); the sums across processes are replayed."""
   n, hosts = 16, 2
   texts, examples, verifiers = _completions(n)
-  mesh = make_mesh(2, 4, 1)
-  rows = jax.device_put(np.zeros((n, 3), np.int32), NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
-  owners = held_rows.row_owners(_as_processes(rows.sharding.devices_indices_map(rows.shape), hosts), n)
+  sharding = NamedSharding(make_mesh(2, 4, 1), PartitionSpec(spec))
+  owners = held_rows.row_owners(_as_processes(sharding.devices_indices_map((n, 3)), hosts), n)
+  rows = NamedTuple("GlobalRows", [("is_fully_addressable", bool)])(False)  # as on a pod; ownership is patched
   with RewardPool(0) as pool:
     want = pool.score(texts, examples, verifiers)
     seen, contributions = {}, {}
@@ -78,9 +80,9 @@ def test_two_hosts_assemble_the_single_host_result(monkeypatch):
 
       monkeypatch.setattr(held_rows, "sum_over_processes", summed)
       got = held_rows.score_held_rows(pool, texts, examples, verifiers, rows)
-  assert sorted(seen[0]) == sorted(e["prompt"] for e, o in zip(examples, owners) if o == 0)
-  assert sorted(seen[1]) == sorted(e["prompt"] for e, o in zip(examples, owners) if o == 1)
-  assert len(seen[0]) == len(seen[1]) == n // 2
+  for process in (0, 1):
+    assert sorted(seen.get(process, [])) == sorted(e["prompt"] for e, o in zip(examples, owners) if o == process)
+  assert len(seen[0]) == (n // 2 if spec else n) and len(seen.get(1, [])) == (n // 2 if spec else 0)
   np.testing.assert_array_equal(got.rewards, want.rewards)
   np.testing.assert_array_equal(got.correct, want.correct)
   assert got.accuracy == want.accuracy and got.errors == want.errors == 0

@@ -13,7 +13,8 @@ cos(same problem in the two formats) − mean cos(p in one format, every other p
 across formats. Domains must be formats of one problem set, matched by position (the transfer task:
 held-out operand pairs are in the same hash order in every format).
 
-Writes <out>/alignment.json and alignment.png: per policy, the mean alignment over problems and format
+Each policy's per-problem values are kept beside its run (`alignment_<split>_<prompts>.npy`), so a rerun
+measures only the runs added since. Writes <out>/alignment.json and alignment.png: per policy, the mean alignment over problems and format
 pairs with a 95% CI (a cluster bootstrap over seeds and problems), and each arm − mixed GRPO.
 """
 
@@ -100,15 +101,23 @@ def measure(base, runs_dir: str, arms: Sequence[str], seeds: Sequence[int], prom
                      "asked in several formats (the transfer task).")
   stops = stop_token_ids(tokenizer)
 
-  def of(path: str) -> np.ndarray:
+  def of(path: str, cache: Path) -> np.ndarray:
+    """The policy at `path`'s per-problem alignment [P], kept in `cache` so that a rerun adds only new runs."""
+    if cache.exists():
+      return np.load(cache)
     model = from_pretrained(path, dtype=run.model.dtype)
     print(f"alignment: {path}", flush=True)
-    return alignment(pooled_responses(model, tokenizer, eval_set, max_new_tokens=run.eval.max_new_tokens,
-                                      stop_token_ids=stops), formats)
+    values = alignment(pooled_responses(model, tokenizer, eval_set, max_new_tokens=run.eval.max_new_tokens,
+                                        stop_token_ids=stops), formats)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.save(cache, values)
+    return values
 
-  result = {"start": of(run.model.name)}
+  name = f"alignment_{run.eval.split}_{prompts}.npy"
+  result = {"start": of(run.model.name, Path(runs_dir) / f"start_{name}")}
   for arm in arms:
-    result[arm] = np.stack([of(f"{runs_dir}/{arm}/seed{seed}/hf_export") for seed in seeds])  # [S, P]
+    result[arm] = np.stack([of(f"{runs_dir}/{arm}/seed{seed}/hf_export", Path(runs_dir) / arm / f"seed{seed}" / name)
+                            for seed in seeds])  # [S, P]
   return result
 
 

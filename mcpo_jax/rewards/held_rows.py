@@ -47,14 +47,18 @@ def score_held_rows(pool: RewardPool, completions: Sequence[str], examples: Sequ
                     verifier_names: Sequence[str], rows: jax.Array) -> ScoreResult:
   """pool.score over all N rows, each verified only by its owner (`owned_rows(rows)`); the rewards, verdicts,
   error and untrusted-test counts are identical on every process. first_error is this process's own."""
-  mine = np.flatnonzero(owned_rows(rows))  # [n] this process's rows
-  if len(mine) == len(completions):
+  if rows.is_fully_addressable:  # one process (or rows it holds alone): nothing to share
     return pool.score(completions, examples, verifier_names)
-  local = pool.score([completions[i] for i in mine], [examples[i] for i in mine], [verifier_names[i] for i in mine])
+  mine = np.flatnonzero(owned_rows(rows))  # [n] this process's rows; possibly none, yet it joins the sums
   rewards = np.zeros(len(completions), np.float32)
   correct = np.zeros(len(completions), np.int32)
-  rewards[mine], correct[mine] = local.rewards, local.correct
+  counts, first_error = np.zeros(2, np.int64), None
+  if len(mine):
+    local = pool.score([completions[i] for i in mine], [examples[i] for i in mine],
+                       [verifier_names[i] for i in mine])
+    rewards[mine], correct[mine] = local.rewards, local.correct
+    counts[:], first_error = (local.errors, local.untrusted_tests), local.first_error
   rewards, correct = sum_over_processes(rewards), sum_over_processes(correct).astype(bool)
-  errors, untrusted = sum_over_processes(np.array([local.errors, local.untrusted_tests], np.int64))
+  errors, untrusted = sum_over_processes(counts)
   return ScoreResult(rewards, correct, domain_accuracy(correct, examples, verifier_names), int(errors),
-                     local.first_error, int(untrusted))
+                     first_error, int(untrusted))
