@@ -89,7 +89,8 @@ def run(config) -> None:
     return
   start = time.perf_counter()
   model = from_pretrained(config.model.name, mesh=mesh, dtype=config.model.dtype,
-                          param_dtype=config.model.param_dtype or None, remat=config.model.remat)
+                          param_dtype=config.model.param_dtype or None, remat=config.model.remat,
+                          attention=config.model.attention)
   tokenizer = load_tokenizer(config.model.tokenizer or config.model.name)
   print(f"loaded {config.model.name}: {model.config.num_params / 1e6:.1f}M params, "
         f"{model.config.num_layers} layers, in {time.perf_counter() - start:.1f}s")

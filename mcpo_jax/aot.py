@@ -110,6 +110,7 @@ def abstract_model(config: ModelConfig, mesh: Mesh, run: config_lib.RunConfig) -
   """The model's graphdef and its parameters as sharded ShapeDtypeStructs (nothing allocated)."""
   model = nnx.eval_shape(lambda: Transformer(config, dtype=jnp.dtype(run.model.dtype),
                                              param_dtype=jnp.dtype(run.model.param_dtype), remat=run.model.remat,
+                                             attention=run.model.attention,
                                              mesh=mesh, rngs=nnx.Rngs(0)))
   graphdef, params = nnx.split(model, nnx.Param)
   params = jax.tree.map(lambda v: v.replace(abstract(v.shape, v.dtype, mesh, v.logical_axes)), params,

@@ -22,7 +22,7 @@ from mcpo_jax.data.domains import Domain, default_domains, parse_domains
 from mcpo_jax.data.splits import SPLITS
 from mcpo_jax.model import ZOO, CheckpointError, LoraSettings, check_checkpoint
 from mcpo_jax.model.lora import EXPORTS, TARGETS
-from mcpo_jax.model.transformer import REMAT_POLICIES
+from mcpo_jax.model.transformer import ATTENTION_KERNELS, REMAT_POLICIES
 from mcpo_jax.objectives import ObjectiveConfig
 from mcpo_jax.train import SCHEDULES, OptimConfig, UpdateConfig
 
@@ -42,6 +42,7 @@ class ModelSettings:
   # mantissa bits, so one AdamW step at lr 1e-6 rounds ~98% of the updates away (tests/test_train.py).
   param_dtype: str = "float32"
   remat: str = "none"  # none | full | save_dots
+  attention: str = "auto"  # causal attention (training forward, prefill): auto (splash on TPU, else XLA) | xla | splash
   lora: LoraSettings = LoraSettings()  # rank 0: full fine-tuning; else adapters via qwix (model/lora.py)
 
 
@@ -267,6 +268,7 @@ RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
 CHOICES = {
     "mode": ("train", "chat"), "algorithm": ("mcpo", "grpo"), "resume": ("auto", "none"),
     "model.dtype": DTYPES, "model.param_dtype": DTYPES, "model.remat": tuple(REMAT_POLICIES),
+    "model.attention": ATTENTION_KERNELS,
     "model.lora.export": EXPORTS,
     "rewards.sandbox": ("bwrap", "unsafe"),
     "optim.schedule": SCHEDULES, "eval.split": SPLITS,

@@ -105,7 +105,8 @@ def train(config: RunConfig) -> dict[str, Any]:
   eval_set = build_eval_set(domains, tokenizer, prompts_per_domain=config.eval.prompts_per_domain,
                             split=config.eval.split, max_prompt_tokens=config.data.max_prompt_tokens)
   model = from_pretrained(config.model.name, mesh=mesh, dtype=config.model.dtype,
-                          param_dtype=config.model.param_dtype, remat=config.model.remat)
+                          param_dtype=config.model.param_dtype, remat=config.model.remat,
+                          attention=config.model.attention)
   reference_graphdef = None  # the KL reference's structure: a LoRA model's base with the adapters off
   if config.model.lora.rank:
     model, reference_graphdef = apply_lora(model, config.model.lora, seed=config.seed)

@@ -91,7 +91,7 @@ def _sample_program(graphdef, state, prompt_tokens, prompt_mask, key, max_new_to
 
   # Prefill once per prompt, then give each of the G rows its own copy of the prompt's cache.
   cache = model.init_cache(b, p + length_bucket, cache_dtype)
-  prefill = model(prompt_tokens, prompt_mask, cache=cache, return_logits=False)
+  prefill = model(prompt_tokens, prompt_mask, cache=cache, return_logits=False, fresh_cache=True)
   repeat = lambda x: jnp.repeat(x, group_size, axis=0) if x.ndim else x
   cache = jax.tree.map(repeat, prefill.cache)
   logits = repeat(model.logits_from_hidden(prefill.hidden[:, -1:])[:, 0])  # [N, V]

@@ -60,16 +60,16 @@ def resolve_checkpoint(path_or_name: str | os.PathLike) -> str:
 
 
 def from_pretrained(path_or_name: str | os.PathLike, *, mesh: Mesh | None = None, dtype: Any = "float32",
-                    param_dtype: Any = None, remat: str = "none") -> Transformer:
+                    param_dtype: Any = None, remat: str = "none", attention: str = "auto") -> Transformer:
   """Loads a checkpoint into a Transformer whose parameters are sharded over `mesh`.
 
   `path_or_name`: an HF directory (config.json + safetensors, local or gs://), a .gguf file, or a
   zoo name (`smollm2-135m-instruct`). `dtype` is the compute dtype; parameters are stored in
-  `param_dtype` (default: the same).
+  `param_dtype` (default: the same). `attention`: the causal-attention kernel ("auto": splash on TPU).
   """
   dtype = jnp.dtype(dtype)
   return load_hf_checkpoint(resolve_checkpoint(path_or_name), mesh=mesh, dtype=dtype,
-                            param_dtype=jnp.dtype(param_dtype or dtype), remat=remat)
+                            param_dtype=jnp.dtype(param_dtype or dtype), remat=remat, attention=attention)
 
 
 def save_pretrained(model: Transformer, directory: str | os.PathLike, tokenizer=None, *,

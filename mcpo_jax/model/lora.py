@@ -128,6 +128,7 @@ def _adapted(model: Transformer):
 def merge_adapters(model: Transformer) -> Transformer:
   """A plain Transformer whose adapted weights are W + (alpha / rank)·A·B (computed in float32)."""
   plain = nnx.eval_shape(lambda: Transformer(model.config, dtype=model.dtype, remat=model.remat, mesh=model.mesh,
+                                             attention=model.attention_kernel,
                                              rngs=nnx.Rngs(0)))
   adapters = {path: (lora_a, lora_b) for path, _, lora_a, lora_b in _adapted(model)}
   flat = []

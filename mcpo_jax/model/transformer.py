@@ -9,6 +9,9 @@ teacher-forced pass whose tokens also attend to that prompt: the training forwar
 that share one prompt encodes the prompt once. Positions come from the attention mask (count of
 real tokens so far), so left padding never shifts RoPE.
 
+The causal (cache-less) attention and the prefill run the splash kernel on TPU (model/splash.py) and
+the blockwise XLA core elsewhere (model/attention.py); `attention` ("auto" | "xla" | "splash") chooses.
+
 Shapes: B batch, T new tokens, S cache slots, E hidden, H query heads, K KV heads, D head dim,
 F MLP width, V vocabulary.
 """
@@ -27,14 +30,27 @@ from mcpo_jax.mesh import constrain
 from mcpo_jax.model.attention import cached_attention, causal_attention
 from mcpo_jax.model.config import ModelConfig, inverse_frequencies
 from mcpo_jax.model.linear import linear
+from mcpo_jax.model.splash import splash_attention
 
-ATTENTION_BLOCK = 64  # query positions per block of the training-path attention
+ATTENTION_BLOCK = 64  # query positions per block of the training-path attention (the XLA core)
+ATTENTION_KERNELS = ("auto", "xla", "splash")  # auto: splash on TPU, XLA elsewhere
 
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def platform(mesh: Mesh | None) -> str:
+  """The platform the model's arrays live on: the mesh's devices', else the default backend's."""
+  return (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+
+
+def splash_selected(kernel: str, mesh: Mesh | None) -> bool:
+  """Whether causal attention runs the splash kernel: "auto" on TPU, "splash" anywhere (off TPU in Pallas's
+  interpreter: slow, for tests), "xla" never."""
+  return kernel == "splash" or (kernel == "auto" and platform(mesh) == "tpu")
 
 
 @flax.struct.dataclass
@@ -99,7 +115,8 @@ def rotate_half_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class Attention(nnx.Module):
-  def __init__(self, config: ModelConfig, *, dtype: Any, param_dtype: Any, mesh: Mesh | None, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, *, dtype: Any, param_dtype: Any, mesh: Mesh | None, rngs: nnx.Rngs,
+               attention: str = "auto"):
     e, h, k, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
     self.q_proj = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), param_dtype)
     self.k_proj = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), param_dtype)
@@ -112,8 +129,14 @@ class Attention(nnx.Module):
     if config.qk_norm:
       self.q_norm = RMSNorm(d, config.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
       self.k_norm = RMSNorm(d, config.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
-    self.config, self.dtype, self.mesh = config, dtype, mesh
+    self.config, self.dtype, self.mesh, self.attention_kernel = config, dtype, mesh, attention
     self.lora_targets: frozenset[str] = frozenset()  # weights run through lora_einsum (set by model/lora.py)
+
+  def _causal(self, q, k, v, key_mask, first_slot=0):
+    """causal_attention's contract (model/attention.py) on the backend's kernel."""
+    if splash_selected(self.attention_kernel, self.mesh):
+      return splash_attention(q, k, v, key_mask, first_slot, mesh=self.mesh, interpret=platform(self.mesh) != "tpu")
+    return causal_attention(q, k, v, key_mask, ATTENTION_BLOCK, first_slot)
 
   def _project(self, x: jax.Array, name: str) -> jax.Array:
     weight = getattr(self, f"{name}_proj")[...].astype(self.dtype)  # [E, N, D]
@@ -156,9 +179,9 @@ class Attention(nnx.Module):
     if prefix_keys is not None:  # teacher-forced after a shared prompt: keys [prompt; own tokens]
       k_all = jnp.concatenate([prefix_keys.astype(self.dtype), k.astype(self.dtype)], axis=2)  # [B, K, P + T, D]
       v_all = jnp.concatenate([prefix_values.astype(self.dtype), v.astype(self.dtype)], axis=2)
-      out = causal_attention(q, k_all, v_all, key_mask, ATTENTION_BLOCK, prefix_keys.shape[2])
+      out = self._causal(q, k_all, v_all, key_mask, prefix_keys.shape[2])
     elif layer_keys is None:  # teacher-forced (training): blockwise, memory linear in T
-      out = causal_attention(q, k.astype(self.dtype), v.astype(self.dtype), key_mask, ATTENTION_BLOCK)
+      out = self._causal(q, k.astype(self.dtype), v.astype(self.dtype), key_mask)
     else:
       out = cached_attention(q, k.astype(self.dtype), v.astype(self.dtype), query_slots, key_mask)
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)  # [B, K, G, T, D] -> [B, T, H, D]
@@ -192,10 +215,11 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-  def __init__(self, config: ModelConfig, *, dtype: Any, param_dtype: Any, mesh: Mesh | None, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, *, dtype: Any, param_dtype: Any, mesh: Mesh | None, rngs: nnx.Rngs,
+               attention: str = "auto"):
     kw = dict(dtype=dtype, param_dtype=param_dtype, mesh=mesh, rngs=rngs)
     self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
-    self.attn = Attention(config, **kw)
+    self.attn = Attention(config, attention=attention, **kw)
     self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
     self.mlp = MLP(config, **kw)
     self.mesh = mesh
@@ -213,16 +237,19 @@ class Transformer(nnx.Module):
   """Decoder-only LM. `model(input_ids, attention_mask)` -> ModelOutput(logits, hidden, cache)."""
 
   def __init__(self, config: ModelConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-               remat: str = "none", mesh: Mesh | None = None, rngs: nnx.Rngs):
+               remat: str = "none", mesh: Mesh | None = None, attention: str = "auto", rngs: nnx.Rngs):
     if remat not in REMAT_POLICIES:
       raise ValueError(f"remat={remat!r}; choose one of {sorted(REMAT_POLICIES)}.")
+    if attention not in ATTENTION_KERNELS:
+      raise ValueError(f"attention={attention!r}; choose one of {list(ATTENTION_KERNELS)}.")
     kw = dict(dtype=dtype, param_dtype=param_dtype, mesh=mesh, rngs=rngs)
     self.embed = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), param_dtype)
-    self.layers = nnx.List([Block(config, **kw) for _ in range(config.num_layers)])
+    self.layers = nnx.List([Block(config, attention=attention, **kw) for _ in range(config.num_layers)])
     self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
     if not config.tie_word_embeddings:
       self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), param_dtype)
     self.config, self.dtype, self.remat, self.mesh = config, jnp.dtype(dtype), remat, mesh
+    self.attention_kernel = attention
 
   def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
     """An empty cache of `max_length` slots (dtype defaults to the compute dtype)."""
@@ -244,13 +271,18 @@ class Transformer(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                cache: KVCache | None = None, prefix: KVCache | None = None, return_logits: bool = True,
-               return_kv: bool = False) -> ModelOutput:
+               return_kv: bool = False, fresh_cache: bool = False) -> ModelOutput:
     """input_ids, attention_mask: int [B, T] (mask 1 = real token, 0 = padding).
 
     cache: a KV cache to write into and attend over (sampling). prefix: keys/values [B, K, P, D] of a
     prompt these tokens follow (training with a shared prompt). return_kv: without a cache, return
-    this call's keys/values as `cache` (a prompt to be used as a prefix).
+    this call's keys/values as `cache` (a prompt to be used as a prefix). fresh_cache: the cache holds
+    nothing yet (init_cache's, index 0), so this prefill attends to its own keys alone; on the splash
+    path it then runs as a cache-less call whose keys are written into the cache (the XLA path ignores it).
     """
+    if cache is not None and fresh_cache and splash_selected(self.attention_kernel, self.mesh):
+      out = self(input_ids, attention_mask, return_logits=return_logits, return_kv=True)
+      return out.replace(cache=_write_prompt(cache, out.cache, self.mesh))
     b, t = input_ids.shape
     if attention_mask is None:
       attention_mask = jnp.ones((b, t), jnp.int32)
@@ -301,6 +333,16 @@ class Transformer(nnx.Module):
     graphdef, state = nnx.split(layer)
     apply = lambda state, *args: nnx.merge(graphdef, state)(*args)
     return jax.checkpoint(apply, policy=REMAT_POLICIES[self.remat])(state, *args)
+
+
+def _write_prompt(cache: KVCache, prompt: KVCache, mesh: Mesh | None) -> KVCache:
+  """An empty cache (index 0) with a cache-less call's keys/values [B, K, T, D] and mask written at slots [0, T)."""
+  def write(slots, new):  # [B, K, S, D] <- [B, K, T, D]
+    slots = jax.lax.dynamic_update_slice_in_dim(slots, new.astype(slots.dtype), 0, axis=2)
+    return constrain(slots, mesh, ("batch", "kv_heads", "length", "head_dim"))
+  return KVCache(keys=tuple(map(write, cache.keys, prompt.keys)), values=tuple(map(write, cache.values, prompt.values)),
+                 key_mask=jax.lax.dynamic_update_slice_in_dim(cache.key_mask, prompt.key_mask, 0, axis=1),
+                 index=prompt.index)
 
 
 def init_model(config: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None, **kwargs) -> Transformer:

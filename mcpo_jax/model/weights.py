@@ -190,11 +190,11 @@ def _place(value: np.ndarray, logical_axes, mesh: Mesh | None, dtype) -> jax.Arr
 
 
 def load_hf_checkpoint(directory: str | os.PathLike, *, mesh: Mesh | None = None, dtype: Any = jnp.float32,
-                       param_dtype: Any = jnp.float32, remat: str = "none") -> Transformer:
+                       param_dtype: Any = jnp.float32, remat: str = "none", attention: str = "auto") -> Transformer:
   """An HF checkpoint directory (local or gs://) -> a Transformer with sharded parameters."""
   config = read_config(directory)
   checkpoint = SafetensorsCheckpoint(directory)
-  model = _abstract_model(config, mesh, dtype=dtype, param_dtype=param_dtype, remat=remat)
+  model = _abstract_model(config, mesh, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
   graphdef, state = nnx.split(model)
   specs = hf_tensor_specs(config)
   flat = []
