@@ -134,3 +134,19 @@ def left_padded_batch(rng: np.random.Generator, batch: int, length: int, vocab: 
   for row in range(batch):
     mask[row, :pads[row % len(pads)]] = 0
   return ids, mask
+
+
+def tiny_pod_run(tmp_path_factory, name: str):
+  """The tiny preset's RunConfig over a random 2-layer Qwen2 checkpoint, with the paper presets' TPU settings
+  (bf16 compute, remat full, a scan over 2 micro-batches): what the AOT tests compile for TPU topologies."""
+  from configs.multi_domain import get_config
+  from mcpo_jax import config as config_lib
+  directory = tmp_path_factory.mktemp(name)
+  write_tiny_checkpoint("qwen2", directory)
+  config = get_config("tiny")
+  config.model.name = str(directory)
+  config.model.dtype = "bfloat16"
+  config.model.remat = "full"
+  config.data.prompts_per_step = 4
+  config.train.micro_batches = 2
+  return config_lib.build(config)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import write_tiny_checkpoint
+from conftest import tiny_pod_run
 from flax import nnx
 
 from mcpo_jax import aot
@@ -145,14 +145,7 @@ def test_auto_is_the_unchanged_xla_path_on_cpu():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-  directory = tmp_path_factory.mktemp("tiny_qwen2_splash")
-  write_tiny_checkpoint("qwen2", directory)
-  config = get_config("tiny")
-  config.model.name = str(directory)
-  config.model.dtype = "bfloat16"
-  config.model.remat = "full"
-  config.data.prompts_per_step = 4
-  return config_lib.build(config)
+  return tiny_pod_run(tmp_path_factory, "tiny_qwen2_splash")
 
 
 @needs_libtpu

@@ -29,12 +29,14 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/multi_domain.py:compare", "The comparison's config.")
-_RUNS_DIR = flags.DEFINE_string("runs_dir", "runs/compare", "The comparison's run directories.")
-_ARMS = flags.DEFINE_list("arms", ["grpo-mixed", "mcpo"], "Arms to measure; the first is the reference.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds of every arm.")
-_PROMPTS = flags.DEFINE_integer("prompts", 150, "Held-out problems per format.")
-_OUT = flags.DEFINE_string("out", "docs/results", "Where alignment.json and alignment.png go.")
+def _define_flags():
+  """The command's flags, defined only when it runs as a program (compare defines --config too)."""
+  return (config_flags.DEFINE_config_file("config", "configs/multi_domain.py:compare", "The comparison's config."),
+          flags.DEFINE_string("runs_dir", "runs/compare", "The comparison's run directories."),
+          flags.DEFINE_list("arms", ["grpo-mixed", "mcpo"], "Arms to measure; the first is the reference."),
+          flags.DEFINE_list("seeds", ["0", "1"], "Seeds of every arm."),
+          flags.DEFINE_integer("prompts", 150, "Held-out problems per format."),
+          flags.DEFINE_string("out", "docs/results", "Where alignment.json and alignment.png go."))
 
 
 def pooled_responses(model, tokenizer, eval_set, *, max_new_tokens: int, stop_token_ids: Sequence[int],
@@ -156,16 +158,18 @@ def report(values: dict, arms: Sequence[str], seeds: Sequence[int], out: Path) -
   return summary
 
 
-def main(argv) -> None:
+def main(argv, flag_values) -> None:
   del argv
   from mcpo_jax.console import quiet_libraries
   quiet_libraries()
-  seeds = [int(s) for s in _SEEDS.value]
-  values = measure(_CONFIG.value, _RUNS_DIR.value, _ARMS.value, seeds, _PROMPTS.value)
-  summary = report(values, _ARMS.value, seeds, Path(_OUT.value))
+  config, runs_dir, arms, seeds, prompts, out = (flag.value for flag in flag_values)
+  seeds = [int(s) for s in seeds]
+  values = measure(config, runs_dir, arms, seeds, prompts)
+  summary = report(values, arms, seeds, Path(out))
   for label, entry in summary.items():
     print(f"{label}: {entry['estimate']:+.4f} [{entry['low']:+.4f}, {entry['high']:+.4f}]")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _flags = _define_flags()
+  app.run(lambda argv: main(argv, _flags))
