@@ -30,7 +30,6 @@ from mcpo_jax.mesh import constrain
 from mcpo_jax.model.attention import cached_attention, causal_attention
 from mcpo_jax.model.config import ModelConfig, inverse_frequencies
 from mcpo_jax.model.linear import linear
-from mcpo_jax.model.splash import splash_attention
 
 ATTENTION_BLOCK = 64  # query positions per block of the training-path attention (the XLA core)
 ATTENTION_KERNELS = ("auto", "xla", "splash")  # auto: splash on TPU, XLA elsewhere
@@ -135,6 +134,7 @@ class Attention(nnx.Module):
   def _causal(self, q, k, v, key_mask, first_slot=0):
     """causal_attention's contract (model/attention.py) on the backend's kernel."""
     if splash_selected(self.attention_kernel, self.mesh):
+      from mcpo_jax.model.splash import splash_attention  # Pallas' TPU modules load only when splash runs
       return splash_attention(q, k, v, key_mask, first_slot, mesh=self.mesh, interpret=platform(self.mesh) != "tpu")
     return causal_attention(q, k, v, key_mask, ATTENTION_BLOCK, first_slot)
 
