@@ -39,7 +39,8 @@ from mcpo_jax.batch import TrainBatch
 from mcpo_jax.diagnostics import gradient_cosines_program
 from mcpo_jax.mesh import make_mesh, named_sharding
 from mcpo_jax.model.config import ModelConfig
-from mcpo_jax.model.transformer import KVCache, Transformer
+from mcpo_jax.model.transformer import KVCache
+from mcpo_jax.model.weights import abstract_transformer
 from mcpo_jax.sampling import generate_program, next_power_of_two, prompt_bucket
 from mcpo_jax.train import TrainState, jit_reference_logprobs, jit_update_step, make_optimizer
 
@@ -108,10 +109,9 @@ def abstract(shape, dtype, mesh: Mesh, logical_axes) -> jax.ShapeDtypeStruct:
 
 def abstract_model(config: ModelConfig, mesh: Mesh, run: config_lib.RunConfig) -> tuple[nnx.GraphDef, nnx.State]:
   """The model's graphdef and its parameters as sharded ShapeDtypeStructs (nothing allocated)."""
-  model = nnx.eval_shape(lambda: Transformer(config, dtype=jnp.dtype(run.model.dtype),
-                                             param_dtype=jnp.dtype(run.model.param_dtype), remat=run.model.remat,
-                                             attention=run.model.attention,
-                                             mesh=mesh, rngs=nnx.Rngs(0)))
+  model = abstract_transformer(config, mesh, dtype=jnp.dtype(run.model.dtype),
+                               param_dtype=jnp.dtype(run.model.param_dtype), remat=run.model.remat,
+                               attention=run.model.attention)
   graphdef, params = nnx.split(model, nnx.Param)
   params = jax.tree.map(lambda v: v.replace(abstract(v.shape, v.dtype, mesh, v.logical_axes)), params,
                         is_leaf=lambda x: isinstance(x, nnx.Variable))

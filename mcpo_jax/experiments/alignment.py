@@ -14,8 +14,8 @@ across formats. Domains must be formats of one problem set, matched by position 
 held-out operand pairs are in the same hash order in every format).
 
 Each policy's per-problem values are kept beside its run (`alignment_<split>_<prompts>.npy`), so a rerun
-measures only the runs added since. Writes <out>/alignment.json and alignment.png: per policy, the mean alignment over problems and format
-pairs with a 95% CI (a cluster bootstrap over seeds and problems), and each arm − mixed GRPO.
+measures only the runs added since. Writes <out>/alignment.json and alignment.png: per policy, the mean
+alignment over problems and format pairs with a 95% CI (a cluster bootstrap over seeds and problems), and each arm − mixed GRPO.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
+
 
 def _define_flags():
   """The command's flags, defined only when it runs as a program (compare defines --config too)."""
@@ -44,19 +45,18 @@ def pooled_responses(model, tokenizer, eval_set, *, max_new_tokens: int, stop_to
   """[M, E] float32: each eval prompt's greedy response, pooled over its tokens (objectives.pool_response)."""
   import jax
   import jax.numpy as jnp
+  from flax import nnx
 
   from mcpo_jax.objectives import pool_response
   from mcpo_jax.sampling import generate
 
   @jax.jit
   def pool(model_state, prompt_tokens, prompt_mask, tokens, mask):
-    from flax import nnx
     policy = nnx.merge(graphdef, model_state)
     ids = jnp.concatenate([prompt_tokens, tokens], axis=1)  # [B, P + T]
     hidden = policy(ids, jnp.concatenate([prompt_mask, mask], axis=1), return_logits=False).hidden
     return pool_response(hidden[:, prompt_tokens.shape[1]:], mask)  # [B, E]
 
-  from flax import nnx
   graphdef, model_state = nnx.split(model)
   out = []
   for start in range(0, len(eval_set.examples), batch_size):
@@ -124,8 +124,9 @@ def measure(base, runs_dir: str, arms: Sequence[str], seeds: Sequence[int], prom
 
 
 def report(values: dict, arms: Sequence[str], seeds: Sequence[int], out: Path) -> dict:
-  from mcpo_jax.experiments.stats import cluster_bootstrap
   from dataclasses import asdict
+
+  from mcpo_jax.experiments.stats import cluster_bootstrap
 
   reference = arms[0] if arms else None
   summary = {"start": asdict(cluster_bootstrap({"alignment": values["start"][None]})["alignment"])}

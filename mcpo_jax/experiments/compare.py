@@ -344,13 +344,13 @@ def compare(base: ml_collections.ConfigDict, seeds: Sequence[int], runs_dir: str
   unknown = set(only) - {a.name for a in arm_list}
   if unknown:
     raise ValueError(f"--arms: unknown {sorted(unknown)}; the arms are {', '.join(a.name for a in arm_list)}.")
-  # Seed-major, so that a grid stopped part-way holds whole paired seeds.
   if only:  # the grid and its report narrowed to these arms; mixed GRPO is every difference's reference
     if "grpo-mixed" not in only:
       raise ValueError("--arms must include grpo-mixed: the report's start row and differences are taken from it.")
     arm_list = [arm for arm in arm_list if arm.name in only]
   stem = name or grid_stem
-  todo = [(arm, seed) for seed in seeds for arm in arm_list]
+  todo = [  # seed-major, so that a grid stopped part-way holds whole paired seeds
+      (arm, seed) for seed in seeds for arm in arm_list]
   for i, (arm, seed) in enumerate(todo):
     # The start row: mixed GRPO's first seed evaluates the initial policy, which every arm starts from.
     config = run_config(base, arm, seed, runs_dir, start_eval=(arm.name, seed) == ("grpo-mixed", seeds[0]))

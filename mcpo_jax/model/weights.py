@@ -177,7 +177,8 @@ class SafetensorsCheckpoint:
     return tensor
 
 
-def _abstract_model(config: ModelConfig, mesh: Mesh | None, **model_kwargs) -> Transformer:
+def abstract_transformer(config: ModelConfig, mesh: Mesh | None, **model_kwargs) -> Transformer:
+  """A Transformer of ShapeDtypeStructs (nothing allocated) whose Variables carry their logical axes."""
   return nnx.eval_shape(lambda: Transformer(config, mesh=mesh, rngs=nnx.Rngs(0), **model_kwargs))
 
 
@@ -194,7 +195,7 @@ def load_hf_checkpoint(directory: str | os.PathLike, *, mesh: Mesh | None = None
   """An HF checkpoint directory (local or gs://) -> a Transformer with sharded parameters."""
   config = read_config(directory)
   checkpoint = SafetensorsCheckpoint(directory)
-  model = _abstract_model(config, mesh, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
+  model = abstract_transformer(config, mesh, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
   graphdef, state = nnx.split(model)
   specs = hf_tensor_specs(config)
   flat = []
