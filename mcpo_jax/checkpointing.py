@@ -101,29 +101,51 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def _drop_closed_loop_callbacks() -> None:
-  """After a failed read, tensorstore's pending callbacks keep calling `call_soon_threadsafe` on the event
+def _is_closed_loop(error: BaseException | None) -> bool:
+  return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+class _DuplicateReads(logging.Filter):
+  """False (drop) for an asyncio record carrying "Event loop is closed", or a read error of a checkpoint
+  under one of `directories` (paths without their scheme, as tensorstore's messages name them)."""
+
+  def __init__(self):
+    super().__init__()
+    self.directories: set[str] = set()
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    if error is None:
+      return True
+    text = str(error)
+    read_error = "Error reading" in text and any(directory in text for directory in self.directories)
+    return not (_is_closed_loop(error) or read_error)
+
+
+_duplicate_reads = _DuplicateReads()
+
+
+def _drop_duplicate_read_errors(directory: epath.Path) -> None:
+  """Silences the echoes of a failed checkpoint read, which restore_latest already reports in one line.
+
+  After a failed read, tensorstore's pending callbacks keep calling `call_soon_threadsafe` on the event
   loop orbax ran (and closed) for it; each raises "Event loop is closed" into sys.unraisablehook, hundreds of
-  tracebacks, late and from other threads. This hook drops exactly those and passes everything else on."""
+  tracebacks, late and from other threads. The read's sibling tasks fail with the same read error, and
+  asyncio logs each one, whenever it is garbage-collected, as "Task exception was never retrieved". The hook
+  drops exactly the first kind; the asyncio filter drops both, the second only for reads under `directory`.
+  """
+  _duplicate_reads.directories.add(str(directory).split("://", 1)[-1])
   previous = sys.unraisablehook
   if getattr(previous, "drops_closed_loop_callbacks", False):
     return
 
   def hook(unraisable) -> None:
-    error = unraisable.exc_value
-    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+    if not _is_closed_loop(unraisable.exc_value):
       previous(unraisable)
 
   hook.drops_closed_loop_callbacks = True
   sys.unraisablehook = hook
-  # The same error also reaches asyncio's logger, as "Task exception was never retrieved" with it attached.
-  logging.getLogger("asyncio").addFilter(_not_closed_loop)
-
-
-def _not_closed_loop(record: logging.LogRecord) -> bool:
-  """A logging filter: False (drop) for a record that carries exactly RuntimeError("Event loop is closed")."""
-  error = record.exc_info[1] if record.exc_info else None
-  return not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed")
+  logging.getLogger("asyncio").addFilter(_duplicate_reads)
 
 
 def _one_line(error: BaseException) -> str:
@@ -137,6 +159,7 @@ class Checkpointer:
                best_metric: str | None = None, best_mode: str = "max", async_save: bool = True):
     # orbax's tensorstore writer needs an absolute path: `runs/default` is resolved against the cwd.
     self.directory = epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
+    _drop_duplicate_read_errors(self.directory)  # before any read: its echoes can come before its except clause
     policies = [preservation.LatestN(n=keep_last)]
     if best_metric and keep_best > 0:
       policies.append(preservation.BestN(get_metric_fn=lambda metrics: metrics[best_metric],
@@ -173,7 +196,6 @@ class Checkpointer:
 
   def check_newest_config(self, config: ml_collections.ConfigDict) -> None:
     """check_config on the newest step whose extra reads: the start-up check, before the model loads."""
-    _drop_closed_loop_callbacks()
     for step in reversed(self.steps()):
       try:
         extra = self.read_extra(step)
@@ -189,7 +211,6 @@ class Checkpointer:
     abstract_state: a pytree of jax.ShapeDtypeStruct with shardings (see `abstract_like`). Raises
     ResumeError on an incompatible checkpoint; moves an unreadable one to corrupt/<step> and tries the one before.
     """
-    _drop_closed_loop_callbacks()  # before any read: a failed one's callbacks can fire before its except clause
     for step in reversed(self.steps()):
       try:
         extra = self.read_extra(step)
