@@ -40,7 +40,7 @@ from mcpo_jax.diagnostics import gradient_cosines_program
 from mcpo_jax.mesh import make_mesh, named_sharding
 from mcpo_jax.model.config import ModelConfig
 from mcpo_jax.model.transformer import KVCache
-from mcpo_jax.model.weights import abstract_transformer
+from mcpo_jax.model.weights import abstract_transformer, host_read_shares
 from mcpo_jax.sampling import generate_program, next_power_of_two, prompt_bucket
 from mcpo_jax.train import TrainState, jit_reference_logprobs, jit_update_step, make_optimizer
 
@@ -164,6 +164,9 @@ def programs(run: config_lib.RunConfig, config: ModelConfig, mesh: Mesh) -> list
   graphdef, params = abstract_model(config, mesh, run)
   compute = jnp.dtype(run.model.dtype)
   reference = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, compute, sharding=s.sharding), params)
+  decode_params = jax.tree.map(  # what the decode loop reads with rollout.gather_weights (sampling.decode_weights)
+      lambda v: v.replace(jax.ShapeDtypeStruct(v.shape, compute, sharding=named_sharding(
+          mesh, v.logical_axes, v.shape, replicated=("embed",)))), params, is_leaf=lambda x: isinstance(x, nnx.Variable))
   optimizer = make_optimizer(run.optim)
   state = abstract_train_state(params, optimizer, mesh, config.hidden_size, run.objective.proj_dim)
   update_config = run.update
@@ -176,7 +179,7 @@ def programs(run: config_lib.RunConfig, config: ModelConfig, mesh: Mesh) -> list
   def sampler(name, prompts, group, new_tokens, temperature, calls=1):
     program, settings = generate_program(group_size=group, max_new_tokens=new_tokens, temperature=temperature,
                                          top_p=run.rollout.top_p, top_k=run.rollout.top_k, stop_token_ids=(0,),
-                                         pad_id=0)
+                                         pad_id=0, gather_weights=run.rollout.gather_weights)
     tokens = abstract((prompts, p), jnp.int32, mesh, ("batch", "length"))
     slots = p + next_power_of_two(new_tokens)
     n = prompts * group
@@ -192,7 +195,8 @@ def programs(run: config_lib.RunConfig, config: ModelConfig, mesh: Mesh) -> list
         model = nnx.merge(graphdef, params)
         out = model(token, jnp.ones_like(token), cache=cache, return_logits=False)
         return model.logits_from_hidden(out.hidden), out.cache
-      return jax.jit(step, donate_argnums=2).lower(params, abstract((n, 1), jnp.int32, mesh, ("batch", None)), cache)
+      weights = decode_params if run.rollout.gather_weights else params
+      return jax.jit(step, donate_argnums=2).lower(weights, abstract((n, 1), jnp.int32, mesh, ("batch", None)), cache)
 
     flops = calls * (forward_flops(config, prompts, p, p) + forward_flops(config, n, new_tokens, slots))
     return Program(name, lambda: program.lower(graphdef, params, tokens, tokens, key, *settings), flops,
@@ -301,6 +305,9 @@ def main(argv) -> None:
   print(f"{run.model.name} ({config.num_params / 1e9:.2f}B parameters, {config.num_layers} layers) on "
         f"{options.topology} × {options.num_slices} slice(s) = {len(devices)} chips, mesh {dict(mesh.shape)}",
         flush=True)
+  shares = host_read_shares(config, mesh)
+  print(f"loading: each of {len(shares)} hosts reads {max(shares.values()):.2f} of the checkpoint "
+        f"({config.num_params * 2 * max(shares.values()) / 1e9:.1f} GB of a bf16 checkpoint)", flush=True)
   chip = CHIPS[chip_name]
   fits_all = True
   for i, program in enumerate(todo):

@@ -70,6 +70,7 @@ class RolloutSettings:
   top_p: float = 1.0
   top_k: int = 0
   max_rows_per_call: int = 0  # rows (prompts × G) per sampler call, bounding its KV cache; 0 = the whole batch
+  gather_weights: bool = False  # decode from weights gathered once per call (sampling.decode_weights), not per token
 
   @property
   def prompts_per_call(self) -> int | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import jax
 import numpy as np
@@ -86,8 +86,10 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[
   return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
-def logical_to_spec(logical_axes: LogicalAxes, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
-  """PartitionSpec for an array of `shape`; a mesh axis that does not divide its dimension is dropped.
+def logical_to_spec(logical_axes: LogicalAxes, shape: Sequence[int], mesh: Mesh,
+                    replicated: Collection[str] = ()) -> PartitionSpec:
+  """PartitionSpec for an array of `shape`; a mesh axis that does not divide its dimension is dropped,
+  and so is every logical axis named in `replicated`.
 
   Replicating such a dimension lets one rules table serve every model and batch: 4 KV heads on a
   tensor axis of 8 stay replicated (as Megatron does for GQA), and a single chat prompt runs on any
@@ -97,7 +99,7 @@ def logical_to_spec(logical_axes: LogicalAxes, shape: Sequence[int], mesh: Mesh)
     raise ValueError(f"logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}")
   spec, used = [], set()
   for name, dim in zip(logical_axes, shape):
-    if name is None:
+    if name is None or name in replicated:
       spec.append(None)
       continue
     if name not in LOGICAL_AXIS_RULES:
@@ -112,8 +114,9 @@ def logical_to_spec(logical_axes: LogicalAxes, shape: Sequence[int], mesh: Mesh)
   return PartitionSpec(*spec)
 
 
-def named_sharding(mesh: Mesh, logical_axes: LogicalAxes, shape: Sequence[int]) -> NamedSharding:
-  return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh))
+def named_sharding(mesh: Mesh, logical_axes: LogicalAxes, shape: Sequence[int],
+                   replicated: Collection[str] = ()) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh, replicated))
 
 
 def constrain(x: jax.Array, mesh: Mesh | None, logical_axes: LogicalAxes) -> jax.Array:

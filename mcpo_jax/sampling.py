@@ -78,14 +78,35 @@ def filter_logits(logits: jax.Array, top_k: int, top_p: jax.Array | float | None
   return logits
 
 
+def decode_weights(state: nnx.State, mesh, dtype) -> nnx.State:
+  """The sampler's copy of the model's weights: in the compute dtype (what every use casts them to, so the
+  numbers are the same), with their FSDP dimension ("embed") gathered. The decode loop then reads local
+  weights instead of all-gathering every weight at every token. It is made once per sampler call and costs
+  num_params × dtype bytes / tensor-parallel size per chip. Variables without logical axes (LoRA's) stay."""
+  def gathered(variable):
+    axes = getattr(variable, "logical_axes", None)
+    if not isinstance(variable, nnx.Param) or axes is None:
+      return variable
+    value = variable[...]
+    if jnp.issubdtype(value.dtype, jnp.floating):
+      value = value.astype(dtype)
+    if mesh is not None:
+      value = jax.lax.with_sharding_constraint(value, named_sharding(mesh, axes, value.shape, replicated=("embed",)))
+    return variable.replace(value)
+  return jax.tree.map(gathered, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def _sample_program(graphdef, state, prompt_tokens, prompt_mask, key, max_new_tokens, temperature, top_p, stop_ids,
                     *, group_size: int, length_bucket: int, greedy: bool, top_k: int, use_top_p: bool,
-                    pad_id: int, cache_dtype):
+                    pad_id: int, cache_dtype, gather_weights: bool):
   """The jitted generation. prompt_tokens, prompt_mask: [B, P]; returns Rollouts with T = length_bucket."""
   global _compiles
   _compiles += 1  # runs once per trace, i.e. once per compiled program
   model: Transformer = nnx.merge(graphdef, state)
   mesh = model.mesh
+  if gather_weights:
+    state = decode_weights(state, mesh, model.dtype)
+    model = nnx.merge(graphdef, state)
   b, p = prompt_tokens.shape
   n = b * group_size
 
@@ -147,21 +168,21 @@ def _sample_program(graphdef, state, prompt_tokens, prompt_mask, key, max_new_to
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(group_size, length_bucket, greedy, top_k, use_top_p, pad_id, cache_dtype):
+def _jitted(group_size, length_bucket, greedy, top_k, use_top_p, pad_id, cache_dtype, gather_weights):
   return jax.jit(functools.partial(
       _sample_program, group_size=group_size, length_bucket=length_bucket, greedy=greedy, top_k=top_k,
-      use_top_p=use_top_p, pad_id=pad_id, cache_dtype=cache_dtype), static_argnums=0)
+      use_top_p=use_top_p, pad_id=pad_id, cache_dtype=cache_dtype, gather_weights=gather_weights), static_argnums=0)
 
 
 def generate_program(*, group_size: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-                     stop_token_ids: Sequence[int], pad_id: int, cache_dtype=None):
+                     stop_token_ids: Sequence[int], pad_id: int, cache_dtype=None, gather_weights: bool = False):
   """The jitted program `generate` runs, and its trailing arguments: the program is called as
   program(graphdef, model_state, prompt_tokens, prompt_mask, key, *settings) (mcpo_jax.aot lowers it)."""
   stop_ids = np.full((MAX_STOP_TOKENS,), -1, np.int32)
   stop_ids[:len(stop_token_ids)] = list(stop_token_ids)
   greedy = temperature == 0
   program = _jitted(group_size, next_power_of_two(max_new_tokens), greedy, int(top_k), top_p < 1.0, int(pad_id),
-                    None if cache_dtype is None else jnp.dtype(cache_dtype))
+                    None if cache_dtype is None else jnp.dtype(cache_dtype), bool(gather_weights))
   settings = (np.int32(max_new_tokens), np.float32(1.0 if greedy else temperature), np.float32(top_p), stop_ids)
   return program, settings
 
@@ -169,12 +190,13 @@ def generate_program(*, group_size: int, max_new_tokens: int, temperature: float
 def generate(model: Transformer, prompt_tokens, prompt_mask, *, group_size: int = 1, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              stop_token_ids: Sequence[int] = (), key: jax.Array, step: int = 0, pad_id: int = 0,
-             cache_dtype=None) -> Rollouts:
+             cache_dtype=None, gather_weights: bool = False) -> Rollouts:
   """Samples `group_size` responses for each left-padded prompt.
 
   prompt_tokens, prompt_mask: [B, P] (left padding). temperature=0 is greedy. The key is folded with
   `step` and then with each row index, so a new training step draws new samples and every row its
-  own. Returns Rollouts with T = max_new_tokens.
+  own. gather_weights: decode from `decode_weights` (FSDP gathered once per call). Returns Rollouts with
+  T = max_new_tokens.
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens}; it must be at least 1.")
@@ -194,7 +216,7 @@ def generate(model: Transformer, prompt_tokens, prompt_mask, *, group_size: int 
     prompt_tokens, prompt_mask = from_host(prompt_tokens, sharding), from_host(prompt_mask, sharding)
   program, settings = generate_program(group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature,
                                        top_p=top_p, top_k=top_k, stop_token_ids=stop_token_ids, pad_id=pad_id,
-                                       cache_dtype=cache_dtype)
+                                       cache_dtype=cache_dtype, gather_weights=gather_weights)
   graphdef, state = nnx.split(model)
   rollouts = program(graphdef, state, prompt_tokens, prompt_mask, jax.random.fold_in(key, step), *settings)
   trim = lambda x: x[:, :max_new_tokens]

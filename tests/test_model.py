@@ -166,16 +166,71 @@ def test_missing_config_json_is_named(tmp_path):
 
 
 def test_byte_range_reader_used_for_gs_paths_reads_the_same_tensors(tiny_checkpoints, monkeypatch):
-  """gs:// checkpoints go through byte-range reads (safetensors' reader needs a local path): same model."""
+  """gs:// checkpoints go through byte-range reads (safetensors' reader needs a local path), in parallel
+  chunks (2 KiB here, so that every large tensor is several): the same sharded model, bit for bit."""
   from mcpo_jax.model import weights
   directory, _ = tiny_checkpoints["qwen2"]
-  local = from_pretrained(directory)
+  mesh = _mesh((1, 2, 4))
+  local = from_pretrained(directory, mesh=mesh)
   monkeypatch.setattr(weights, "_is_remote", lambda path: True)
+  monkeypatch.setattr(weights._RemoteSafetensorsFile, "CHUNK_BYTES", 2048)
   checkpoint = weights.SafetensorsCheckpoint(directory)
   assert all(isinstance(f, weights._RemoteSafetensorsFile) for f in checkpoint._files.values())
-  remote = from_pretrained(directory)
+  remote = from_pretrained(directory, mesh=mesh)
   ids = np.arange(24).reshape(2, 12)
   np.testing.assert_array_equal(remote(ids).logits, local(ids).logits)
+
+
+# The share of an HF tensor's rows each of 4 hosts (2 devices each) reads. HF keeps [out, in]; a host's
+# shards span fewer rows only when `out` is sharded across hosts: under FSDP ("embed" on fsdp) that is
+# o_proj and down_proj ([embed, ...]); the q/gate projections ([heads·D | mlp, embed]) are split by columns,
+# which a row-major file cannot serve in one range, so each host reads them whole.
+HOST_ROW_SHARES = {
+    (1, 8, 1): {"q_proj": 1, "gate_proj": 1, "o_proj": 1 / 4, "down_proj": 1 / 4},
+    (1, 2, 4): {"q_proj": 1 / 2, "gate_proj": 1 / 2, "o_proj": 1 / 2, "down_proj": 1 / 2},
+    (1, 1, 8): {"q_proj": 1 / 4, "gate_proj": 1 / 4, "o_proj": 1, "down_proj": 1},
+}
+
+
+@pytest.mark.parametrize("mesh_shape", HOST_ROW_SHARES)
+def test_each_host_reads_only_the_rows_its_shards_span(tiny_checkpoints, mesh_shape):
+  """The 8 devices dealt to 4 simulated hosts of 2: each host reads one row range of each HF tensor and
+  gets every shard it holds exactly (vs the whole tensor in our layout), reading the share above;
+  `host_read_shares` predicts what each host reads in all."""
+  from flax import nnx
+
+  from mcpo_jax.mesh import named_sharding
+  from mcpo_jax.model import weights
+  directory, _ = tiny_checkpoints["qwen2"]
+  mesh, config = _mesh(mesh_shape), weights.read_config(directory)
+  checkpoint = weights.SafetensorsCheckpoint(directory)
+  read = []
+  real_read_rows = checkpoint.read_rows
+  checkpoint.read_rows = lambda name, shape, start, stop: read.append(stop - start) or real_read_rows(
+      name, shape, start, stop)
+  specs, checked, elements, total = weights.hf_tensor_specs(config), set(), np.zeros(4), 0
+  for path, variable in nnx.to_flat_state(nnx.state(weights.abstract_transformer(config, mesh))):
+    hf_name, hf_shape, transposed = specs[path]
+    whole = weights._hf_to_ours(real_read_rows(hf_name, hf_shape, 0, hf_shape[0]), variable.shape, transposed)
+    index_of = named_sharding(mesh, variable.logical_axes, variable.shape).devices_indices_map(variable.shape)
+    read.clear()
+    for host in range(4):
+      devices = jax.devices()[2 * host:2 * host + 2]
+      shard = weights._host_shards(checkpoint, hf_name, hf_shape, transposed, tuple(variable.shape),
+                                   [index_of[d] for d in devices])
+      for device in devices:
+        np.testing.assert_array_equal(shard(index_of[device]), whole[index_of[device]])
+    assert len(read) == 4, hf_name
+    elements += np.array(read) * np.prod(hf_shape[1:])
+    total += np.prod(hf_shape)
+    share = HOST_ROW_SHARES[mesh_shape].get(path[-1])
+    if share is not None:
+      assert read == [hf_shape[0] * share] * 4, (hf_name, read)
+      checked.add(path[-1])
+  assert checked == set(HOST_ROW_SHARES[mesh_shape])
+  # The planning figure the AOT tool prints is what loading reads.
+  shares = weights.host_read_shares(config, mesh, host_of=lambda device: device.id // 2)
+  np.testing.assert_allclose(list(shares.values()), elements / total, rtol=1e-12)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

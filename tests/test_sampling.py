@@ -6,16 +6,18 @@ top-k / top-p, or the empirical distribution of many draws. Tiny float32 models 
 """
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from conftest import left_padded_batch, write_tiny_checkpoint
 
-from mcpo_jax.mesh import make_mesh
+from mcpo_jax.mesh import make_mesh, named_sharding
 from mcpo_jax.model import from_pretrained
-from mcpo_jax.sampling import compile_count, filter_logits, generate
+from mcpo_jax.sampling import compile_count, filter_logits, generate, generate_program
 
 PAD_ID = 5  # a non-zero pad id, so "pad after the stop token" is not confused with token 0
 BATCH, GROUP, PROMPT_LEN, MAX_NEW = 4, 2, 12, 8  # one shared shape so the greedy program compiles once
@@ -415,3 +417,49 @@ def test_compile_count_reuses_programs(llama, prompts):
   assert compile_count() == before, "prompt width 12 -> 10 (same prompt bucket 16) recompiled"
   generate(llama, ids, mask, max_new_tokens=MAX_NEW + 3, key=jax.random.key(0), **greedy)  # bucket 16
   assert compile_count() == before + 1, "a new length bucket should build exactly one program"
+
+
+def _loop_body_ops(hlo_text: str, op: str) -> int:
+  """How many `op` instructions the compiled program's while-loop bodies run (with what they call)."""
+  bodies, computations, name = set(), {}, None
+  for line in hlo_text.splitlines():
+    header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if header:
+      name = header.group(1)
+      computations[name] = []
+    elif name is not None:
+      computations[name].append(line)
+      bodies.update(re.findall(r"body=%?([\w.\-]+)", line))
+  seen, todo, count = set(), list(bodies), 0
+  while todo:
+    current = todo.pop()
+    if current in seen or current not in computations:
+      continue
+    seen.add(current)
+    for line in computations[current]:
+      count += bool(re.search(rf"= \S+ {op}(-start)?\(", line))
+      todo += re.findall(r"(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)", line)
+  return count
+
+
+def test_gathered_weights_decode_the_same_without_per_token_weight_gathers(llama_dir, prompts, greedy_rollouts):
+  """rollout.gather_weights on an 8-way FSDP mesh: the same greedy tokens (log-probs within 1e-5) as the
+  unsharded model, and the compiled decode loop no longer all-gathers weights at every token (it does
+  without the option: the count the option removes)."""
+  ids, mask = prompts
+  mesh = make_mesh(1, 8, 1)
+  model = from_pretrained(llama_dir, mesh=mesh)
+  gathers = {}
+  for gather in (False, True):
+    out = generate(model, ids, mask, group_size=GROUP, max_new_tokens=MAX_NEW, temperature=0.0,
+                   key=jax.random.key(0), pad_id=PAD_ID, gather_weights=gather)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(greedy_rollouts.tokens))
+    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(greedy_rollouts.logprobs), atol=LOGPROB_TOL,
+                               rtol=0)
+    program, settings = generate_program(group_size=GROUP, max_new_tokens=MAX_NEW, temperature=0.0, top_p=1.0,
+                                         top_k=0, stop_token_ids=(), pad_id=PAD_ID, gather_weights=gather)
+    graphdef, state = nnx.split(model)
+    sharded = jax.device_put(ids, named_sharding(mesh, ("batch", "length"), ids.shape))
+    hlo = program.lower(graphdef, state, sharded, sharded, jax.random.key(0), *settings).compile().as_text()
+    gathers[gather] = _loop_body_ops(hlo, "all-gather")
+  assert gathers[False] >= 1 and gathers[True] == 0, gathers  # XLA combines the layers' weight gathers into few ops

@@ -1,18 +1,19 @@
 """Hugging Face safetensors checkpoints in and out of the sharded NNX decoder.
 
-Loading reads one tensor at a time (local files through `safetensors`, gs:// through byte-range
-reads of the same format) and places each straight into its sharded jax.Array: every device gets
-only its slice, and the host never holds more than one tensor.
+Loading reads one tensor at a time (local files through `safetensors`, gs:// through parallel
+byte-range reads of the same format) and places each straight into its sharded jax.Array. Each host
+reads only the rows of a tensor that its own devices' shards span, and every device gets its slice.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import math
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -107,8 +108,12 @@ class _RemoteSafetensorsFile:
   """Byte-range reads of a .safetensors file on gs:// (the safetensors library needs a local path).
 
   The format is an 8-byte little-endian header length, a JSON header of dtype/shape/offsets, then
-  the raw little-endian tensor bytes.
+  the raw little-endian tensor bytes, row-major: rows [start, stop) of a tensor are one byte range,
+  read in chunks of at most CHUNK_BYTES by parallel requests.
   """
+
+  CHUNK_BYTES = 32 * 1024**2
+  PARALLEL_READS = 16
 
   def __init__(self, path: epath.Path):
     self.path = path
@@ -120,13 +125,29 @@ class _RemoteSafetensorsFile:
   def keys(self) -> list[str]:
     return list(self.header)
 
-  def get_tensor(self, name: str) -> np.ndarray:
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self.header[name]["shape"])
+
+  def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
     info = self.header[name]
-    start, end = info["data_offsets"]
-    with self.path.open("rb") as f:
-      f.seek(self.data_start + start)
-      raw = f.read(end - start)
-    return np.frombuffer(raw, dtype=SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+    dtype, shape = np.dtype(SAFETENSORS_DTYPES[info["dtype"]]), tuple(info["shape"])
+    row_bytes = math.prod(shape[1:]) * dtype.itemsize
+    first = self.data_start + info["data_offsets"][0] + start * row_bytes
+    out = np.empty((stop - start) * row_bytes, np.uint8)
+
+    def read(offset: int) -> None:
+      with self.path.open("rb") as f:
+        f.seek(first + offset)
+        chunk = f.read(min(self.CHUNK_BYTES, out.size - offset))
+      out[offset:offset + len(chunk)] = np.frombuffer(chunk, np.uint8)
+
+    offsets = range(0, out.size, self.CHUNK_BYTES)
+    if len(offsets) == 1:
+      read(0)
+    else:
+      with concurrent.futures.ThreadPoolExecutor(min(self.PARALLEL_READS, len(offsets))) as pool:
+        list(pool.map(read, offsets))
+    return out.view(dtype).reshape((stop - start, *shape[1:]))
 
 
 class _LocalSafetensorsFile:
@@ -139,9 +160,12 @@ class _LocalSafetensorsFile:
   def keys(self) -> list[str]:
     return list(self._handle.keys())
 
-  def get_tensor(self, name: str) -> np.ndarray:
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._handle.get_slice(name).get_shape())
+
+  def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
     with jax.default_device(jax.local_devices(backend="cpu")[0]):  # this process's own CPU
-      return np.asarray(self._handle.get_tensor(name))
+      return np.asarray(self._handle.get_slice(name)[start:stop])
 
 
 class SafetensorsCheckpoint:
@@ -163,18 +187,18 @@ class SafetensorsCheckpoint:
     self._files = {name: opener(self.directory / name) for name in files}
     self.weight_map = weight_map or {k: name for name, f in self._files.items() for k in f.keys()}
 
-  def get(self, name: str, expected_shape: tuple[int, ...]) -> np.ndarray:
+  def read_rows(self, name: str, expected_shape: tuple[int, ...], start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of tensor `name` (all of it: 0, expected_shape[0]), after checking its shape."""
     if name not in self.weight_map:
       raise CheckpointError(
           f"tensor {name!r} is missing from {self.directory} ({len(self.weight_map)} tensors in "
           f"{', '.join(self._files)}); the checkpoint does not match its config.json.")
-    file_name = self.weight_map[name]
-    tensor = self._files[file_name].get_tensor(name)
-    if tuple(tensor.shape) != tuple(expected_shape):
+    file = self._files[self.weight_map[name]]
+    if file.shape(name) != tuple(expected_shape):
       raise CheckpointError(
-          f"tensor {name!r} in {self.directory / file_name} has shape {tuple(tensor.shape)} but config.json "
+          f"tensor {name!r} in {file.path} has shape {file.shape(name)} but config.json "
           f"implies {tuple(expected_shape)}; the config and the weights disagree (wrong config.json?).")
-    return tensor
+    return file.read_rows(name, start, stop)
 
 
 def abstract_transformer(config: ModelConfig, mesh: Mesh | None, **model_kwargs) -> Transformer:
@@ -182,12 +206,75 @@ def abstract_transformer(config: ModelConfig, mesh: Mesh | None, **model_kwargs)
   return nnx.eval_shape(lambda: Transformer(config, mesh=mesh, rngs=nnx.Rngs(0), **model_kwargs))
 
 
-def _place(value: np.ndarray, logical_axes, mesh: Mesh | None, dtype) -> jax.Array:
-  """Host array -> jax.Array; with a mesh each device receives only its slice."""
+def _row_axis(hf_shape: tuple[int, ...], our_shape: tuple[int, ...], transposed: bool) -> tuple[int, int]:
+  """(our axis whose slice picks the HF tensor's rows, HF rows per index of that axis).
+
+  Ours is the HF tensor, or its transpose, reshaped. Untransposed, HF's rows run along our axis 0.
+  Transposed ([out, in] -> [in..., out...]), they run along our first axis past the dims that make up `in`.
+  """
+  if not transposed:
+    elements, row = math.prod(our_shape[1:]), math.prod(hf_shape[1:])
+    assert elements % row == 0, (hf_shape, our_shape)
+    return 0, elements // row
+  axis, columns = 0, 1
+  while columns < hf_shape[1]:
+    columns *= our_shape[axis]
+    axis += 1
+  assert columns == hf_shape[1], (hf_shape, our_shape)
+  return axis, math.prod(our_shape[axis + 1:])
+
+
+def _span(indices: list[tuple[slice, ...]], axis: int, size: int) -> tuple[int, int]:
+  """[low, high) along `axis` covering every index of `indices`."""
+  spans = [index[axis].indices(size)[:2] for index in indices]
+  return min(start for start, _ in spans), max(stop for _, stop in spans)
+
+
+def host_read_shares(config: ModelConfig, mesh: Mesh, host_of: Callable[[jax.Device], int] = lambda d: d.process_index
+                     ) -> dict[int, float]:
+  """host -> the share of the checkpoint's elements that loading reads on it (1.0: all of it)."""
+  specs, read, total = hf_tensor_specs(config), {}, 0
+  for path, variable in nnx.to_flat_state(nnx.state(abstract_transformer(config, mesh))):
+    hf_name, hf_shape, transposed = specs[path]
+    shape = tuple(variable.shape)
+    axis, rows_per_index = _row_axis(hf_shape, shape, transposed)
+    by_host = {}
+    for device, index in named_sharding(mesh, variable.logical_axes, shape).devices_indices_map(shape).items():
+      by_host.setdefault(host_of(device), []).append(index)
+    for host, indices in by_host.items():
+      low, high = _span(indices, axis, shape[axis])
+      read[host] = read.get(host, 0) + (high - low) * rows_per_index * math.prod(hf_shape[1:])
+    total += math.prod(hf_shape)
+  return {host: elements / total for host, elements in sorted(read.items())}
+
+
+def _host_shards(checkpoint: SafetensorsCheckpoint, hf_name: str, hf_shape: tuple[int, ...], transposed: bool,
+                 shape: tuple[int, ...], indices: list[tuple[slice, ...]]) -> Callable[[tuple[slice, ...]], np.ndarray]:
+  """Reads the HF rows that the shards at `indices` (this host's, in our layout `shape`) span, as one range
+  from the lowest to the highest; returns index -> that shard of our layout."""
+  axis, rows_per_index = _row_axis(hf_shape, shape, transposed)
+  low, high = _span(indices, axis, shape[axis])
+  rows = checkpoint.read_rows(hf_name, hf_shape, low * rows_per_index, high * rows_per_index)
+  block = _hf_to_ours(rows, shape[:axis] + (high - low,) + shape[axis + 1:], transposed)  # ours[..., low:high, ...]
+
+  def shard(index: tuple[slice, ...]) -> np.ndarray:
+    start, stop, _ = index[axis].indices(shape[axis])
+    return block[index[:axis] + (slice(start - low, stop - low),) + index[axis + 1:]]
+
+  return shard
+
+
+def _read_placed(checkpoint: SafetensorsCheckpoint, hf_name: str, hf_shape: tuple[int, ...], transposed: bool,
+                 variable: nnx.Variable, mesh: Mesh | None, dtype) -> jax.Array:
+  """One parameter as a jax.Array; with a mesh, each device receives only its slice."""
+  shape = tuple(variable.shape)
   if mesh is None:
-    return jnp.asarray(value, dtype)
-  sharding = named_sharding(mesh, logical_axes, value.shape)
-  return jax.make_array_from_callback(value.shape, sharding, lambda index: np.asarray(value[index], dtype))
+    whole = (slice(None),) * len(shape)
+    return jnp.asarray(_host_shards(checkpoint, hf_name, hf_shape, transposed, shape, [whole])(whole), dtype)
+  sharding = named_sharding(mesh, variable.logical_axes, shape)
+  shard = _host_shards(checkpoint, hf_name, hf_shape, transposed, shape,
+                       list(sharding.addressable_devices_indices_map(shape).values()))
+  return jax.make_array_from_callback(shape, sharding, lambda index: np.asarray(shard(index), dtype))
 
 
 def load_hf_checkpoint(directory: str | os.PathLike, *, mesh: Mesh | None = None, dtype: Any = jnp.float32,
@@ -201,8 +288,8 @@ def load_hf_checkpoint(directory: str | os.PathLike, *, mesh: Mesh | None = None
   flat = []
   for path, variable in nnx.to_flat_state(state):
     hf_name, hf_shape, transposed = specs[path]
-    tensor = _hf_to_ours(checkpoint.get(hf_name, hf_shape), variable.shape, transposed)
-    flat.append((path, variable.replace(_place(tensor, variable.logical_axes, mesh, param_dtype))))
+    flat.append((path, variable.replace(_read_placed(checkpoint, hf_name, hf_shape, transposed, variable, mesh,
+                                                     param_dtype))))
   unused = set(checkpoint.weight_map) - {name for name, _, _ in specs.values()}
   if unused - {"lm_head.weight"}:
     logging.warning("%s: %d tensors not used by the model, e.g. %s", directory, len(unused), sorted(unused)[:3])
