@@ -22,6 +22,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -52,15 +53,19 @@ class Chip:
   hbm_bytes: float
   peak_flops: float  # bf16 dense, per chip
   hbm_bandwidth: float  # bytes/s
+  ici_bandwidth: float  # bytes/s into one chip over its inter-chip links
 
 
 # Public per-chip figures (Cloud TPU system-architecture pages), keyed by the device_kind libtpu reports.
 CHIPS = {
-    "TPU v4": Chip(32 * 2**30, 275e12, 1.2e12),
-    "TPU v5 lite": Chip(16 * 2**30, 197e12, 0.819e12),
-    "TPU v5": Chip(95 * 2**30, 459e12, 2.765e12),
-    "TPU v6 lite": Chip(32 * 2**30, 918e12, 1.64e12),
+    "TPU v4": Chip(32 * 2**30, 275e12, 1.2e12, 2400e9 / 8),
+    "TPU v5 lite": Chip(16 * 2**30, 197e12, 0.819e12, 1600e9 / 8),
+    "TPU v5": Chip(95 * 2**30, 459e12, 2.765e12, 4800e9 / 8),
+    "TPU v6 lite": Chip(32 * 2**30, 918e12, 1.64e12, 3584e9 / 8),
 }
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+             "f64": 8, "s64": 8, "u64": 8}
 
 # The paper presets' architectures (their config.json), for when the checkpoint (gs://) is not readable here.
 ARCHITECTURES = {
@@ -237,11 +242,26 @@ class Report:
   aliased: float
   flops: float  # per chip
   hbm_traffic: float  # bytes per chip, a lower bound
+  ici_traffic: float  # bytes per chip the collectives produce, a lower bound (see collective_bytes)
   compile_s: float
 
   @property
   def total(self) -> float:
     return self.arguments + self.outputs + self.temporaries - self.aliased
+
+
+def collective_bytes(hlo_text: str) -> float:
+  """Bytes per chip that the compiled program's collectives produce (each counted once, loop bodies once):
+  the result of every synchronous collective and of every async one's `-done`. A chip receives about this
+  much over its links, so bytes / ICI bandwidth bounds the time the collectives take."""
+  ops = "|".join(COLLECTIVES)
+  total = 0
+  for line in hlo_text.splitlines():
+    match = re.search(rf"= (.+?) (?:{ops})(?:-done)?\(", line)
+    if match:
+      total += sum(HLO_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+                   for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", match.group(1)))
+  return float(total)
 
 
 def _cost(compiled) -> dict:
@@ -254,32 +274,36 @@ def analyze(program: Program, chips: int) -> Report:
   started = time.perf_counter()
   compiled = program.lower().compile()
   memory = compiled.memory_analysis()
-  traffic = float(_cost(compiled).get("bytes accessed", 0.0))
+  traffic, ici = float(_cost(compiled).get("bytes accessed", 0.0)), collective_bytes(compiled.as_text())
   if program.decode_step is not None:  # the prefill (loop body once) plus every decode step's reads
-    traffic += (program.decode_steps - 1) * float(_cost(program.decode_step().compile()).get("bytes accessed", 0.0))
-  traffic *= program.calls
+    step = program.decode_step().compile()
+    traffic += (program.decode_steps - 1) * float(_cost(step).get("bytes accessed", 0.0))
+    ici += (program.decode_steps - 1) * collective_bytes(step.as_text())
   return Report(program.name, memory.argument_size_in_bytes, memory.output_size_in_bytes,
-                memory.temp_size_in_bytes, memory.alias_size_in_bytes, program.flops / chips, traffic,
-                time.perf_counter() - started)
+                memory.temp_size_in_bytes, memory.alias_size_in_bytes, program.flops / chips,
+                traffic * program.calls, ici * program.calls, time.perf_counter() - started)
 
 
 def table_header(chip: Chip, chip_name: str) -> str:
   return "\n".join([
       f"per chip ({chip_name}: {chip.hbm_bytes / GB:.2f} GB HBM, {chip.peak_flops / 1e12:.0f} TFLOP/s bf16, "
-      f"{chip.hbm_bandwidth / 1e12:.2f} TB/s)", "",
-      "| program | arguments GB | outputs GB | temporaries GB | total GB | HBM used | fits | TFLOP | bound s | "
-      "MFU bound | compile s |", "|---|---|---|---|---|---|---|---|---|---|---|"])
+      f"{chip.hbm_bandwidth / 1e12:.2f} TB/s HBM, {chip.ici_bandwidth / 1e9:.0f} GB/s ICI)", "",
+      "| program | arguments GB | outputs GB | temporaries GB | total GB | HBM used | fits | TFLOP | ICI GB | "
+      "bound s | bound by | MFU bound | compile s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"])
 
 
 def table_row(r: Report, chip: Chip, headroom: float) -> tuple[str, bool]:
   """A Markdown row, and whether the program fits with `headroom` of the chip's HBM to spare."""
   used = r.total / chip.hbm_bytes
   fits = used <= 1 - headroom
-  compute_s, memory_s = r.flops / chip.peak_flops, r.hbm_traffic / chip.hbm_bandwidth
-  bound = max(compute_s, memory_s)
+  times = {"compute": r.flops / chip.peak_flops, "HBM": r.hbm_traffic / chip.hbm_bandwidth,
+           "ICI": r.ici_traffic / chip.ici_bandwidth}
+  limit = max(times, key=times.get)
+  bound = times[limit]
   return (f"| {r.name} | {r.arguments / GB:.2f} | {r.outputs / GB:.2f} | {r.temporaries / GB:.2f} | "
           f"{r.total / GB:.2f} | {used:.0%} | {'yes' if fits else '**no**'} | {r.flops / 1e12:.2f} | "
-          f"{bound:.3g} | {compute_s / bound if bound else 0:.2f} | {r.compile_s:.0f} |"), fits
+          f"{r.ici_traffic / GB:.2f} | {bound:.3g} | {limit} | {times['compute'] / bound if bound else 0:.2f} | "
+          f"{r.compile_s:.0f} |"), fits
 
 
 def main(argv) -> None:

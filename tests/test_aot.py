@@ -70,15 +70,52 @@ def test_rollout_in_bounded_calls_plans_one_calls_memory(run):
 
 
 def test_the_table_says_which_program_does_not_fit():
-  chip = aot.Chip(hbm_bytes=10e9, peak_flops=1e12, hbm_bandwidth=1e12)
-  small = aot.Report("small", 2e9, 1e9, 5e9, 1e9, flops=2e12, hbm_traffic=1e12, compile_s=1.0)  # 7 GB: 70%
-  large = aot.Report("large", 2e9, 1e9, 7.5e9, 1e9, flops=1e12, hbm_traffic=3e12, compile_s=1.0)  # 9.5 GB: 95%
+  chip = aot.Chip(hbm_bytes=10e9, peak_flops=1e12, hbm_bandwidth=1e12, ici_bandwidth=1e11)
+  small = aot.Report("small", 2e9, 1e9, 5e9, 1e9, flops=2e12, hbm_traffic=1e12, ici_traffic=1e11,
+                     compile_s=1.0)  # 7 GB: 70%
+  large = aot.Report("large", 2e9, 1e9, 7.5e9, 1e9, flops=1e12, hbm_traffic=3e12, ici_traffic=1e11,
+                     compile_s=1.0)  # 9.5 GB: 95%
+  chatty = aot.Report("chatty", 2e9, 1e9, 5e9, 1e9, flops=1e12, hbm_traffic=1e12, ici_traffic=4e11, compile_s=1.0)
   small_row, small_fits = aot.table_row(small, chip, headroom=0.10)
   large_row, large_fits = aot.table_row(large, chip, headroom=0.10)
   assert small_fits and not large_fits
-  assert "| 7.00 | 70% | yes | 2.00 | 2 | 1.00 |" in small_row  # compute-bound: 2 s, MFU bound 1
-  assert "| 9.50 | 95% | **no** | 1.00 | 3 | 0.33 |" in large_row  # HBM-bound: 3 s of traffic
+  assert "| 7.00 | 70% | yes | 2.00 | 100.00 | 2 | compute | 1.00 |" in small_row  # 2 s of compute: MFU bound 1
+  assert "| 9.50 | 95% | **no** | 1.00 | 100.00 | 3 | HBM | 0.33 |" in large_row  # 3 s of HBM traffic
+  assert "| 400.00 | 4 | ICI | 0.25 |" in aot.table_row(chatty, chip, headroom=0.10)[0]  # 4 s over the links
   assert aot.table_row(large, chip, headroom=0.0)[1]  # fits when nothing need be left free
+
+
+def test_collective_bytes_counts_what_the_collectives_produce():
+  """An all-gather of an [8, 1024] float32 array sharded 8 ways: each chip ends with all 32 KiB; an
+  all-reduce of [256] float32 produces 1 KiB per chip. Elementwise work adds nothing."""
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  mesh = make_mesh(1, 8, 1)
+  x = jax.device_put(jnp.ones((8, 1024), jnp.float32), NamedSharding(mesh, PartitionSpec("fsdp")))
+  gather = jax.jit(lambda a: a * 2, out_shardings=NamedSharding(mesh, PartitionSpec()))
+  assert aot.collective_bytes(gather.lower(x).compile().as_text()) == 8 * 1024 * 4
+  y = jax.device_put(jnp.ones((8, 256), jnp.float32), NamedSharding(mesh, PartitionSpec("fsdp")))
+  total = jax.jit(lambda a: a.sum(0), out_shardings=NamedSharding(mesh, PartitionSpec()))
+  assert aot.collective_bytes(total.lower(y).compile().as_text()) == 256 * 4
+  assert aot.collective_bytes(jax.jit(lambda a: a + 1).lower(x).compile().as_text()) == 0
+
+
+@needs_libtpu
+def test_gathered_weights_take_the_decode_loop_off_the_links(run):
+  """v5e:2x2 with FSDP over 4 chips: rollout.gather_weights leaves the decode steps without weight
+  all-gathers, so the rollout's ICI bytes fall by at least the decode steps' share of the weights."""
+  mesh = make_mesh(1, -1, 1, devices=aot.topology_devices("v5e:2x2"))
+  reports = {}
+  for gather in (False, True):
+    gathered = dataclasses.replace(run, rollout=dataclasses.replace(run.rollout, gather_weights=gather))
+    rollout = next(p for p in aot.programs(gathered, aot.model_config(run.model.name), mesh) if p.name == "rollout")
+    with jax.default_matmul_precision("default"):
+      reports[gather] = aot.analyze(rollout, mesh.devices.size)
+  config = aot.model_config(run.model.name)
+  weights_per_step = config.num_params * 2 * 3 / 4  # bf16, the 3 of 4 shards a chip lacks, roughly
+  saved = reports[False].ici_traffic - reports[True].ici_traffic
+  assert saved > 0.5 * (rollout.decode_steps - 1) * weights_per_step, (reports, weights_per_step)
 
 
 @needs_libtpu
