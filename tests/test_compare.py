@@ -32,7 +32,7 @@ def test_comparison_runs_every_arm_and_reports_them(learnable_task, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   domains = ["seven", "three"]
   arms = ["grpo-single-seven", "grpo-single-three", "grpo-mixed", "mcpo", "mcpo-no-cross", "mcpo-no-in",
-          "mcpo-head-only", "mcpo-reward-coupling"]
+          "mcpo-head-only", "mcpo-reward-warmup"]
   final = {}
   for arm in arms:
     for seed in SEEDS:

@@ -80,6 +80,11 @@ def _single_domain(domain: str) -> Callable[[ml_collections.ConfigDict], None]:
   return configure
 
 
+# The validation sweep's best MCPO variant (docs/results/sweep.md), an arm of the comparison too.
+REWARD_WARMUP = Arm("mcpo-reward-warmup", "MCPO as a reward bonus after a 3-step head warm-up",
+                    _set(algorithm="mcpo", objective__coupling="reward", objective__head_warmup_steps=3))
+
+
 def arms(domains: Sequence[str]) -> list[Arm]:
   """The comparison: a GRPO specialist per domain, mixed GRPO, MCPO, and four MCPO ablations."""
   return [
@@ -91,8 +96,7 @@ def arms(domains: Sequence[str]) -> list[Arm]:
       Arm("mcpo-no-in", "MCPO without the in-domain term (λ_in = 0)", _set(algorithm="mcpo", objective__lambda_in=0.0)),
       Arm("mcpo-head-only", "MCPO, contrastive gradient to the head only (repr_grad = head)",
           _set(algorithm="mcpo", objective__repr_grad="head")),
-      Arm("mcpo-reward-coupling", "MCPO as a reward bonus (coupling = reward)",
-          _set(algorithm="mcpo", objective__coupling="reward")),
+      REWARD_WARMUP,
   ]
 
 
@@ -104,8 +108,7 @@ def sweep_arms(domains: Sequence[str]) -> list[Arm]:
       Arm("grpo-mixed", MIXED, _set(algorithm="grpo")),
       Arm("mcpo", "MCPO", _set(algorithm="mcpo")),
       Arm("mcpo-per-term", "MCPO, per-term denominators", _set(algorithm="mcpo", objective__denominator="per_term")),
-      Arm("mcpo-reward-warmup", "MCPO as a reward bonus after a 3-step head warm-up",
-          _set(algorithm="mcpo", objective__coupling="reward", objective__head_warmup_steps=3)),
+      REWARD_WARMUP,
   ]
 
 
