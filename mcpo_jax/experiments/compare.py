@@ -341,6 +341,7 @@ def compare(base: ml_collections.ConfigDict, seeds: Sequence[int], runs_dir: str
   from mcpo_jax.data.domains import parse_domains
   from mcpo_jax.rl_loop import train
 
+  commit = _commit()  # before this command writes anything: its own report files would read as uncommitted changes
   domains = [d.name for d in parse_domains(base.data.domains)]
   make_arms, grid_stem = GRIDS[grid]
   arm_list = make_arms(domains)
@@ -381,7 +382,7 @@ def compare(base: ml_collections.ConfigDict, seeds: Sequence[int], runs_dir: str
   report = "\n\n".join([
       "# " + " vs ".join(dict.fromkeys(arm.label for arm in arm_list)) if grid == "comparison" else
       "# MCPO's knobs, one at a time, against mixed GRPO (the defaults sweep)",
-      f"Command: `{command}`\n\nCommit: `{_commit()}`. Base config: {base.model.name}, {base.train.steps} RL steps "
+      f"Command: `{command}`\n\nCommit: `{commit}`. Base config: {base.model.name}, {base.train.steps} RL steps "
       f"of {base.data.prompts_per_step} prompts × {base.rollout.group_size} rollouts, "
       f"{base.rollout.max_new_tokens} new tokens, learning rate {base.optim.learning_rate}; evaluation: "
       f"{base.eval.prompts_per_domain} held-out '{base.eval.split}' prompts per domain, greedy pass@1"
