@@ -49,7 +49,7 @@ def test_comparison_runs_every_arm_and_reports_them(learnable_task, tmp_path):
   for arm, seed in final:  # the per-prompt records behind every summary number
     workdir = tmp_path / "runs" / arm / f"seed{seed}"
     records = [json.loads(line) for line in (workdir / "eval" / f"step_{STEPS:06d}.per_prompt.jsonl").open()]
-    for domain in (domains if not arm.startswith("grpo-single") else [arm.split("-")[-1]]):
+    for domain in domains:  # a single-domain arm too: its other domain is evaluated, never trained on
       rows = [r for r in records if r["domain"] == domain]
       assert len(rows) == 8 and len({r["prompt_hash"] for r in rows}) == 8, (arm, domain)
       assert all(len(r["sampled_correct"]) == len(r["sampled_answers"]) == K for r in rows)
@@ -58,16 +58,26 @@ def test_comparison_runs_every_arm_and_reports_them(learnable_task, tmp_path):
       # every reference answer of the learnable task is the domain's digit: one answer scores 1.0
       assert final[arm, seed][f"eval/{domain}/constant_baseline"] == 1.0
 
+  for seed in SEEDS:  # the specialist's batches held its own domain only
+    steps = [json.loads(line) for line in (tmp_path / "runs" / "grpo-single-three" / f"seed{seed}" / "metrics.jsonl").open()]
+    trained = [row for row in steps if "three/reward" in row]
+    assert len(trained) == STEPS and not any("seven/reward" in row for row in steps)
+
   report_data = json.loads((tmp_path / "out" / "compare.json").read_text())
   assert report_data["constant_baseline"] == {"seven": 1.0, "three": 1.0}
   for metric, field in (("pass@1", "pass@1"), (f"mean@{K}", f"mean@{K}")):
     stats = report_data["metrics"][metric]
     accuracy, difference = stats["accuracy"], stats["difference"]
-    assert len(accuracy) == 1 + 1 + 6 and len(difference) == 1 + 5  # mixed GRPO is the reference
+    # start, the specialists' row, one row per specialist, mixed GRPO (the reference) and 5 MCPO arms
+    assert len(accuracy) == 1 + 1 + 2 + 1 + 5 and len(difference) == 1 + 2 + 5
     mcpo = np.mean([final["mcpo", s][f"eval/seven/{field}"] for s in SEEDS])
     assert np.isclose(accuracy["MCPO"]["seven"]["estimate"], mcpo)
-    specialist = np.mean([final["grpo-single-three", s][f"eval/three/{field}"] for s in SEEDS])
-    assert np.isclose(accuracy["GRPO, single-domain (one run per domain)"]["three"]["estimate"], specialist)
+    for trained, other in (("three", "seven"), ("seven", "three")):
+      own, probe = (np.mean([final[f"grpo-single-{trained}", s][f"eval/{d}/{field}"] for s in SEEDS])
+                    for d in (trained, other))
+      assert np.isclose(accuracy["GRPO, single-domain (each domain's own run)"][trained]["estimate"], own)
+      assert np.isclose(accuracy[f"GRPO on {trained} only"][trained]["estimate"], own)
+      assert np.isclose(accuracy[f"GRPO on {trained} only"][other]["estimate"], probe)  # the transfer probe
     mixed = np.mean([final["grpo-mixed", s][f"eval/three/{field}"] for s in SEEDS])
     assert np.isclose(difference["MCPO"]["three"]["estimate"],
                       np.mean([final["mcpo", s][f"eval/three/{field}"] for s in SEEDS]) - mixed)

@@ -39,7 +39,7 @@ def test_a_tiny_domain_still_appears_every_batch():
     counts = batch_counts(np.array([0.99, 0.01]), 8, emitted, step)
     assert counts.tolist() == [7, 1]
     emitted += counts
-  with pytest.raises(ValueError, match="below the 3 domains"):
+  with pytest.raises(ValueError, match="below the 3 trained domains"):
     batch_counts(np.ones(3) / 3, 2, np.zeros(3, np.int64), 0)
 
 
@@ -88,6 +88,22 @@ def test_choices_and_system_prompt_are_rendered(tokenizer):
   assert "You are a careful scientist." in text and "\\boxed{}" in text and "\nB. " in text
 
 
+def test_a_domain_of_weight_zero_is_never_trained_on(tokenizer):
+  emitted = np.zeros(3, np.int64)
+  for step in range(200):  # the others keep their ratio and their one-row floor
+    counts = batch_counts(np.array([0.75, 0.0, 0.25]), 4, emitted, step)
+    assert counts[1] == 0 and counts.sum() == 4 and counts.min(initial=9, where=[True, False, True]) >= 1
+    emitted += counts
+  assert emitted.tolist() == [600, 0, 200]
+  assert batch_counts(np.array([0.0, 1.0, 0.0]), 1, np.zeros(3, np.int64), 0).tolist() == [0, 1, 0]
+  domains = parse_domains({"a": {"source": GSM8K, "verifier": "math"}, "b": {"source": GSM8K, "verifier": "math",
+                                                                           "weight": 0}})
+  iterator = PromptIterator(domains, tokenizer, batch_size=1, seed=0, max_prompt_tokens=256)  # B ≥ trained domains
+  assert [batch.domain_id.tolist() for batch in (next(iterator) for _ in range(5))] == [[0]] * 5
+  with pytest.raises(DataError, match=r"every domain has weight 0, so there is nothing to train on"):
+    parse_domains({"a": {"source": GSM8K, "verifier": "math", "weight": 0.0}})
+
+
 def test_iterator_follows_the_weights(tokenizer):
   domains = parse_domains({"a": {"source": GSM8K, "verifier": "math", "weight": 3},
                            "b": {"source": GSM8K, "verifier": "math", "weight": 1}})
@@ -133,7 +149,7 @@ def test_domain_config_errors_list_what_is_allowed():
     parse_domains({"a": {**gym, "verifier": "gim"}})
   with pytest.raises(DataError, match=r"domains\.a\.wieght is not a domain setting \(did you mean 'weight'\?\)"):
     parse_domains({"a": {**gym, "wieght": 2}})
-  with pytest.raises(DataError, match=r"domains\.a\.weight=-1; use a positive number"):
+  with pytest.raises(DataError, match=r"domains\.a\.weight=-1; use a positive number, or 0 to evaluate the domain"):
     parse_domains({"a": {**gym, "weight": -1}})
   with pytest.raises(DataError, match=r"answer_format='xml'; choose one of \['answer_tag', 'boxed', 'code_block'\]"):
     parse_domains({"a": {**gym, "answer_format": "xml"}})
@@ -147,7 +163,7 @@ def test_domain_config_errors_list_what_is_allowed():
   assert domain_id(domains, "logic") == 2
   with pytest.raises(DataError, match=r"unknown domain 'code'; known domains: arithmetic, gcd, logic"):
     domain_id(domains, "code")
-  with pytest.raises(DataError, match=r"batch_size=2 is below the number of domains \(3\)"):
+  with pytest.raises(DataError, match=r"batch_size=2 is below the number of trained domains \(3\)"):
     PromptIterator(domains, None, batch_size=2, seed=0, max_prompt_tokens=64)
 
 

@@ -51,9 +51,10 @@ class PromptIterator:
 
   def __init__(self, domains: Sequence[Domain], tokenizer, *, batch_size: int, seed: int, max_prompt_tokens: int,
                split: str = "train"):
-    if batch_size < len(domains):
-      raise DataError(f"batch_size={batch_size} is below the number of domains ({len(domains)}); every batch "
-                      "holds every domain, so raise batch_size or drop domains.")
+    trained = sum(d.weight > 0 for d in domains)
+    if batch_size < trained:
+      raise DataError(f"batch_size={batch_size} is below the number of trained domains ({trained}); every batch "
+                      "holds every domain of positive weight, so raise batch_size or drop domains.")
     if max_prompt_tokens < 1:
       raise DataError(f"max_prompt_tokens={max_prompt_tokens}; it must be positive.")
     self.domains, self.tokenizer, self.split = list(domains), tokenizer, split

@@ -1,5 +1,6 @@
 """A domain: where its examples come from, how they are asked (system prompt + answer-format
-instruction), which verifier judges them, and its share of every batch.
+instruction), which verifier judges them, and its share of every batch. A domain of weight 0 is
+evaluated but never trained on: train on one format, measure the others (a transfer probe).
 
 Domains come from config as a mapping {name: settings} (a ConfigDict, so each field can be overridden
 by flag: `--config.data.domains.arithmetic.weight=2`; ConfigDict sorts names, and so do we) or as a
@@ -22,7 +23,7 @@ class Domain:
   name: str
   source: Mapping[str, Any]        # {"kind": "reasoning_gym" | "jsonl" | "parquet" | "tfds", ...}; see sources.py
   verifier: str                    # a name in mcpo_jax.rewards.VERIFIERS
-  weight: float = 1.0              # share of every batch, relative to the other domains
+  weight: float = 1.0              # share of every batch, relative to the other domains; 0: evaluated, never trained
   answer_format: str = "answer_tag"  # a name in mcpo_jax.rewards.FORMATS
   system_prompt: str = ""          # empty: the chat template's default system message
   instruction: str = ""            # empty: the answer format's instruction
@@ -58,8 +59,9 @@ def parse_domain(settings: Mapping[str, Any], where: str) -> Domain:
   if settings.get("answer_format", "answer_tag") not in FORMATS:
     raise DataError(f"{where}.answer_format={settings['answer_format']!r}; choose one of {list(FORMATS)}.")
   weight = settings.get("weight", 1.0)
-  if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-    raise DataError(f"{where}.weight={weight!r}; use a positive number (remove the domain to leave it out).")
+  if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+    raise DataError(f"{where}.weight={weight!r}; use a positive number, or 0 to evaluate the domain without "
+                    "training on it (remove the domain to leave it out).")
   settings["source"] = check_source_spec(_plain(settings["source"]), f"{where}.source")
   return Domain(**settings)
 
@@ -86,6 +88,8 @@ def parse_domains(config: Mapping[str, Mapping] | Sequence[Mapping],
   duplicates = sorted({name for name in names if names.count(name) > 1})
   if duplicates:
     raise DataError(f"{where} names {duplicates} more than once; domain names must be unique.")
+  if not any(domain.weight > 0 for domain in domains):
+    raise DataError(f"{where}: every domain has weight 0, so there is nothing to train on; give one a positive weight.")
   return domains
 
 

@@ -2,8 +2,9 @@
 
 Stratified by weight with carried remainders: batch k gives domain d about B·w_d rows, rounded so that
 the running total stays within one row of k·B·w_d; so the ratio is exact over many batches, not just
-in expectation. Every domain gets at least one row per batch (so B ≥ D), so a small domain appears
-every step; that floor wins over the ratio when B·w_d < 1.
+in expectation. Every domain of positive weight gets at least one row per batch (so B ≥ their
+number), so a small domain appears every step; that floor wins over the ratio when B·w_d < 1. A
+domain of weight 0 (evaluated only) gets none.
 
 Each domain's examples are visited in a fresh permutation per epoch, a pure function of
 (seed, domain name, epoch), so a position in the stream is all the state a resume needs.
@@ -20,12 +21,14 @@ import numpy as np
 def batch_counts(weights: np.ndarray, batch_size: int, emitted: np.ndarray, batches_done: int) -> np.ndarray:
   """Rows per domain [D] int64 for the next batch.
 
-  weights: [D] positive, summing to 1. emitted: [D] rows given so far over `batches_done` batches.
+  weights: [D] non-negative, summing to 1. emitted: [D] rows given so far over `batches_done` batches.
   """
   domains = len(weights)
-  if batch_size < domains:
-    raise ValueError(f"batch_size={batch_size} is below the {domains} domains; every batch holds every domain.")
-  counts = np.ones(domains, np.int64)
+  trained = weights > 0  # [D]
+  if batch_size < trained.sum():
+    raise ValueError(f"batch_size={batch_size} is below the {trained.sum()} trained domains; every batch holds "
+                     "every domain of positive weight.")
+  counts = trained.astype(np.int64)
   owed = np.maximum((batches_done + 1) * batch_size * weights - emitted - counts, 0.0)  # [D]
   if owed.sum() <= 0:
     owed = weights.astype(np.float64)

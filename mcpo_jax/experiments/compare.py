@@ -58,7 +58,7 @@ class Arm:
   name: str  # e.g. "mcpo", "grpo-single-gcd"
   label: str  # the table's row label
   configure: Callable[[ml_collections.ConfigDict], None]  # edits a copy of the base config in place
-  domain: str | None = None  # single-domain arms: the one domain they train and evaluate on
+  domain: str | None = None  # single-domain arms: the one domain they train on (they evaluate on every domain)
 
 
 def _set(**fields) -> Callable[[ml_collections.ConfigDict], None]:
@@ -73,9 +73,12 @@ def _set(**fields) -> Callable[[ml_collections.ConfigDict], None]:
 
 
 def _single_domain(domain: str) -> Callable[[ml_collections.ConfigDict], None]:
+  """GRPO trained on `domain` alone; the other domains stay, at weight 0, so they are evaluated (transfer)."""
   def configure(config):
     config.algorithm = "grpo"
-    config.data.domains = {domain: config.data.domains[domain].to_dict()}
+    for name, settings in config.data.domains.items():
+      if name != domain:
+        settings.weight = type(settings.weight)(0)
     config.objective.transfer = {}
   return configure
 
@@ -91,9 +94,10 @@ REWARD_WARMUP = Arm("mcpo-reward-warmup", "MCPO as a reward bonus after a 3-step
 
 
 def arms(domains: Sequence[str]) -> list[Arm]:
-  """The comparison: a GRPO specialist per domain, mixed GRPO, MCPO, and four MCPO ablations."""
+  """The comparison: a GRPO specialist per domain (evaluated on every domain: the transfer probe), mixed GRPO,
+  MCPO, and four MCPO ablations."""
   return [
-      *[Arm(f"grpo-single-{d}", "GRPO, single-domain (one run per domain)", _single_domain(d), d) for d in domains],
+      *[Arm(f"grpo-single-{d}", f"GRPO on {d} only", _single_domain(d), d) for d in domains],
       Arm("grpo-mixed", "GRPO, mixed domains", _set(algorithm="grpo")),
       Arm("mcpo", "MCPO", _set(algorithm="mcpo")),
       Arm("mcpo-no-cross", "MCPO without the cross-domain term (λ_cross = 0)",
@@ -153,12 +157,20 @@ def read_run(workdir: Path) -> dict:
 
 START = "start (the initial policy)"
 MIXED = "GRPO, mixed domains"
+SPECIALISTS = "GRPO, single-domain (each domain's own run)"
+
+
+def _with_specialists(rows: dict[str, dict], arm_list: Sequence[Arm], domains: Sequence[str]) -> dict[str, dict]:
+  """`rows` ({arm label: {domain: value}}) led by the specialists' row, each domain's cell from the run trained
+  on it alone, when every domain has its single-domain arm."""
+  own = {arm.domain: rows[arm.label][arm.domain] for arm in arm_list if arm.domain and arm.domain in rows[arm.label]}
+  return {SPECIALISTS: {d: own[d] for d in domains}, **rows} if set(own) == set(domains) else rows
 
 
 def score_tables(runs: dict[tuple[str, int], dict], arm_list: Sequence[Arm], domains: Sequence[str],
                  seeds: Sequence[int], metric: str) -> dict[str, dict[str, np.ndarray]]:
   """{row label: {domain: [S, P] per-(seed, prompt) score}} of the final evaluation (the start row: [1, P], step 0
-  of mixed GRPO's first seed).
+  of mixed GRPO's first seed; the specialists' row when every domain has a single-domain arm).
 
   metric "pass@1" scores the greedy answer (0/1), "mean@k" the share of the k samples that are right.
   Prompts are in the order of mixed GRPO's first seed, matched by domain, eval index and content hash,
@@ -179,12 +191,10 @@ def score_tables(runs: dict[tuple[str, int], dict], arm_list: Sequence[Arm], dom
     return [score(by_key[key]) for key in order[domain]]
 
   final = lambda run: max(run["curve"])
-  tables = {START: {d: np.array([table(runs[("grpo-mixed", seeds[0])], 0, d)]) for d in domains}}  # [1, P]
-  for arm in arm_list:
-    row = tables.setdefault(arm.label, {})
-    for d in ([arm.domain] if arm.domain else domains):
-      row[d] = np.array([table(runs[(arm.name, s)], final(runs[(arm.name, s)]), d) for s in seeds])  # [S, P]
-  return tables
+  rows = {arm.label: {d: np.array([table(runs[(arm.name, s)], final(runs[(arm.name, s)]), d) for s in seeds])
+                      for d in domains} for arm in arm_list}  # [S, P]
+  start = {d: np.array([table(runs[("grpo-mixed", seeds[0])], 0, d)]) for d in domains}  # [1, P]
+  return {START: start, **_with_specialists(rows, arm_list, domains)}
 
 
 def statistics(tables: dict[str, dict[str, np.ndarray]], baselines: dict[str, float], *, draws: int = 2000
@@ -259,13 +269,15 @@ def answer_shares(runs, arm_list: Sequence[Arm], domains: Sequence[str], seeds: 
   def share(run, step, domain):
     return run["curve"][step].get(f"eval/{domain}/top_answer_share")
   start = runs[("grpo-mixed", seeds[0])]
-  rows = {START: {d: share(start, 0, d) for d in domains if share(start, 0, d) is not None}}
+  rows = {}
   for arm in arm_list:
     row = rows.setdefault(arm.label, {})
-    for d in ([arm.domain] if arm.domain else domains):
+    for d in domains:
       values = [share(runs[(arm.name, s)], max(runs[(arm.name, s)]["curve"]), d) for s in seeds]
       if all(v is not None for v in values):
         row[d] = float(np.mean(values))
+  rows = {START: {d: share(start, 0, d) for d in domains if share(start, 0, d) is not None},
+          **_with_specialists(rows, arm_list, domains)}
   for row in rows.values():
     if row and len(row) == len(domains):
       row["average"] = float(np.mean(list(row.values())))
@@ -279,16 +291,13 @@ def plot_curves(runs, arm_list, domains, seeds, path: Path, metric: str = "pass@
   figure, axes = plt.subplots(1, len(domains), figsize=(4.5 * len(domains), 3.6), squeeze=False)
   for ax, domain in zip(axes[0], domains):
     for arm in arm_list:
-      if arm.domain not in (None, domain):
-        continue
       # Every arm starts at the one evaluation of the initial policy (mixed GRPO's first seed).
       start = runs[("grpo-mixed", seeds[0])]["curve"][0][f"eval/{domain}/{metric}"]
       curves = [runs[(arm.name, s)]["curve"] for s in seeds]
       steps = sorted(set.intersection(*(set(curve) for curve in curves)) - {0})
       values = np.array([[start] + [curve[t][f"eval/{domain}/{metric}"] for t in steps] for curve in curves])
       steps = [0, *steps]
-      label = "GRPO single-domain" if arm.domain else arm.name
-      line, = ax.plot(steps, values.mean(0), marker="o", ms=3, label=label)
+      line, = ax.plot(steps, values.mean(0), marker="o", ms=3, label=arm.name)
       ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
     ax.set_title(domain)
     ax.set_xlabel("RL step")
