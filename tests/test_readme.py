@@ -56,7 +56,7 @@ SHRINK = ["--config.rewards.processes=0", "--config.train.steps=1", "--config.ev
 
 def readme_commands() -> dict[str, str]:
   """{command: its text as the README shows it} for every ```bash line (continuations joined, split at &&)
-  and every inline `python ...`, `bash ...`, `JAX_...`, `apt-get ...` span; the inline domains override becomes
+  and every inline `python ...`, `bash ...`, `JAX_...`, `apt-get ...` span; the inline single-domain override becomes
   SINGLE_DOMAIN."""
   text = (REPO / "README.md").read_text()
   commands = {}
@@ -69,7 +69,7 @@ def readme_commands() -> dict[str, str]:
   for span in (" ".join(span.split()) for span in re.findall(r"`([^`]+)`", prose)):  # a span may wrap a line
     if span.startswith(("python ", "bash ", "JAX_", "apt-get ")):
       commands[span] = span
-    elif span.startswith("--config.data.domains="):
+    elif span.startswith("--config.algorithm=grpo --config.data.domains."):
       commands[SINGLE_DOMAIN] = span
   return commands
 
@@ -106,12 +106,12 @@ def test_readme_command_in_chat_mode(command, tiny_model_dir, tmp_path):
 def test_readme_single_domain_grpo_command_trains(tiny_model_dir, tmp_path):
   """The README's single-domain GRPO baseline (its override on the main command) runs an RL step on gcd alone."""
   override = readme_commands()[SINGLE_DOMAIN]
-  command = "python run.py --config=configs/multi_domain.py --config.algorithm=grpo " + override
+  command = "python run.py --config=configs/multi_domain.py " + override
   result = _run_here(command, tiny_model_dir, tmp_path / "run")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "step 1/1" in result.stdout
   metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
-  assert '"gcd/reward"' in metrics and '"logic/reward"' not in metrics
+  assert '"gcd/reward"' in metrics and '"logic/reward"' not in metrics and '"arithmetic/reward"' not in metrics
 
 
 def test_readme_lora_command_trains(tiny_model_dir, tmp_path):
