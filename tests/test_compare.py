@@ -59,7 +59,8 @@ def test_comparison_runs_every_arm_and_reports_them(learnable_task, tmp_path):
       assert final[arm, seed][f"eval/{domain}/constant_baseline"] == 1.0
 
   for seed in SEEDS:  # the specialist's batches held its own domain only
-    steps = [json.loads(line) for line in (tmp_path / "runs" / "grpo-single-three" / f"seed{seed}" / "metrics.jsonl").open()]
+    metrics = tmp_path / "runs" / "grpo-single-three" / f"seed{seed}" / "metrics.jsonl"
+    steps = [json.loads(line) for line in metrics.open()]
     trained = [row for row in steps if "three/reward" in row]
     assert len(trained) == STEPS and not any("seven/reward" in row for row in steps)
 
@@ -146,8 +147,8 @@ def test_noise_floor_runs_on_a_real_evaluation(learnable_task, tmp_path):
 
 
 def test_every_arm_of_both_grids_builds_a_valid_config_that_differs_from_mixed_grpo(tmp_path):
-  """--grid=comparison and --grid=defaults: each arm's config passes the builder, the defaults sweep holds
-  mixed GRPO (the reference of every difference) and the shipped MCPO, and no two arms are the same run."""
+  """Every --grid: each arm's config passes the builder, every grid holds mixed GRPO (the reference of every
+  difference), the method grids the shipped MCPO, and no two arms are the same run."""
   from configs.multi_domain import get_config
   from mcpo_jax.config import build
   from mcpo_jax.experiments.compare import GRIDS, run_config
@@ -155,11 +156,14 @@ def test_every_arm_of_both_grids_builds_a_valid_config_that_differs_from_mixed_g
   for grid, (make_arms, stem) in GRIDS.items():
     arms = make_arms(list(base.data.domains.keys()))
     names = [arm.name for arm in arms]
-    assert {"grpo-mixed", "mcpo"} <= set(names) and len(set(names)) == len(names), grid
+    assert "grpo-mixed" in names and len(set(names)) == len(names), grid
+    assert "mcpo" in names or grid == "learning_rate"
     pinned = set()
     for arm in arms:
       run = build(run_config(base, arm, 0, str(tmp_path)))
       key = json.dumps({k: v for k, v in json.loads(run.to_json()).items() if k != "workdir"}, sort_keys=True)
       assert key not in pinned, (grid, arm.name)
       pinned.add(key)
-    assert stem in ("compare", "sweep")
+    assert stem in ("compare", "sweep", "learning_rate")
+  rates = [build(run_config(base, arm, 0, str(tmp_path))).optim.learning_rate for arm in GRIDS["learning_rate"][0]([])]
+  assert rates == [base.optim.learning_rate, base.optim.learning_rate / 2, base.optim.learning_rate * 2]

@@ -12,7 +12,8 @@ two-way cluster bootstrap over seeds and prompts, stats.py), a verdict only wher
 0, the constant-answer baseline and a collapse flag for arms at or below it. The report in --out:
 compare.md, compare.json (every number of it), accuracy_curves.png (per-domain pass@1 over steps)
 and interference.png (the D×D cosines of the per-domain policy gradients, mixed GRPO and MCPO).
-`--grid=defaults` runs the sweep of MCPO's knobs instead (sweep.md, sweep.json, sweep_*.png).
+`--grid=defaults` runs the sweep of MCPO's knobs instead (sweep.md, sweep.json, sweep_*.png), and
+`--grid=learning_rate` mixed GRPO at ½, 1 and 2 × the learning rate (learning_rate.md, ...).
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ _RUNS_DIR = flags.DEFINE_string("runs_dir", "runs/compare", "One run directory p
 _OUT = flags.DEFINE_string("out", "docs/results", "Where compare.md and the figures are written.")
 _ARMS = flags.DEFINE_list("arms", [], "Run and report only these arms, grpo-mixed among them (default: all); see "
                           "`arms()` for the names.")
-_NAME = flags.DEFINE_string("name", "", "The report's file stem in --out (default: compare, or sweep for --grid=defaults).")
-_GRID = flags.DEFINE_enum("grid", "comparison", ["comparison", "defaults"],
-                          "comparison: the methods (compare.md); defaults: the sweep of MCPO's knobs (sweep.md).")
+_NAME = flags.DEFINE_string("name", "", "The report's file stem in --out (default: the grid's: compare, sweep, learning_rate).")
+_GRID = flags.DEFINE_enum("grid", "comparison", ["comparison", "defaults", "learning_rate"],
+                          "comparison: the methods (compare.md); defaults: the sweep of MCPO's knobs (sweep.md); "
+                          "learning_rate: mixed GRPO at ½, 1 and 2 × the learning rate (learning_rate.md).")
 
 
 @dataclass(frozen=True)
@@ -121,8 +123,26 @@ def sweep_arms(domains: Sequence[str]) -> list[Arm]:
   ]
 
 
+def _scaled_learning_rate(factor: float) -> Callable[[ml_collections.ConfigDict], None]:
+  def configure(config):
+    config.algorithm = "grpo"
+    config.optim.learning_rate *= factor
+  return configure
+
+
+def learning_rate_arms(domains: Sequence[str]) -> list[Arm]:
+  """Pilot 1, the learning-rate check (run it with --grid=learning_rate on the validation split): mixed GRPO at
+  the base config's learning rate (the reference), at half of it and at twice it. The rule: the largest rate
+  whose most-common-answer share stays below the start's + 0.2 (the report's answer-share table)."""
+  del domains
+  return [Arm("grpo-mixed", MIXED, _set(algorithm="grpo")),
+          *[Arm(f"grpo-mixed-lr-{factor}x", f"GRPO, mixed domains, learning rate × {factor}",
+                _scaled_learning_rate(factor)) for factor in (0.5, 2)]]
+
+
 # --grid: the arms, and the stem of the report's files in --out.
-GRIDS = {"comparison": (arms, "compare"), "defaults": (sweep_arms, "sweep")}
+GRIDS = {"comparison": (arms, "compare"), "defaults": (sweep_arms, "sweep"),
+         "learning_rate": (learning_rate_arms, "learning_rate")}
 
 
 def run_config(base: ml_collections.ConfigDict, arm: Arm, seed: int, runs_dir: str,
@@ -394,8 +414,9 @@ def compare(base: ml_collections.ConfigDict, seeds: Sequence[int], runs_dir: str
   (out_dir / f"{stem}.json").write_text(json.dumps(
       {"seeds": list(seeds), "constant_baseline": baselines, "top_answer_share": shares, "metrics": stats}, indent=2))
   report = "\n\n".join([
-      "# " + " vs ".join(dict.fromkeys(arm.label for arm in arm_list)) if grid == "comparison" else
-      "# MCPO's knobs, one at a time, against mixed GRPO (the defaults sweep)",
+      {"comparison": "# " + " vs ".join(dict.fromkeys(arm.label for arm in arm_list)),
+       "defaults": "# MCPO's knobs, one at a time, against mixed GRPO (the defaults sweep)",
+       "learning_rate": "# Mixed GRPO at three learning rates (pilot 1)"}[grid],
       f"Command: `{command}`\n\nCommit: `{commit}`. Base config: {base.model.name}, {base.train.steps} RL steps "
       f"of {base.data.prompts_per_step} prompts × {base.rollout.group_size} rollouts, "
       f"{base.rollout.max_new_tokens} new tokens, learning rate {base.optim.learning_rate}; evaluation: "
