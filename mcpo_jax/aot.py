@@ -6,14 +6,15 @@ libtpu (requirements-tpu.txt) describes a pod's chips without owning one; XLA:TP
 rollout, the reference log-probs, the update, the diagnostics and the evaluation exactly as the run
 would jit them, on a mesh of the topology's devices, from abstract shapes (no weights are read or made).
 Per program it prints the per-chip memory XLA plans (arguments, outputs, temporaries; donated buffers
-counted once) against the chip's HBM, the model FLOPs per chip, and a lower bound on the time: the
-larger of compute at peak and HBM traffic at full bandwidth (interconnect traffic is not modelled).
-It exits 1 when a program does not fit with --headroom to spare.
+counted once) against the chip's HBM, the model FLOPs per chip, the bytes its collectives move per chip,
+and a lower bound on the time: the largest of compute at peak, HBM traffic at full bandwidth and
+collective bytes at the chip's ICI bandwidth (no overlap, no topology model). It exits 1 when a program
+does not fit with --headroom to spare.
 
 FLOPs are counted from the model's shapes, not from XLA's cost analysis: the cost analysis counts a
 loop body once (a fori_loop of 10 matmuls reports the FLOPs of one), and the sampler's decode loop and
 the update's micro-batch scan are loops. The decode loop's HBM traffic is the cost analysis of one
-decode step, compiled on its own, times the number of steps.
+decode step, compiled on its own, times the number of steps; so are its collective bytes.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from mcpo_jax.mesh import make_mesh, named_sharding
 from mcpo_jax.model.config import ModelConfig
 from mcpo_jax.model.transformer import KVCache
 from mcpo_jax.model.weights import abstract_transformer, host_read_shares
-from mcpo_jax.sampling import generate_program, next_power_of_two, prompt_bucket
+from mcpo_jax.sampling import DECODE_GATHERED, generate_program, next_power_of_two, prompt_bucket
 from mcpo_jax.train import TrainState, jit_reference_logprobs, jit_update_step, make_optimizer
 
 GB = 1e9
@@ -171,7 +172,8 @@ def programs(run: config_lib.RunConfig, config: ModelConfig, mesh: Mesh) -> list
   reference = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, compute, sharding=s.sharding), params)
   decode_params = jax.tree.map(  # what the decode loop reads with rollout.gather_weights (sampling.decode_weights)
       lambda v: v.replace(jax.ShapeDtypeStruct(v.shape, compute, sharding=named_sharding(
-          mesh, v.logical_axes, v.shape, replicated=("embed",)))), params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+          mesh, v.logical_axes, v.shape, replicated=DECODE_GATHERED))),
+      params, is_leaf=lambda x: isinstance(x, nnx.Variable))
   optimizer = make_optimizer(run.optim)
   state = abstract_train_state(params, optimizer, mesh, config.hidden_size, run.objective.proj_dim)
   update_config = run.update

@@ -26,6 +26,7 @@ from mcpo_jax.model.transformer import Transformer
 
 MAX_STOP_TOKENS = 8  # stop ids are padded to this length so their number never triggers a recompile
 MIN_PROMPT_BUCKET = 16
+DECODE_GATHERED = ("embed",)  # the logical axes (FSDP's) that decode_weights gathers; mcpo_jax.aot lays them out too
 _compiles = 0
 
 
@@ -91,7 +92,8 @@ def decode_weights(state: nnx.State, mesh, dtype) -> nnx.State:
     if jnp.issubdtype(value.dtype, jnp.floating):
       value = value.astype(dtype)
     if mesh is not None:
-      value = jax.lax.with_sharding_constraint(value, named_sharding(mesh, axes, value.shape, replicated=("embed",)))
+      layout = named_sharding(mesh, axes, value.shape, replicated=DECODE_GATHERED)
+      value = jax.lax.with_sharding_constraint(value, layout)
     return variable.replace(value)
   return jax.tree.map(gathered, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

@@ -157,8 +157,10 @@ def token_logprobs(model: Transformer, hidden: jax.Array, tokens: jax.Array, tem
   return unchunk(logp), unchunk(entropy)
 
 
-def forward_rollouts(model: Transformer, batch: TrainBatch, temperature: float, chunk: int, prompt_group: int = 1):
-  """Teacher-forced forward over prompt + response -> (logp [N, T], entropy [N, T], pooled response hidden [N, E]).
+def response_states(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array, tokens: jax.Array,
+                    mask: jax.Array, prompt_group: int = 1) -> tuple[jax.Array, jax.Array]:
+  """Teacher-forced hidden states of the responses: (the states that predict each response token, the
+  response tokens' own states), both [N, T, E]. prompt_tokens, prompt_mask: [N, P]; tokens, mask: [N, T].
 
   prompt_group G > 1: rows come in groups of G consecutive rows that share one prompt (as rollouts
   do). The prompt is then encoded once per group, [N/G, P], and each response attends to its
@@ -166,27 +168,29 @@ def forward_rollouts(model: Transformer, batch: TrainBatch, temperature: float, 
   gradient sums over the group, so values and gradients are those of G separate prompt + response
   rows, with (G − 1)/G of the prompt tokens' layer work saved.
   """
-  prompt_len = batch.prompt_tokens.shape[1]
-  response_len = batch.tokens.shape[1]
+  prompt_len, response_len = prompt_tokens.shape[1], tokens.shape[1]
   if prompt_group == 1:
-    ids = jnp.concatenate([batch.prompt_tokens, batch.tokens], axis=1)  # [N, P + T]
-    mask = jnp.concatenate([batch.prompt_mask, batch.mask], axis=1)
-    hidden = model(ids, mask, return_logits=False).hidden  # [N, P + T, E]
-    predicting = hidden[:, prompt_len - 1:prompt_len + response_len - 1]  # the states that predict the response
-    response_hidden = hidden[:, prompt_len:]
-  else:
-    expand = lambda x: jnp.repeat(x, prompt_group, axis=0)  # [N/G, ...] -> [N, ...]
-    prompt = model(batch.prompt_tokens[::prompt_group], batch.prompt_mask[::prompt_group],
-                   return_logits=False, return_kv=True)  # hidden [N/G, P, E]
-    prefix = prompt.cache.replace(keys=tuple(map(expand, prompt.cache.keys)),
-                                  values=tuple(map(expand, prompt.cache.values)),
-                                  key_mask=expand(prompt.cache.key_mask))  # [N, K, P, D] per layer
-    response_hidden = model(batch.tokens, batch.mask, prefix=prefix, return_logits=False).hidden  # [N, T, E]
-    # The last prompt state predicts the first response token; response states predict the rest.
-    predicting = jnp.concatenate([expand(prompt.hidden[:, -1:]), response_hidden[:, :-1]], axis=1)
+    ids = jnp.concatenate([prompt_tokens, tokens], axis=1)  # [N, P + T]
+    hidden = model(ids, jnp.concatenate([prompt_mask, mask], axis=1), return_logits=False).hidden  # [N, P + T, E]
+    return hidden[:, prompt_len - 1:prompt_len + response_len - 1], hidden[:, prompt_len:]
+  expand = lambda x: jnp.repeat(x, prompt_group, axis=0)  # [N/G, ...] -> [N, ...]
+  prompt = model(prompt_tokens[::prompt_group], prompt_mask[::prompt_group],
+                 return_logits=False, return_kv=True)  # hidden [N/G, P, E]
+  prefix = prompt.cache.replace(keys=tuple(map(expand, prompt.cache.keys)),
+                                values=tuple(map(expand, prompt.cache.values)),
+                                key_mask=expand(prompt.cache.key_mask))  # [N, K, P, D] per layer
+  response_hidden = model(tokens, mask, prefix=prefix, return_logits=False).hidden  # [N, T, E]
+  # The last prompt state predicts the first response token; response states predict the rest.
+  return jnp.concatenate([expand(prompt.hidden[:, -1:]), response_hidden[:, :-1]], axis=1), response_hidden
+
+
+def forward_rollouts(model: Transformer, batch: TrainBatch, temperature: float, chunk: int, prompt_group: int = 1):
+  """Teacher-forced forward over prompt + response -> (logp [N, T], entropy [N, T], pooled response hidden [N, E])
+  (prompt_group: see response_states)."""
+  predicting, response_hidden = response_states(model, batch.prompt_tokens, batch.prompt_mask, batch.tokens,
+                                                batch.mask, prompt_group)
   logp, entropy = token_logprobs(model, predicting, batch.tokens, temperature, chunk)
-  pooled = pool_response(response_hidden, batch.mask)
-  return logp, entropy, pooled
+  return logp, entropy, pool_response(response_hidden, batch.mask)
 
 
 def sequence_logprobs(graphdef: nnx.GraphDef, lm_params, batch: TrainBatch, *, temperature: float,

@@ -44,18 +44,16 @@ def pooled_responses(model, tokenizer, eval_set, *, max_new_tokens: int, stop_to
                      batch_size: int = 64) -> np.ndarray:
   """[M, E] float32: each eval prompt's greedy response, pooled over its tokens (objectives.pool_response)."""
   import jax
-  import jax.numpy as jnp
   from flax import nnx
 
   from mcpo_jax.objectives import pool_response
   from mcpo_jax.sampling import generate
+  from mcpo_jax.train import response_states
 
   @jax.jit
-  def pool(model_state, prompt_tokens, prompt_mask, tokens, mask):
-    policy = nnx.merge(graphdef, model_state)
-    ids = jnp.concatenate([prompt_tokens, tokens], axis=1)  # [B, P + T]
-    hidden = policy(ids, jnp.concatenate([prompt_mask, mask], axis=1), return_logits=False).hidden
-    return pool_response(hidden[:, prompt_tokens.shape[1]:], mask)  # [B, E]
+  def pool(model_state, prompt_tokens, prompt_mask, tokens, mask):  # [B, P], [B, P], [B, T], [B, T] -> [B, E]
+    states = response_states(nnx.merge(graphdef, model_state), prompt_tokens, prompt_mask, tokens, mask)[1]
+    return pool_response(states, mask)
 
   graphdef, model_state = nnx.split(model)
   out = []
