@@ -78,9 +78,9 @@ def _single_domain(domain: str) -> Callable[[ml_collections.ConfigDict], None]:
   """GRPO trained on `domain` alone; the other domains stay, at weight 0, so they are evaluated (transfer)."""
   def configure(config):
     config.algorithm = "grpo"
-    for name, settings in config.data.domains.items():
+    for name in config.data.domains:
       if name != domain:
-        settings.weight = type(settings.weight)(0)
+        config.data.domains[name] = {**config.data.domains[name].to_dict(), "weight": 0.0}
     config.objective.transfer = {}
   return configure
 
