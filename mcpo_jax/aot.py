@@ -127,12 +127,15 @@ def abstract_model(config: ModelConfig, mesh: Mesh, run: config_lib.RunConfig) -
 def abstract_train_state(params, optimizer, mesh: Mesh, hidden: int, proj_dim: int) -> TrainState:
   replicated = NamedSharding(mesh, PartitionSpec())
   params = {"lm": params, "head": jax.ShapeDtypeStruct((hidden, proj_dim), jnp.float32, sharding=replicated)}
-  # Optimizer state laid out as optax.init lays it out on sharded parameters: moments like their parameter,
-  # counters (constants, which XLA leaves on one device) replicated.
-  init = jax.jit(optimizer.init).lower(params).compile()
-  on_mesh = lambda sharding: sharding if sharding.device_set == replicated.device_set else replicated
-  opt_state = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=on_mesh(sharding)),
-                           jax.eval_shape(optimizer.init, params), init.output_shardings)
+  # Optimizer state laid out as train.init_train_state's eager optax.init lays it out: each moment like its
+  # parameter (the one whose path ends the moment's), counters replicated. (Jitting optax.init instead leaves
+  # the layout of its zeros to XLA, which on TPU replicated the moments: 2.2 GB per chip for Qwen2.5-7B's embedding.)
+  by_path = {path: leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  def lay_out(path, leaf):
+    param = next((by_path[path[i:]] for i in range(len(path)) if path[i:] in by_path), None)
+    sharding = param.sharding if param is not None and param.shape == leaf.shape else replicated
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+  opt_state = jax.tree_util.tree_map_with_path(lay_out, jax.eval_shape(optimizer.init, params))
   scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
   return TrainState(step=scalar, params=params, opt_state=opt_state, nonfinite_streak=scalar)
 
@@ -155,7 +158,8 @@ class Program:
   flops: float  # model FLOPs per RL step (all its calls), all chips together
   decode_steps: int = 0  # a sampler: its decode step is compiled alone and counted this many times
   decode_step: Callable[[], jax.stages.Lowered] | None = None
-  calls: int = 1  # calls per RL step (the rollout in rollout.max_rows_per_call chunks); memory is one call's
+  calls: int = 1  # calls per run of the program (the rollout in rollout.max_rows_per_call chunks); memory is one call's
+  per_step: float = 1.0  # runs per RL step, averaged over the run (update: minibatches × epochs; eval: 1/every)
 
 
 def forward_flops(config: ModelConfig, rows: int, new_tokens: int, context: int) -> float:
@@ -183,7 +187,7 @@ def programs(run: config_lib.RunConfig, config: ModelConfig, mesh: Mesh) -> list
   key = jax.eval_shape(lambda: jax.random.key(0))
   transfer = np.ones((len(run.data.domains),) * 2, np.float32)
 
-  def sampler(name, prompts, group, new_tokens, temperature, calls=1):
+  def sampler(name, prompts, group, new_tokens, temperature, calls=1, per_step=1.0):
     program, settings = generate_program(group_size=group, max_new_tokens=new_tokens, temperature=temperature,
                                          top_p=run.rollout.top_p, top_k=run.rollout.top_k, stop_token_ids=(0,),
                                          pad_id=0, gather_weights=run.rollout.gather_weights)
@@ -207,12 +211,19 @@ def programs(run: config_lib.RunConfig, config: ModelConfig, mesh: Mesh) -> list
 
     flops = calls * (forward_flops(config, prompts, p, p) + forward_flops(config, n, new_tokens, slots))
     return Program(name, lambda: program.lower(graphdef, params, tokens, tokens, key, *settings), flops,
-                   new_tokens, decode_step, calls)
+                   new_tokens, decode_step, calls, per_step)
 
   train_tokens = p + t  # a row's prompt and response, each forward
   remat = {"none": 1.0, "save_dots": 1.0, "full": 4 / 3}[run.model.remat]  # full: a second forward per backward
   logprobs = jit_reference_logprobs(graphdef, update_config, run.train.minibatches)
   update = jit_update_step(graphdef, optimizer, update_config, state)
+  updates = run.train.minibatches * run.train.epochs
+  steps = range(1, run.train.steps + 1)  # rl_loop's schedules: which steps run the diagnostics and evaluations
+  diagnoses = sum(bool(run.diag_every) and (s in (1, run.train.steps) or s % run.diag_every == 0) for s in steps)
+  evaluations = sum(bool(run.eval.every) and s % run.eval.every == 0 and s < run.train.steps for s in steps)
+  evaluations += run.eval.at_start + run.eval.at_end
+  eval_rows = min(64, run.eval.prompts_per_domain * len(run.data.domains))  # evaluation's batch_size
+  eval_calls = -(-run.eval.prompts_per_domain * len(run.data.domains) // eval_rows)
   per_call = min(b, run.rollout.prompts_per_call or b)  # rollout.max_rows_per_call: one call's prompts
   calls = -(-b // per_call)
   out = [sampler("rollout" if calls == 1 else f"rollout ({calls} calls of {per_call * g} rows)", per_call, g, t,
@@ -222,16 +233,18 @@ def programs(run: config_lib.RunConfig, config: ModelConfig, mesh: Mesh) -> list
                        forward_flops(config, rows, train_tokens, train_tokens)))
   out.append(Program("update (one minibatch)", lambda: update.lower(state, abstract_batch(minibatch, p, t, mesh),
                                                                       transfer),
-                     3 * remat * forward_flops(config, minibatch, train_tokens, train_tokens)))
+                     3 * remat * forward_flops(config, minibatch, train_tokens, train_tokens), per_step=updates))
   if run.diag_every > 0:
     cosines = gradient_cosines_program(graphdef, update_config, len(run.data.domains))
     out.append(Program("diagnostics", lambda: cosines.lower(state.params, abstract_batch(rows, p, t, mesh), transfer),
-                       len(run.data.domains) * 3 * remat * forward_flops(config, rows, train_tokens, train_tokens)))
-  eval_rows = min(64, run.eval.prompts_per_domain * len(run.data.domains))  # evaluation's batch_size
-  out.append(sampler("eval (greedy)", eval_rows, 1, run.eval.max_new_tokens, 0.0))
+                       len(run.data.domains) * 3 * remat * forward_flops(config, rows, train_tokens, train_tokens),
+                       per_step=diagnoses / run.train.steps))
+  # An evaluation is eval_calls sampler calls of eval_rows prompts; the run makes `evaluations` of them.
+  per_eval = dict(calls=eval_calls, per_step=evaluations / run.train.steps)
+  out.append(sampler("eval (greedy)", eval_rows, 1, run.eval.max_new_tokens, 0.0, **per_eval))
   if run.eval.k > 0:
     out.append(sampler(f"eval (k={run.eval.k})", eval_rows, run.eval.k, run.eval.max_new_tokens,
-                       run.rollout.temperature))
+                       run.rollout.temperature, **per_eval))
   return out
 
 
@@ -294,18 +307,32 @@ def table_header(chip: Chip, chip_name: str) -> str:
       "bound s | bound by | MFU bound | compile s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"])
 
 
+def resource_times(r: Report, chip: Chip) -> dict[str, float]:
+  """Seconds per run of the program if each resource alone limited it, at the chip's peak figures."""
+  return {"compute": r.flops / chip.peak_flops, "HBM": r.hbm_traffic / chip.hbm_bandwidth,
+          "ICI": r.ici_traffic / chip.ici_bandwidth}
+
+
 def table_row(r: Report, chip: Chip, headroom: float) -> tuple[str, bool]:
   """A Markdown row, and whether the program fits with `headroom` of the chip's HBM to spare."""
   used = r.total / chip.hbm_bytes
   fits = used <= 1 - headroom
-  times = {"compute": r.flops / chip.peak_flops, "HBM": r.hbm_traffic / chip.hbm_bandwidth,
-           "ICI": r.ici_traffic / chip.ici_bandwidth}
+  times = resource_times(r, chip)
   limit = max(times, key=times.get)
   bound = times[limit]
   return (f"| {r.name} | {r.arguments / GB:.2f} | {r.outputs / GB:.2f} | {r.temporaries / GB:.2f} | "
           f"{r.total / GB:.2f} | {used:.0%} | {'yes' if fits else '**no**'} | {r.flops / 1e12:.2f} | "
           f"{r.ici_traffic / GB:.2f} | {bound:.3g} | {limit} | {times['compute'] / bound if bound else 0:.2f} | "
           f"{r.compile_s:.0f} |"), fits
+
+
+def step_line(runs: list[tuple[float, Report]], chip: Chip) -> str:
+  """The RL step's lower bound: each program's bound times its runs per step (Program.per_step), summed,
+  as programs run one after another; and the MFU bound, the step's compute time at peak over that."""
+  bound = sum(n * max(resource_times(r, chip).values()) for n, r in runs)
+  compute = sum(n * resource_times(r, chip)["compute"] for n, r in runs)
+  parts = " + ".join(f"{n:.3g} × {r.name}" for n, r in runs)
+  return f"RL step ({parts}): bound {bound:.4g} s, compute {compute:.4g} s, MFU bound {compute / bound:.2f}"
 
 
 def main(argv) -> None:
@@ -323,6 +350,8 @@ def main(argv) -> None:
     mesh = make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor, devices=devices)
     config_lib.check_micro_batch_sharding(run, mesh)
     config = model_config(run.model.name)
+    if options.layers:  # a quick look: what grows with depth (weights, optimizer state, saved activations) shrinks
+      config = dataclasses.replace(config, num_layers=options.layers)
     config.validate_for_mesh(mesh.shape["tensor"])
     todo = [p for p in programs(run, config, mesh)
             if not options.programs or p.name.startswith(tuple(options.programs))]
@@ -335,17 +364,21 @@ def main(argv) -> None:
   print(f"loading: each of {len(shares)} hosts reads {max(shares.values()):.2f} of the checkpoint "
         f"({config.num_params * 2 * max(shares.values()) / 1e9:.1f} GB of a bf16 checkpoint)", flush=True)
   chip = CHIPS[chip_name]
-  fits_all = True
+  fits_all, runs = True, []
   for i, program in enumerate(todo):
     print(f"compiling {program.name} ({i + 1}/{len(todo)})...", flush=True)
     try:
-      row, fits = table_row(analyze(program, math.prod(mesh.devices.shape)), chip, options.headroom)
+      report = analyze(program, math.prod(mesh.devices.shape))
+      row, fits = table_row(report, chip, options.headroom)
+      runs.append((program.per_step, report))
     except jax.errors.JaxRuntimeError as error:  # XLA:TPU refuses a program that cannot fit in HBM
       if "RESOURCE_EXHAUSTED" not in str(error):
         raise
       row, fits = f"| {program.name} | does not compile: {str(error).splitlines()[0][:200]} |", False
     fits_all &= fits
     print((table_header(chip, chip_name) + "\n" if i == 0 else "") + row, flush=True)
+  if runs:
+    print("\n" + step_line(runs, chip) + ("" if len(runs) == len(todo) else " (of the programs that compiled)"))
   if not fits_all:
     sys.exit(f"error: a program leaves less than {options.headroom:.0%} of HBM free; see the table.")
 
@@ -355,6 +388,8 @@ def _define_flags() -> None:  # only when run as a program: importing this modul
   flags.DEFINE_integer("num_slices", 1, "Slices joined by the data-centre network (multi-slice).")
   flags.DEFINE_float("headroom", 0.10, "Share of HBM each program must leave free.")
   flags.DEFINE_list("programs", [], "Compile only the programs whose names start with these.")
+  flags.DEFINE_integer("layers", 0, "Compile the model cut to this many layers (0: all): minutes instead of hours on a "
+                       "small host, to find what dominates; per-chip memory that grows with depth is then understated.")
 
 
 if __name__ == "__main__":
