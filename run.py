@@ -10,8 +10,10 @@ import sys
 import time
 
 from mcpo_jax.console import quiet_libraries
+from mcpo_jax.tpu_flags import set_tpu_flags
 
 quiet_libraries()  # before transformers is imported
+set_tpu_flags()  # before libtpu loads
 
 import jax
 import numpy as np

@@ -43,6 +43,7 @@ from mcpo_jax.mesh import make_mesh, named_sharding
 from mcpo_jax.model.config import ModelConfig
 from mcpo_jax.model.transformer import KVCache
 from mcpo_jax.model.weights import abstract_transformer, host_read_shares
+from mcpo_jax.tpu_flags import set_tpu_flags
 from mcpo_jax.sampling import DECODE_GATHERED, generate_program, next_power_of_two, prompt_bucket
 from mcpo_jax.train import TrainState, jit_reference_logprobs, jit_update_step, make_optimizer
 
@@ -235,7 +236,7 @@ def programs(run: config_lib.RunConfig, config: ModelConfig, mesh: Mesh) -> list
                                                                       transfer),
                      3 * remat * forward_flops(config, minibatch, train_tokens, train_tokens), per_step=updates))
   if run.diag_every > 0:
-    cosines = gradient_cosines_program(graphdef, update_config, len(run.data.domains))
+    cosines = gradient_cosines_program(graphdef, update_config, len(run.data.domains), run.train.minibatches)
     out.append(Program("diagnostics", lambda: cosines.lower(state.params, abstract_batch(rows, p, t, mesh), transfer),
                        len(run.data.domains) * 3 * remat * forward_flops(config, rows, train_tokens, train_tokens),
                        per_step=diagnoses / run.train.steps))
@@ -340,6 +341,7 @@ def main(argv) -> None:
   options = flags.FLAGS
   from mcpo_jax.console import quiet_libraries
   quiet_libraries()
+  set_tpu_flags()  # before topology_devices loads libtpu
   try:
     run = config_lib.build(options.config)
     devices = topology_devices(options.topology, options.num_slices)

@@ -18,14 +18,18 @@ from mcpo_jax.train import UpdateConfig, loss_and_grads
 
 
 @functools.lru_cache(maxsize=None)
-def gradient_cosines_program(graphdef, config: UpdateConfig, num_domains: int):
+def gradient_cosines_program(graphdef, config: UpdateConfig, num_domains: int, minibatches: int = 1):
   """jit(params, batch, transfer, frozen) -> [D, D] cosines between the per-domain policy gradients of the
   trained LLM parameters (a LoRA model's adapters; frozen: its base weights, train.merge_policy).
+
+  The batch is a whole RL step's, `minibatches` × the update's rows: it is run in `minibatches` × the update's
+  micro-batches, so each forward holds no more rows than one of the update's.
 
   The D gradients stay sharded like the parameters and their Gram matrix is summed leaf by leaf: a flat
   [D, params] vector would be one unsharded array (~96 GB for an 8B model and three domains).
   """
-  policy_only = dataclasses.replace(config, objective=dataclasses.replace(config.objective, algorithm="grpo"))
+  policy_only = dataclasses.replace(config, objective=dataclasses.replace(config.objective, algorithm="grpo"),
+                                    micro_batches=config.micro_batches * minibatches)
 
   def cosines(params, batch, transfer, frozen=None):
     def gradient(domain):
@@ -41,6 +45,7 @@ def gradient_cosines_program(graphdef, config: UpdateConfig, num_domains: int):
 
 
 def domain_gradient_cosines(graphdef, params, batch, transfer, config: UpdateConfig, num_domains: int,
-                            frozen=None) -> np.ndarray:
+                            frozen=None, minibatches: int = 1) -> np.ndarray:
   """Host [D, D] matrix (0 where a domain has no rows or a zero gradient)."""
-  return to_host(gradient_cosines_program(graphdef, config, num_domains)(params, batch, transfer, frozen))
+  program = gradient_cosines_program(graphdef, config, num_domains, minibatches)
+  return to_host(program(params, batch, transfer, frozen))

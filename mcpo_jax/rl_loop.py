@@ -396,7 +396,7 @@ def interference_metrics(graphdef, state, frozen, batch: TrainBatch, transfer: j
   """diag/grad_cosine [D, D] and, per domain, the reward change since the previous diagnostics step."""
   names = [domain.name for domain in config.data.domains]
   out = {"diag/grad_cosine": domain_gradient_cosines(graphdef, state.params, batch, transfer, config.update,
-                                                     len(names), frozen)}
+                                                     len(names), frozen, config.train.minibatches)}
   for name in names:
     if f"{name}/reward" in step_metrics and name in last_rewards:
       out[f"diag/{name}/reward_delta"] = step_metrics[f"{name}/reward"] - last_rewards[name]

@@ -7,6 +7,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu (installed for the AOT tests) is not a backend here
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from mcpo_jax.tpu_flags import set_tpu_flags  # noqa: E402
+
+set_tpu_flags()  # the AOT tests compile for TPU as run.py would
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
