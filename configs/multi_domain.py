@@ -75,6 +75,12 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     config.model.name = f"{bucket}/models/" + {"qwen2.5-7b-instruct": "Qwen2.5-7B-Instruct", "qwen3-8b": "Qwen3-8B"}[preset]
     config.model.dtype = "bfloat16"
     config.model.remat = "full"
+    # One layout for v5e-64, v5p-64 and v6e-256 (tpu_setup/README.md, "Does it fit?"): heads split over 4 chips
+    # (28 and 32 query heads, 4 and 8 KV heads), FSDP over the rest; the sampler decodes from local bf16
+    # weights in two calls of 1024 rows, so one call's KV cache fits a 16 GB v5e chip.
+    config.mesh.tensor = 4
+    config.rollout.gather_weights = True
+    config.rollout.max_rows_per_call = 1024
     config.data.domains = _paper_scale_domains(bucket)
     config.data.prompts_per_step = 128
     config.data.max_prompt_tokens = 1024

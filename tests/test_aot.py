@@ -85,6 +85,52 @@ def test_the_table_says_which_program_does_not_fit():
   assert aot.table_row(large, chip, headroom=0.0)[1]  # fits when nothing need be left free
 
 
+def test_the_abstract_train_state_is_laid_out_as_the_real_one(run):
+  """The update's arguments are the train state: aot's abstract one must have init_train_state's shapes, dtypes
+  and shardings, optimizer moments included (eager optax.init keeps each parameter's sharding)."""
+  import jax.numpy as jnp
+  from mcpo_jax.model import init_model
+  from mcpo_jax.train import init_train_state, make_optimizer
+
+  mesh, config = make_mesh(1, 2, 4), aot.model_config(run.model.name)
+  optimizer = make_optimizer(run.optim)
+  graphdef, params = aot.abstract_model(config, mesh, run)
+  abstract = aot.abstract_train_state(params, optimizer, mesh, config.hidden_size, run.objective.proj_dim)
+  model = init_model(config, mesh=mesh, dtype=jnp.dtype(run.model.dtype), param_dtype=jnp.dtype(run.model.param_dtype))
+  _, real = init_train_state(model, optimizer, proj_dim=run.objective.proj_dim)
+  pairs = list(zip(jax.tree_util.tree_leaves_with_path(abstract), jax.tree.leaves(real), strict=True))
+  sharded = 0
+  for (path, want), got in pairs:
+    assert (want.shape, want.dtype) == (got.shape, got.dtype), jax.tree_util.keystr(path)
+    assert want.sharding.is_equivalent_to(got.sharding, got.ndim), (jax.tree_util.keystr(path), want.sharding,
+                                                                    got.sharding)
+    sharded += "opt_state" in jax.tree_util.keystr(path) and got.sharding.spec != jax.sharding.PartitionSpec()
+  assert sharded > 0  # moments really are sharded: the check can fail
+
+
+def test_the_rl_step_sums_each_programs_bound_times_its_runs_per_step():
+  chip = aot.Chip(hbm_bytes=10e9, peak_flops=1e12, hbm_bandwidth=1e12, ici_bandwidth=1e11)
+  rollout = aot.Report("rollout", 1e9, 0, 1e9, 0, flops=1e12, hbm_traffic=4e12, ici_traffic=0, compile_s=1.0)  # 4 s
+  update = aot.Report("update", 1e9, 0, 1e9, 0, flops=2e12, hbm_traffic=1e12, ici_traffic=0, compile_s=1.0)  # 2 s
+  line = aot.step_line([(1, rollout), (4, update), (0.5, rollout)], chip)
+  # 4 + 4 × 2 + 0.5 × 4 = 14 s bound; compute 1 + 4 × 2 + 0.5 × 1 = 9.5 s
+  assert line.endswith("bound 14 s, compute 9.5 s, MFU bound 0.68"), line
+  assert "1 × rollout + 4 × update + 0.5 × rollout" in line
+
+
+def test_programs_run_as_often_per_step_as_the_rl_loop_runs_them(run):
+  """update: minibatches × epochs per step; diagnostics at the first, every N-th and last step; evaluation at
+  the start, every N steps before the last, and the end, each in calls of at most 64 prompts."""
+  run = dataclasses.replace(run, diag_every=2, train=dataclasses.replace(run.train, steps=10, minibatches=2, epochs=3),
+                            eval=dataclasses.replace(run.eval, every=4, prompts_per_domain=30))
+  programs = aot.programs(run, aot.model_config(run.model.name), make_mesh(1, -1, 1))
+  per_step, calls = {p.name: p.per_step for p in programs}, {p.name: p.calls for p in programs}
+  assert per_step["update (one minibatch)"] == 6
+  assert per_step["diagnostics"] == 6 / 10  # steps 1 (the first), 2, 4, 6, 8 and 10
+  assert per_step["eval (greedy)"] == per_step["eval (k=2)"] == 4 / 10  # start, steps 4 and 8, end
+  assert calls["eval (greedy)"] == -(-30 * len(run.data.domains) // 64)
+
+
 def test_collective_bytes_counts_what_the_collectives_produce():
   """An all-gather of an [8, 1024] float32 array sharded 8 ways: each chip ends with all 32 KiB; an
   all-reduce of [256] float32 produces 1 KiB per chip. Elementwise work adds nothing."""

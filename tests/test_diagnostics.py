@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from test_train import CONFIG, G, TRANSFER, _batch
 
 from mcpo_jax.diagnostics import domain_gradient_cosines
@@ -14,12 +15,13 @@ from mcpo_jax.objectives import ObjectiveConfig
 from mcpo_jax.train import OptimConfig, UpdateConfig, init_train_state, loss_and_grads, make_optimizer, shard_batch
 
 
-def test_gradient_cosines_equal_numpy_on_flat_per_domain_gradients():
+@pytest.mark.parametrize("minibatches", [1, 2])  # 2: the batch in twice the update's micro-batches
+def test_gradient_cosines_equal_numpy_on_flat_per_domain_gradients(minibatches):
   mesh = make_mesh(1, 2, 4)  # all 8 devices: the gradients are sharded, the Gram matrix summed per leaf
   graphdef, state = init_train_state(init_model(CONFIG, mesh=mesh, seed=2), make_optimizer(OptimConfig()), proj_dim=8)
   config = UpdateConfig(objective=ObjectiveConfig(group_size=G), logit_chunk=5)
   batch = shard_batch(_batch(seed=3), mesh)
-  cosines = domain_gradient_cosines(graphdef, state.params, batch, TRANSFER, config, 3)
+  cosines = domain_gradient_cosines(graphdef, state.params, batch, TRANSFER, config, 3, minibatches=minibatches)
 
   grpo = dataclasses.replace(config, objective=dataclasses.replace(config.objective, algorithm="grpo"))
   flat = []

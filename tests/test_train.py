@@ -13,7 +13,7 @@ from mcpo_jax.model.config import ModelConfig
 from mcpo_jax.objectives import ObjectiveConfig, grpo_advantages, has_anchor
 from mcpo_jax.sampling import generate
 from mcpo_jax.train import (OptimConfig, UpdateConfig, forward_rollouts, init_train_state, jit_update_step,
-                            loss_and_grads, make_optimizer, sequence_logprobs, shard_batch)
+                            loss_and_grads, make_optimizer, sequence_logprobs, shard_batch, zero_grads)
 
 CONFIG = ModelConfig("qwen2", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                      num_kv_heads=4, head_dim=16, attention_bias=True, tie_word_embeddings=True)
@@ -310,3 +310,16 @@ def test_shared_prefix_logprobs_and_entropies_equal_the_unshared_ones():
     got, want = np.asarray(shared), np.asarray(unshared)
     np.testing.assert_allclose(got[real] if name != "pooled" else got, want[real] if name != "pooled" else want,
                                atol=1e-5, err_msg=name)
+
+
+def test_gradient_sums_start_laid_out_like_the_params():
+  """zero_grads under jit: zeros with each parameter's sharding (left to XLA, a scan carry of zeros stayed
+  replicated on TPU: the whole model's float32 gradient on every chip)."""
+  mesh = make_mesh(1, 2, 4)
+  graphdef, state = init_train_state(init_model(CONFIG, mesh=mesh), make_optimizer(OptimConfig()), proj_dim=8)
+  zeros = jax.jit(lambda lm: zero_grads(graphdef, lm))(state.params["lm"])
+  pairs = list(zip(jax.tree.leaves(zeros), jax.tree.leaves(state.params["lm"]), strict=True))
+  assert any(p.sharding.spec != jax.sharding.PartitionSpec() for _, p in pairs)
+  for zero, param in pairs:
+    assert zero.shape == param.shape and zero.sharding.is_equivalent_to(param.sharding, param.ndim)
+    assert not np.any(np.asarray(zero))
