@@ -153,10 +153,11 @@ def test_every_arm_of_both_grids_builds_a_valid_config_that_differs_from_mixed_g
   from mcpo_jax.config import build
   from mcpo_jax.experiments.compare import GRIDS, run_config
   base = get_config("compare")
-  for grid, (make_arms, stem) in GRIDS.items():
-    arms = make_arms(list(base.data.domains.keys()))
-    names = [arm.name for arm in arms]
+  for grid, spec in GRIDS.items():
+    arms = spec.arms(list(base.data.domains.keys()))
+    names, labels = [arm.name for arm in arms], [arm.label for arm in arms]
     assert "grpo-mixed" in names and len(set(names)) == len(names), grid
+    assert len(set(labels)) == len(labels), grid  # the report's rows are keyed by label
     assert "mcpo" in names or grid == "learning_rate"
     pinned = set()
     for arm in arms:
@@ -164,6 +165,6 @@ def test_every_arm_of_both_grids_builds_a_valid_config_that_differs_from_mixed_g
       key = json.dumps({k: v for k, v in json.loads(run.to_json()).items() if k != "workdir"}, sort_keys=True)
       assert key not in pinned, (grid, arm.name)
       pinned.add(key)
-    assert stem in ("compare", "sweep", "learning_rate")
-  rates = [build(run_config(base, arm, 0, str(tmp_path))).optim.learning_rate for arm in GRIDS["learning_rate"][0]([])]
+    assert spec.stem in ("compare", "sweep", "learning_rate")
+  rates = [build(run_config(base, arm, 0, str(tmp_path))).optim.learning_rate for arm in GRIDS["learning_rate"].arms([])]
   assert rates == [base.optim.learning_rate, base.optim.learning_rate / 2, base.optim.learning_rate * 2]

@@ -50,9 +50,6 @@ _OUT = flags.DEFINE_string("out", "docs/results", "Where compare.md and the figu
 _ARMS = flags.DEFINE_list("arms", [], "Run and report only these arms, grpo-mixed among them (default: all); see "
                           "`arms()` for the names.")
 _NAME = flags.DEFINE_string("name", "", "The report's file stem in --out (default: the grid's: compare, sweep, learning_rate).")
-_GRID = flags.DEFINE_enum("grid", "comparison", ["comparison", "defaults", "learning_rate"],
-                          "comparison: the methods (compare.md); defaults: the sweep of MCPO's knobs (sweep.md); "
-                          "learning_rate: mixed GRPO at ½, 1 and 2 × the learning rate (learning_rate.md).")
 
 
 @dataclass(frozen=True)
@@ -140,9 +137,23 @@ def learning_rate_arms(domains: Sequence[str]) -> list[Arm]:
                 _scaled_learning_rate(factor)) for factor in (0.5, 2)]]
 
 
-# --grid: the arms, and the stem of the report's files in --out.
-GRIDS = {"comparison": (arms, "compare"), "defaults": (sweep_arms, "sweep"),
-         "learning_rate": (learning_rate_arms, "learning_rate")}
+@dataclass(frozen=True)
+class Grid:
+  """What --grid=<name> runs: its arms, the stem of its report's files in --out, and the report's title
+  (None: the arms' labels joined by "vs")."""
+  arms: Callable[[Sequence[str]], list[Arm]]
+  stem: str
+  title: str | None = None
+
+
+GRIDS = {
+    "comparison": Grid(arms, "compare"),
+    "defaults": Grid(sweep_arms, "sweep", "MCPO's knobs, one at a time, against mixed GRPO (the defaults sweep)"),
+    "learning_rate": Grid(learning_rate_arms, "learning_rate", "Mixed GRPO at three learning rates (pilot 1)"),
+}
+_GRID = flags.DEFINE_enum("grid", "comparison", list(GRIDS),
+                          "comparison: the methods (compare.md); defaults: the sweep of MCPO's knobs (sweep.md); "
+                          "learning_rate: mixed GRPO at ½, 1 and 2 × the learning rate (learning_rate.md).")
 
 
 def run_config(base: ml_collections.ConfigDict, arm: Arm, seed: int, runs_dir: str,
@@ -289,13 +300,10 @@ def answer_shares(runs, arm_list: Sequence[Arm], domains: Sequence[str], seeds: 
   def share(run, step, domain):
     return run["curve"][step].get(f"eval/{domain}/top_answer_share")
   start = runs[("grpo-mixed", seeds[0])]
-  rows = {}
-  for arm in arm_list:
-    row = rows.setdefault(arm.label, {})
-    for d in domains:
-      values = [share(runs[(arm.name, s)], max(runs[(arm.name, s)]["curve"]), d) for s in seeds]
-      if all(v is not None for v in values):
-        row[d] = float(np.mean(values))
+  def end_share(arm, domain):  # mean over seeds, or None when a run did not log it
+    values = [share(runs[(arm.name, s)], max(runs[(arm.name, s)]["curve"]), domain) for s in seeds]
+    return float(np.mean(values)) if all(v is not None for v in values) else None
+  rows = {arm.label: {d: v for d in domains if (v := end_share(arm, d)) is not None} for arm in arm_list}
   rows = {START: {d: share(start, 0, d) for d in domains if share(start, 0, d) is not None},
           **_with_specialists(rows, arm_list, domains)}
   for row in rows.values():
@@ -377,8 +385,7 @@ def compare(base: ml_collections.ConfigDict, seeds: Sequence[int], runs_dir: str
 
   commit = _commit()  # before this command writes anything: its own report files would read as uncommitted changes
   domains = [d.name for d in parse_domains(base.data.domains)]
-  make_arms, grid_stem = GRIDS[grid]
-  arm_list = make_arms(domains)
+  arm_list = GRIDS[grid].arms(domains)
   unknown = set(only) - {a.name for a in arm_list}
   if unknown:
     raise ValueError(f"--arms: unknown {sorted(unknown)}; the arms are {', '.join(a.name for a in arm_list)}.")
@@ -386,7 +393,7 @@ def compare(base: ml_collections.ConfigDict, seeds: Sequence[int], runs_dir: str
     if "grpo-mixed" not in only:
       raise ValueError("--arms must include grpo-mixed: the report's start row and differences are taken from it.")
     arm_list = [arm for arm in arm_list if arm.name in only]
-  stem = name or grid_stem
+  stem = name or GRIDS[grid].stem
   todo = [  # seed-major, so that a grid stopped part-way holds whole paired seeds
       (arm, seed) for seed in seeds for arm in arm_list]
   for i, (arm, seed) in enumerate(todo):
@@ -414,9 +421,7 @@ def compare(base: ml_collections.ConfigDict, seeds: Sequence[int], runs_dir: str
   (out_dir / f"{stem}.json").write_text(json.dumps(
       {"seeds": list(seeds), "constant_baseline": baselines, "top_answer_share": shares, "metrics": stats}, indent=2))
   report = "\n\n".join([
-      {"comparison": "# " + " vs ".join(dict.fromkeys(arm.label for arm in arm_list)),
-       "defaults": "# MCPO's knobs, one at a time, against mixed GRPO (the defaults sweep)",
-       "learning_rate": "# Mixed GRPO at three learning rates (pilot 1)"}[grid],
+      "# " + (GRIDS[grid].title or " vs ".join(dict.fromkeys(arm.label for arm in arm_list))),
       f"Command: `{command}`\n\nCommit: `{commit}`. Base config: {base.model.name}, {base.train.steps} RL steps "
       f"of {base.data.prompts_per_step} prompts × {base.rollout.group_size} rollouts, "
       f"{base.rollout.max_new_tokens} new tokens, learning rate {base.optim.learning_rate}; evaluation: "
