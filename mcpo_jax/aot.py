@@ -26,7 +26,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -52,18 +52,20 @@ GB = 1e9
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  hbm_bytes: float
+  hbm_bytes: float  # what XLA:TPU may plan into ("available HBM" in its out-of-memory errors), not the nominal size
   peak_flops: float  # bf16 dense, per chip
   hbm_bandwidth: float  # bytes/s
   ici_bandwidth: float  # bytes/s into one chip over its inter-chip links
 
 
-# Public per-chip figures (Cloud TPU system-architecture pages), keyed by the device_kind libtpu reports.
+# Per chip, keyed by the device_kind libtpu reports: the HBM XLA:TPU reports available to a program (libtpu
+# 0.0.42.1; a v4 device is one TensorCore) and the public peak, HBM and ICI figures (Cloud TPU system-architecture
+# pages).
 CHIPS = {
-    "TPU v4": Chip(32 * 2**30, 275e12, 1.2e12, 2400e9 / 8),
-    "TPU v5 lite": Chip(16 * 2**30, 197e12, 0.819e12, 1600e9 / 8),
-    "TPU v5": Chip(95 * 2**30, 459e12, 2.765e12, 4800e9 / 8),
-    "TPU v6 lite": Chip(32 * 2**30, 918e12, 1.64e12, 3584e9 / 8),
+    "TPU v4": Chip(15.25 * 2**30, 275e12, 1.2e12, 2400e9 / 8),
+    "TPU v5 lite": Chip(15.75 * 2**30, 197e12, 0.819e12, 1600e9 / 8),
+    "TPU v5": Chip(95.74 * 2**30, 459e12, 2.765e12, 4800e9 / 8),
+    "TPU v6 lite": Chip(31.25 * 2**30, 918e12, 1.64e12, 3584e9 / 8),
 }
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
@@ -266,6 +268,19 @@ class Report:
     return self.arguments + self.outputs + self.temporaries - self.aliased
 
 
+def extrapolate(shallow: Report, deep: Report, depths: Sequence[int], full_depth: int, program: Program,
+                chips: int) -> Report:
+  """`program` (the full model's, `full_depth` layers) from compiles of it cut to depths[0] and depths[1] layers:
+  per-chip memory and HBM/ICI traffic grow linearly with the unrolled layers (each adds the same weights,
+  optimizer state, saved activations and reads), so each is the line through the two, read at the full depth;
+  FLOPs come from the full model's shapes."""
+  at = lambda a, b: a + (b - a) * (full_depth - depths[0]) / (depths[1] - depths[0])
+  fields = ("arguments", "outputs", "temporaries", "aliased", "hbm_traffic", "ici_traffic")
+  return dataclasses.replace(shallow, name=program.name, flops=program.flops / chips,
+                             compile_s=shallow.compile_s + deep.compile_s,
+                             **{f: at(getattr(shallow, f), getattr(deep, f)) for f in fields})
+
+
 def collective_bytes(hlo_text: str) -> float:
   """Bytes per chip that the compiled program's collectives produce (each counted once, loop bodies once):
   the result of every synchronous collective and of every async one's `-done`. A chip receives about this
@@ -355,22 +370,33 @@ def main(argv) -> None:
     if options.layers:  # a quick look: what grows with depth (weights, optimizer state, saved activations) shrinks
       config = dataclasses.replace(config, num_layers=options.layers)
     config.validate_for_mesh(mesh.shape["tensor"])
-    todo = [p for p in programs(run, config, mesh)
-            if not options.programs or p.name.startswith(tuple(options.programs))]
+    depths = [int(d) for d in options.extrapolate_from]
+    if depths and (len(depths) != 2 or not 0 < depths[0] < depths[1] <= config.num_layers):
+      raise AotError(f"--extrapolate_from={','.join(options.extrapolate_from)}: give two depths, shallow then deep, "
+                     f"between 1 and the model's {config.num_layers} layers, e.g. 2,4.")
+    select = lambda config: [p for p in programs(run, config, mesh)
+                             if not options.programs or p.name.startswith(tuple(options.programs))]
+    todo = select(config)
+    cut = [select(dataclasses.replace(config, num_layers=depth)) for depth in depths]  # [shallow, deep] programs
   except (config_lib.ConfigError, AotError, ValueError) as error:
     sys.exit(f"error: {error}")
-  print(f"{run.model.name} ({config.num_params / 1e9:.2f}B parameters, {config.num_layers} layers) on "
+  how = f", extrapolated from compiles at {depths[0]} and {depths[1]} layers" if depths else ""
+  print(f"{run.model.name} ({config.num_params / 1e9:.2f}B parameters, {config.num_layers} layers{how}) on "
         f"{options.topology} × {options.num_slices} slice(s) = {len(devices)} chips, mesh {dict(mesh.shape)}",
         flush=True)
   shares = host_read_shares(config, mesh)
   print(f"loading: each of {len(shares)} hosts reads {max(shares.values()):.2f} of the checkpoint "
         f"({config.num_params * 2 * max(shares.values()) / 1e9:.1f} GB of a bf16 checkpoint)", flush=True)
   chip = CHIPS[chip_name]
-  fits_all, runs = True, []
+  fits_all, runs, chips = True, [], math.prod(mesh.devices.shape)
   for i, program in enumerate(todo):
     print(f"compiling {program.name} ({i + 1}/{len(todo)})...", flush=True)
     try:
-      report = analyze(program, math.prod(mesh.devices.shape))
+      if depths:
+        shallow, deep = (analyze(programs_at[i], chips) for programs_at in cut)
+        report = extrapolate(shallow, deep, depths, config.num_layers, program, chips)
+      else:
+        report = analyze(program, chips)
       row, fits = table_row(report, chip, options.headroom)
       runs.append((program.per_step, report))
     except jax.errors.JaxRuntimeError as error:  # XLA:TPU refuses a program that cannot fit in HBM
@@ -392,6 +418,9 @@ def _define_flags() -> None:  # only when run as a program: importing this modul
   flags.DEFINE_list("programs", [], "Compile only the programs whose names start with these.")
   flags.DEFINE_integer("layers", 0, "Compile the model cut to this many layers (0: all): minutes instead of hours on a "
                        "small host, to find what dominates; per-chip memory that grows with depth is then understated.")
+  flags.DEFINE_list("extrapolate_from", [], "Two depths, e.g. 2,4: compile each program cut to those many layers and "
+                    "report it at the full depth, memory and traffic extrapolated linearly (the full 7B update needs "
+                    "~15 GB of host memory and half an hour to compile on 2 cores).")
 
 
 if __name__ == "__main__":

@@ -108,6 +108,18 @@ def test_the_abstract_train_state_is_laid_out_as_the_real_one(run):
   assert sharded > 0  # moments really are sharded: the check can fail
 
 
+def test_extrapolation_reads_each_figure_off_the_line_through_two_depths():
+  """--extrapolate_from: memory and traffic at the full depth from compiles at two shallower ones; FLOPs are the
+  full program's, per chip."""
+  at2 = aot.Report("x", 1e9, 0.5e9, 2e9, 0.5e9, flops=1.0, hbm_traffic=10e9, ici_traffic=1e9, compile_s=3.0)
+  at4 = aot.Report("x", 2e9, 1.0e9, 3e9, 1.0e9, flops=2.0, hbm_traffic=14e9, ici_traffic=1e9, compile_s=5.0)
+  full = aot.Program("update", lambda: None, flops=64e12)
+  report = aot.extrapolate(at2, at4, [2, 4], 28, full, chips=64)
+  assert (report.name, report.flops, report.compile_s) == ("update", 1e12, 8.0)
+  assert (report.arguments, report.outputs, report.temporaries, report.aliased) == (14e9, 7e9, 15e9, 7e9)
+  assert (report.hbm_traffic, report.ici_traffic) == (62e9, 1e9)
+
+
 def test_the_rl_step_sums_each_programs_bound_times_its_runs_per_step():
   chip = aot.Chip(hbm_bytes=10e9, peak_flops=1e12, hbm_bandwidth=1e12, ici_bandwidth=1e11)
   rollout = aot.Report("rollout", 1e9, 0, 1e9, 0, flops=1e12, hbm_traffic=4e12, ici_traffic=0, compile_s=1.0)  # 4 s

@@ -5,6 +5,7 @@ report."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -98,14 +99,30 @@ def test_comparison_runs_every_arm_and_reports_them(learnable_task, tmp_path):
   for figure in ("accuracy_curves.png", "interference.png"):
     assert (tmp_path / "out" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-  # A rerun skips the finished runs; the one run deleted is trained again and reproduces its evaluation exactly.
+  # Each run's evaluations are kept beside the report, without checkpoints.
+  kept = tmp_path / "out" / "runs" / "compare"
+  for arm, seed in final:
+    for path in (tmp_path / "runs" / arm / f"seed{seed}" / "eval").glob("step_*"):
+      assert (kept / arm / f"seed{seed}" / "eval" / path.name).read_bytes() == path.read_bytes()
+  assert not list(kept.rglob("checkpoints"))
+
+  # A rerun skips the finished runs; the one run deleted (and its kept copy) is trained again and reproduces its
+  # evaluation exactly.
   redone = tmp_path / "runs" / "mcpo" / f"seed{SEEDS[-1]}"
   final_records = (redone / "eval" / f"step_{STEPS:06d}.per_prompt.jsonl").read_text()
   redone.rename(tmp_path / "mcpo-first-try")
+  shutil.rmtree(kept / "mcpo" / f"seed{SEEDS[-1]}")
   rerun = _compare(learnable_task, tmp_path)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert rerun.stdout.count("complete, skipped") == len(arms) * len(SEEDS) - 1
   assert (redone / "eval" / f"step_{STEPS:06d}.per_prompt.jsonl").read_text() == final_records
+  assert json.loads((tmp_path / "out" / "compare.json").read_text()) == report_data
+
+  # Without any run directory (another machine), the kept evaluations alone give the same report.
+  shutil.rmtree(tmp_path / "runs")
+  from_kept = _compare(learnable_task, tmp_path)
+  assert from_kept.returncode == 0, from_kept.stderr[-3000:]
+  assert from_kept.stdout.count("complete, skipped") == len(arms) * len(SEEDS)
   assert json.loads((tmp_path / "out" / "compare.json").read_text()) == report_data
 
 

@@ -14,12 +14,16 @@ compare.md, compare.json (every number of it), accuracy_curves.png (per-domain p
 and interference.png (the D×D cosines of the per-domain policy gradients, mixed GRPO and MCPO).
 `--grid=defaults` runs the sweep of MCPO's knobs instead (sweep.md, sweep.json, sweep_*.png), and
 `--grid=learning_rate` mixed GRPO at ½, 1 and 2 × the learning rate (learning_rate.md, ...).
+What the report reads of each finished run (its evaluations and diagnostics, no checkpoints) is kept in
+--out/runs/<stem>/<arm>/seed<S>: a run found there counts as complete, so the same command adds seeds
+or arms later, on another machine, training only the new runs.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -166,6 +170,17 @@ def run_config(base: ml_collections.ConfigDict, arm: Arm, seed: int, runs_dir: s
   config.resume = "auto"
   config.eval.at_start, config.eval.at_end = start_eval, True
   return config
+
+
+def keep_run(workdir: Path, kept: Path) -> None:
+  """Copies what the report reads of a finished run to `kept`, which read_run then reads like the run: its
+  evaluations, their per-prompt records and the diagnostics rows of its metrics (no checkpoints; ~100 KB)."""
+  (kept / "eval").mkdir(parents=True, exist_ok=True)
+  for path in (workdir / "eval").glob("step_*"):
+    shutil.copyfile(path, kept / "eval" / path.name)
+  shutil.copyfile(workdir / "evaluations.json", kept / "evaluations.json")
+  rows = [line for line in (workdir / "metrics.jsonl").read_text().splitlines() if '"diag/grad_cosine"' in line]
+  (kept / "metrics.jsonl").write_text("".join(row + "\n" for row in rows))
 
 
 def is_complete(workdir: Path) -> bool:
@@ -394,18 +409,25 @@ def compare(base: ml_collections.ConfigDict, seeds: Sequence[int], runs_dir: str
       raise ValueError("--arms must include grpo-mixed: the report's start row and differences are taken from it.")
     arm_list = [arm for arm in arm_list if arm.name in only]
   stem = name or GRIDS[grid].stem
+  out_dir = Path(out)
   todo = [  # seed-major, so that a grid stopped part-way holds whole paired seeds
       (arm, seed) for seed in seeds for arm in arm_list]
+  # Each finished run's evaluations are kept beside the report (out/runs/<stem>/<arm>/seed<S>), so a later
+  # command, on a machine without the runs, adds seeds or arms without training the finished ones again.
+  kept = lambda arm, seed: out_dir / "runs" / stem / arm.name / f"seed{seed}"
+  workdir = lambda arm, seed: Path(run_config(base, arm, seed, runs_dir).workdir)
   for i, (arm, seed) in enumerate(todo):
     # The start row: mixed GRPO's first seed evaluates the initial policy, which every arm starts from.
     config = run_config(base, arm, seed, runs_dir, start_eval=(arm.name, seed) == ("grpo-mixed", seeds[0]))
-    if is_complete(Path(config.workdir)):
+    if is_complete(workdir(arm, seed)) or is_complete(kept(arm, seed)):
       print(f"[{i + 1}/{len(todo)}] {arm.name} seed {seed}: complete, skipped")
-      continue
-    print(f"[{i + 1}/{len(todo)}] {arm.name} seed {seed} -> {config.workdir}", flush=True)
-    train(build(config))
+    else:
+      print(f"[{i + 1}/{len(todo)}] {arm.name} seed {seed} -> {config.workdir}", flush=True)
+      train(build(config))
+    if is_complete(workdir(arm, seed)):
+      keep_run(workdir(arm, seed), kept(arm, seed))
 
-  runs = {(arm.name, seed): read_run(Path(run_config(base, arm, seed, runs_dir).workdir))
+  runs = {(arm.name, seed): read_run(workdir(arm, seed) if is_complete(workdir(arm, seed)) else kept(arm, seed))
           for arm in arm_list for seed in seeds}
   end = runs[("grpo-mixed", seeds[0])]["curve"]
   end = end[max(end)]
@@ -413,7 +435,6 @@ def compare(base: ml_collections.ConfigDict, seeds: Sequence[int], runs_dir: str
   metrics = ["pass@1", *([f"mean@{base.eval.k}"] if base.eval.k > 0 else [])]
   stats = {metric: statistics(score_tables(runs, arm_list, domains, seeds, metric), baselines) for metric in metrics}
   shares = answer_shares(runs, arm_list, domains, seeds)
-  out_dir = Path(out)
   out_dir.mkdir(parents=True, exist_ok=True)
   prefix = "" if stem == "compare" else f"{stem}_"
   plot_curves(runs, arm_list, domains, seeds, out_dir / f"{prefix}accuracy_curves.png")
