@@ -380,7 +380,8 @@ def main(argv) -> None:
     cut = [select(dataclasses.replace(config, num_layers=depth)) for depth in depths]  # [shallow, deep] programs
   except (config_lib.ConfigError, AotError, ValueError) as error:
     sys.exit(f"error: {error}")
-  how = f", extrapolated from compiles at {depths[0]} and {depths[1]} layers" if depths else ""
+  how = (f", {' and '.join(options.extrapolate)} extrapolated from compiles at {depths[0]} and {depths[1]} layers"
+         if depths else "")
   print(f"{run.model.name} ({config.num_params / 1e9:.2f}B parameters, {config.num_layers} layers{how}) on "
         f"{options.topology} × {options.num_slices} slice(s) = {len(devices)} chips, mesh {dict(mesh.shape)}",
         flush=True)
@@ -392,9 +393,10 @@ def main(argv) -> None:
   for i, program in enumerate(todo):
     print(f"compiling {program.name} ({i + 1}/{len(todo)})...", flush=True)
     try:
-      if depths:
+      if depths and program.name.startswith(tuple(options.extrapolate)):
         shallow, deep = (analyze(programs_at[i], chips) for programs_at in cut)
         report = extrapolate(shallow, deep, depths, config.num_layers, program, chips)
+        report = dataclasses.replace(report, name=f"{program.name}, extrapolated")
       else:
         report = analyze(program, chips)
       row, fits = table_row(report, chip, options.headroom)
@@ -418,9 +420,11 @@ def _define_flags() -> None:  # only when run as a program: importing this modul
   flags.DEFINE_list("programs", [], "Compile only the programs whose names start with these.")
   flags.DEFINE_integer("layers", 0, "Compile the model cut to this many layers (0: all): minutes instead of hours on a "
                        "small host, to find what dominates; per-chip memory that grows with depth is then understated.")
-  flags.DEFINE_list("extrapolate_from", [], "Two depths, e.g. 2,4: compile each program cut to those many layers and "
-                    "report it at the full depth, memory and traffic extrapolated linearly (the full 7B update needs "
-                    "~15 GB of host memory and half an hour to compile on 2 cores).")
+  flags.DEFINE_list("extrapolate_from", [], "Two depths, e.g. 2,4: compile the --extrapolate programs cut to those many "
+                    "layers and report them at the full depth, memory and traffic extrapolated linearly (the full 7B "
+                    "update needs ~15 GB of host memory and 20 minutes to compile on 2 cores).")
+  flags.DEFINE_list("extrapolate", ["update", "diagnostics"], "With --extrapolate_from: the programs (name prefixes) "
+                    "to extrapolate; the others compile at full depth.")
 
 
 if __name__ == "__main__":
