@@ -75,7 +75,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     config.model.name = f"{bucket}/models/" + {"qwen2.5-7b-instruct": "Qwen2.5-7B-Instruct", "qwen3-8b": "Qwen3-8B"}[preset]
     config.model.dtype = "bfloat16"
     config.model.remat = "full"
-    # One layout for v5e-64, v5p-64 and v6e-256 (tpu_setup/README.md, "Does it fit?"): heads split over 4 chips
+    # One layout for v5e-64, v5p-64 and v6e-256 (tpu_setup/README.md, "Does the paper preset fit?"): heads split over 4 chips
     # (28 and 32 query heads, 4 and 8 KV heads), FSDP over the rest; the sampler decodes from local bf16
     # weights in two calls of 1024 rows, so one call's KV cache fits a 16 GB v5e chip.
     config.mesh.tensor = 4
@@ -91,7 +91,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     config.optim.warmup_steps = 10
     config.train.steps = 500
     config.train.minibatches = 4
-    config.train.micro_batches = 8
+    config.train.micro_batches = 16  # 32 rows per micro-batch: 2 per v5e-64 chip (8 do not fit); v6e-256: 8
     config.train.logit_chunk = 256
     config.eval.every = 25
     config.eval.prompts_per_domain = 256
