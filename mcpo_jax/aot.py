@@ -162,7 +162,7 @@ class Program:
   decode_steps: int = 0  # a sampler: its decode step is compiled alone and counted this many times
   decode_step: Callable[[], jax.stages.Lowered] | None = None
   calls: int = 1  # calls per run of the program (the rollout in rollout.max_rows_per_call chunks); memory is one call's
-  per_step: float = 1.0  # runs per RL step, averaged over the run (update: minibatches × epochs; eval: 1/every)
+  per_step: float = 1.0  # runs per RL step, averaged over the run (update: minibatches × epochs; the others: rl_loop's schedule)
 
 
 def forward_flops(config: ModelConfig, rows: int, new_tokens: int, context: int) -> float:
