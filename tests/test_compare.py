@@ -100,7 +100,7 @@ def test_comparison_runs_every_arm_and_reports_them(learnable_task, tmp_path):
     assert (tmp_path / "out" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
   # Each run's evaluations are kept beside the report, without checkpoints.
-  kept = tmp_path / "out" / "runs" / "compare"
+  kept = tmp_path / "out" / "runs" / "runs"  # named after --runs_dir
   for arm, seed in final:
     for path in (tmp_path / "runs" / arm / f"seed{seed}" / "eval").glob("step_*"):
       assert (kept / arm / f"seed{seed}" / "eval" / path.name).read_bytes() == path.read_bytes()

@@ -15,8 +15,9 @@ and interference.png (the D×D cosines of the per-domain policy gradients, mixed
 `--grid=defaults` runs the sweep of MCPO's knobs instead (sweep.md, sweep.json, sweep_*.png), and
 `--grid=learning_rate` mixed GRPO at ½, 1 and 2 × the learning rate (learning_rate.md, ...).
 What the report reads of each finished run (its evaluations and diagnostics, no checkpoints) is kept in
---out/runs/<stem>/<arm>/seed<S>: a run found there counts as complete, so the same command adds seeds
-or arms later, on another machine, training only the new runs.
+--out/runs/<runs_dir's name>/<arm>/seed<S>, shared by every report over that runs_dir: a run found there
+counts as complete, so the same command adds seeds or arms later, on another machine, training only the
+new runs.
 """
 
 from __future__ import annotations
@@ -412,9 +413,10 @@ def compare(base: ml_collections.ConfigDict, seeds: Sequence[int], runs_dir: str
   out_dir = Path(out)
   todo = [  # seed-major, so that a grid stopped part-way holds whole paired seeds
       (arm, seed) for seed in seeds for arm in arm_list]
-  # Each finished run's evaluations are kept beside the report (out/runs/<stem>/<arm>/seed<S>), so a later
-  # command, on a machine without the runs, adds seeds or arms without training the finished ones again.
-  kept = lambda arm, seed: out_dir / "runs" / stem / arm.name / f"seed{seed}"
+  # Each finished run's evaluations are kept beside the report (out/runs/<runs_dir's name>/<arm>/seed<S>, one copy
+  # for all reports over those runs), so a later command, on a machine without the runs, adds seeds or arms
+  # without training the finished ones again.
+  kept = lambda arm, seed: out_dir / "runs" / Path(runs_dir).name / arm.name / f"seed{seed}"
   workdir = lambda arm, seed: Path(run_config(base, arm, seed, runs_dir).workdir)
   for i, (arm, seed) in enumerate(todo):
     # The start row: mixed GRPO's first seed evaluates the initial policy, which every arm starts from.
