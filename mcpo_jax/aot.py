@@ -14,12 +14,14 @@ does not fit with --headroom to spare.
 FLOPs are counted from the model's shapes, not from XLA's cost analysis: the cost analysis counts a
 loop body once (a fori_loop of 10 matmuls reports the FLOPs of one), and the sampler's decode loop and
 the update's micro-batch scan are loops. The decode loop's HBM traffic is the cost analysis of one
-decode step, compiled on its own, times the number of steps; so are its collective bytes.
+decode step, compiled on its own, times the number of steps (per decode segment: each reads its own
+share of the cache); so are its collective bytes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import math
 import os
@@ -44,7 +46,7 @@ from mcpo_jax.model.config import ModelConfig
 from mcpo_jax.model.transformer import KVCache
 from mcpo_jax.model.weights import abstract_transformer, host_read_shares
 from mcpo_jax.tpu_flags import set_tpu_flags
-from mcpo_jax.sampling import DECODE_GATHERED, generate_program, next_power_of_two, prompt_bucket
+from mcpo_jax.sampling import DECODE_GATHERED, decode_segment_ends, generate_program, next_power_of_two, prompt_bucket
 from mcpo_jax.train import TrainState, jit_reference_logprobs, jit_update_step, make_optimizer
 
 GB = 1e9
@@ -159,8 +161,9 @@ class Program:
   name: str
   lower: Callable[[], jax.stages.Lowered]
   flops: float  # model FLOPs per RL step (all its calls), all chips together
-  decode_steps: int = 0  # a sampler: its decode step is compiled alone and counted this many times
-  decode_step: Callable[[], jax.stages.Lowered] | None = None
+  # A sampler's decode loops (rollout.decode_segments): (steps, that loop's decode step lowered alone) each; the
+  # step is compiled on its own and counted `steps` times.
+  decode: tuple[tuple[int, Callable[[], jax.stages.Lowered]], ...] = ()
   calls: int = 1  # calls per run of the program (the rollout in rollout.max_rows_per_call chunks); memory is one call's
   per_step: float = 1.0  # runs per RL step, averaged over the run (update: minibatches × epochs; the others: rl_loop's schedule)
 
@@ -193,17 +196,18 @@ def programs(run: config_lib.RunConfig, config: ModelConfig, mesh: Mesh) -> list
   def sampler(name, prompts, group, new_tokens, temperature, calls=1, per_step=1.0):
     program, settings = generate_program(group_size=group, max_new_tokens=new_tokens, temperature=temperature,
                                          top_p=run.rollout.top_p, top_k=run.rollout.top_k, stop_token_ids=(0,),
-                                         pad_id=0, gather_weights=run.rollout.gather_weights)
+                                         pad_id=0, gather_weights=run.rollout.gather_weights,
+                                         decode_segments=run.rollout.decode_segments)
     tokens = abstract((prompts, p), jnp.int32, mesh, ("batch", "length"))
     slots = p + next_power_of_two(new_tokens)
     n = prompts * group
 
-    def decode_step():  # one token per row against the full cache: the decode loop's body
+    def decode_step(visible):  # one token per row, attending over the first `visible` slots: a decode loop's body
       kv = abstract((n, config.num_kv_heads, slots, config.head_dim), compute, mesh,
                     ("batch", "kv_heads", "length", "head_dim"))
       cache = KVCache(keys=(kv,) * config.num_layers, values=(kv,) * config.num_layers,
                       key_mask=abstract((n, slots), jnp.bool_, mesh, ("batch", "length")),
-                      index=abstract((), jnp.int32, mesh, ()))
+                      index=abstract((), jnp.int32, mesh, ()), visible=visible)
 
       def step(params, token, cache):
         model = nnx.merge(graphdef, params)
@@ -212,9 +216,13 @@ def programs(run: config_lib.RunConfig, config: ModelConfig, mesh: Mesh) -> list
       weights = decode_params if run.rollout.gather_weights else params
       return jax.jit(step, donate_argnums=2).lower(weights, abstract((n, 1), jnp.int32, mesh, ("batch", None)), cache)
 
-    flops = calls * (forward_flops(config, prompts, p, p) + forward_flops(config, n, new_tokens, slots))
+    ends = decode_segment_ends(next_power_of_two(new_tokens), run.rollout.decode_segments)
+    segments = [(start, min(end, new_tokens), p + end) for start, end in zip([0, *ends], ends) if start < new_tokens]
+    loops = tuple((end - start, functools.partial(decode_step, visible)) for start, end, visible in segments)
+    flops = calls * (forward_flops(config, prompts, p, p) + sum(
+        forward_flops(config, n, end - start, visible) for start, end, visible in segments))
     return Program(name, lambda: program.lower(graphdef, params, tokens, tokens, key, *settings), flops,
-                   new_tokens, decode_step, calls, per_step)
+                   loops, calls, per_step)
 
   train_tokens = p + t  # a row's prompt and response, each forward
   remat = {"none": 1.0, "save_dots": 1.0, "full": 4 / 3}[run.model.remat]  # full: a second forward per backward
@@ -306,10 +314,10 @@ def analyze(program: Program, chips: int) -> Report:
   compiled = program.lower().compile()
   memory = compiled.memory_analysis()
   traffic, ici = float(_cost(compiled).get("bytes accessed", 0.0)), collective_bytes(compiled.as_text())
-  if program.decode_step is not None:  # the prefill (loop body once) plus every decode step's reads
-    step = program.decode_step().compile()
-    traffic += (program.decode_steps - 1) * float(_cost(step).get("bytes accessed", 0.0))
-    ici += (program.decode_steps - 1) * collective_bytes(step.as_text())
+  for steps, lower_step in program.decode:  # the prefill and each loop's body once, plus its other steps' reads
+    step = lower_step().compile()
+    traffic += (steps - 1) * float(_cost(step).get("bytes accessed", 0.0))
+    ici += (steps - 1) * collective_bytes(step.as_text())
   return Report(program.name, memory.argument_size_in_bytes, memory.output_size_in_bytes,
                 memory.temp_size_in_bytes, memory.alias_size_in_bytes, program.flops / chips,
                 traffic * program.calls, ici * program.calls, time.perf_counter() - started)

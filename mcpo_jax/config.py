@@ -71,6 +71,7 @@ class RolloutSettings:
   top_k: int = 0
   max_rows_per_call: int = 0  # rows (prompts × G) per sampler call, bounding its KV cache; 0 = the whole batch
   gather_weights: bool = False  # decode from weights gathered once per call (sampling.decode_weights), not per token
+  decode_segments: int = 1  # decode in this many loops, each attending over the cache filled so far (sampling.py)
 
   @property
   def prompts_per_call(self) -> int | None:
@@ -222,6 +223,7 @@ RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("rollout.top_p", lambda v: 0 < v <= 1, "use a value in (0, 1]"),
     ("rollout.top_k", at_least(0), "use 0 (off) or a positive count"),
     ("rollout.max_rows_per_call", at_least(0), "use 0 (one call per batch) or a multiple of rollout.group_size"),
+    ("rollout.decode_segments", at_least(1), "use 1 (one decode loop) or more"),
     ("rewards.processes", at_least(0), "use 0 (score in this process) or a number of worker processes"),
     ("rewards.timeout_s", positive, "use a positive number of seconds"),
     ("rewards.format_weight", at_least(0), "use 0 (off) or a positive weight"),

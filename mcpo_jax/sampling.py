@@ -3,9 +3,12 @@
 The whole generation is one jitted program: prefill, the G-fold cache copy, and a `lax.while_loop`
 that samples a token per row, feeds it back through the model, and exits as soon as every row has
 stopped. The cache is created inside the program, so XLA updates it in place; only the current
-step's [N, V] logits ever exist. Generation lengths are bucketed to powers of two and prompt lengths
-to 2^k or 1.5·2^k (a 90-token prompt runs at 96, not 128), so the compiled programs are few and
-reused (`compile_count()` tells how many were built).
+step's [N, V] logits ever exist. With `decode_segments` = n the loop is n loops in a row, each
+attending only over the cache slots filled by its end (the prompt's and the first j·T/n response
+slots): the decode reads (P + T(n+1)/2n) / (P + T) of the cache one loop reads, for n loop bodies'
+compile time. Generation lengths are bucketed to powers of two and prompt lengths to 2^k or 1.5·2^k
+(a 90-token prompt runs at 96, not 128), so the compiled programs are few and reused
+(`compile_count()` tells how many were built).
 
 Shapes: B prompts, G rollouts per prompt, N = B·G rows, P prompt length, T new tokens, V vocabulary.
 """
@@ -79,6 +82,11 @@ def filter_logits(logits: jax.Array, top_k: int, top_p: jax.Array | float | None
   return logits
 
 
+def decode_segment_ends(length_bucket: int, segments: int) -> tuple[int, ...]:
+  """The decode step at which each of `segments` loops ends (the last at length_bucket)."""
+  return tuple(sorted({-(-length_bucket * j // segments) for j in range(1, segments + 1)}))
+
+
 def decode_weights(state: nnx.State, mesh, dtype) -> nnx.State:
   """The sampler's copy of the model's weights: in the compute dtype (what every use casts them to, so the
   numbers are the same), with their FSDP dimension ("embed") gathered. The decode loop then reads local
@@ -100,7 +108,7 @@ def decode_weights(state: nnx.State, mesh, dtype) -> nnx.State:
 
 def _sample_program(graphdef, state, prompt_tokens, prompt_mask, key, max_new_tokens, temperature, top_p, stop_ids,
                     *, group_size: int, length_bucket: int, greedy: bool, top_k: int, use_top_p: bool,
-                    pad_id: int, cache_dtype, gather_weights: bool):
+                    pad_id: int, cache_dtype, gather_weights: bool, decode_segments: int):
   """The jitted generation. prompt_tokens, prompt_mask: [B, P]; returns Rollouts with T = length_bucket."""
   global _compiles
   _compiles += 1  # runs once per trace, i.e. once per compiled program
@@ -161,7 +169,10 @@ def _sample_program(graphdef, state, prompt_tokens, prompt_mask, key, max_new_to
     out["logits"] = constrain(model.logits_from_hidden(fed.hidden)[:, 0], mesh, ("batch", "vocab"))
     return out
 
-  final = jax.lax.while_loop(keep_going, step, state0)
+  final = state0
+  for end in decode_segment_ends(length_bucket, decode_segments):  # slots [0, p + end) hold every token by `end`
+    final = dict(final, cache=final["cache"].replace(visible=p + end))
+    final = jax.lax.while_loop(lambda s, end=end: keep_going(s) & (s["t"] < end), step, final)
   lengths = jnp.sum(final["mask"], axis=-1)
   return Rollouts(
       tokens=final["tokens"], logprobs=final["logprobs"], response_mask=final["mask"], lengths=lengths,
@@ -170,21 +181,23 @@ def _sample_program(graphdef, state, prompt_tokens, prompt_mask, key, max_new_to
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(group_size, length_bucket, greedy, top_k, use_top_p, pad_id, cache_dtype, gather_weights):
+def _jitted(group_size, length_bucket, greedy, top_k, use_top_p, pad_id, cache_dtype, gather_weights, decode_segments):
   return jax.jit(functools.partial(
       _sample_program, group_size=group_size, length_bucket=length_bucket, greedy=greedy, top_k=top_k,
-      use_top_p=use_top_p, pad_id=pad_id, cache_dtype=cache_dtype, gather_weights=gather_weights), static_argnums=0)
+      use_top_p=use_top_p, pad_id=pad_id, cache_dtype=cache_dtype, gather_weights=gather_weights,
+      decode_segments=decode_segments), static_argnums=0)
 
 
 def generate_program(*, group_size: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-                     stop_token_ids: Sequence[int], pad_id: int, cache_dtype=None, gather_weights: bool = False):
+                     stop_token_ids: Sequence[int], pad_id: int, cache_dtype=None, gather_weights: bool = False,
+                     decode_segments: int = 1):
   """The jitted program `generate` runs, and its trailing arguments: the program is called as
   program(graphdef, model_state, prompt_tokens, prompt_mask, key, *settings) (mcpo_jax.aot lowers it)."""
   stop_ids = np.full((MAX_STOP_TOKENS,), -1, np.int32)
   stop_ids[:len(stop_token_ids)] = list(stop_token_ids)
   greedy = temperature == 0
   program = _jitted(group_size, next_power_of_two(max_new_tokens), greedy, int(top_k), top_p < 1.0, int(pad_id),
-                    None if cache_dtype is None else jnp.dtype(cache_dtype), bool(gather_weights))
+                    None if cache_dtype is None else jnp.dtype(cache_dtype), bool(gather_weights), int(decode_segments))
   settings = (np.int32(max_new_tokens), np.float32(1.0 if greedy else temperature), np.float32(top_p), stop_ids)
   return program, settings
 
@@ -192,18 +205,21 @@ def generate_program(*, group_size: int, max_new_tokens: int, temperature: float
 def generate(model: Transformer, prompt_tokens, prompt_mask, *, group_size: int = 1, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              stop_token_ids: Sequence[int] = (), key: jax.Array, step: int = 0, pad_id: int = 0,
-             cache_dtype=None, gather_weights: bool = False) -> Rollouts:
+             cache_dtype=None, gather_weights: bool = False, decode_segments: int = 1) -> Rollouts:
   """Samples `group_size` responses for each left-padded prompt.
 
   prompt_tokens, prompt_mask: [B, P] (left padding). temperature=0 is greedy. The key is folded with
   `step` and then with each row index, so a new training step draws new samples and every row its
-  own. gather_weights: decode from `decode_weights` (FSDP gathered once per call). Returns Rollouts with
-  T = max_new_tokens.
+  own. gather_weights: decode from `decode_weights` (FSDP gathered once per call). decode_segments: decode in
+  that many loops, each attending over the cache filled so far (the same tokens, fewer cache reads).
+  Returns Rollouts with T = max_new_tokens.
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens}; it must be at least 1.")
   if len(stop_token_ids) > MAX_STOP_TOKENS:
     raise ValueError(f"{len(stop_token_ids)} stop tokens; at most {MAX_STOP_TOKENS} are supported.")
+  if decode_segments < 1:
+    raise ValueError(f"decode_segments={decode_segments}; it must be at least 1.")
   if not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p={top_p}; it must be in (0, 1].")
   prompt_tokens = np.asarray(prompt_tokens, np.int32)
@@ -218,7 +234,8 @@ def generate(model: Transformer, prompt_tokens, prompt_mask, *, group_size: int 
     prompt_tokens, prompt_mask = from_host(prompt_tokens, sharding), from_host(prompt_mask, sharding)
   program, settings = generate_program(group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature,
                                        top_p=top_p, top_k=top_k, stop_token_ids=stop_token_ids, pad_id=pad_id,
-                                       cache_dtype=cache_dtype, gather_weights=gather_weights)
+                                       cache_dtype=cache_dtype, gather_weights=gather_weights,
+                                       decode_segments=decode_segments)
   graphdef, state = nnx.split(model)
   rollouts = program(graphdef, state, prompt_tokens, prompt_mask, jax.random.fold_in(key, step), *settings)
   trim = lambda x: x[:, :max_new_tokens]

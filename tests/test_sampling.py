@@ -463,3 +463,46 @@ def test_gathered_weights_decode_the_same_without_per_token_weight_gathers(llama
     hlo = program.lower(graphdef, state, sharded, sharded, jax.random.key(0), *settings).compile().as_text()
     gathers[gather] = _loop_body_ops(hlo, "all-gather")
   assert gathers[False] >= 1 and gathers[True] == 0, gathers  # XLA combines the layers' weight gathers into few ops
+
+
+@pytest.mark.parametrize("segments", [3, MAX_NEW])
+def test_decode_segments_sample_the_same_rows_over_fewer_cache_slots(llama, prompts, sampled_rollouts, segments):
+  """rollout.decode_segments: the same T=0.7 draws and log-probs (within 1e-5) as one decode loop, with
+  `segments` loops in the program, each attending over only the slots filled by its end (3 does not divide
+  the 8 steps; 8 is one loop per token). A row that stops mid-segment stays stopped in the next."""
+  ids, mask = prompts
+  out = generate(llama, ids, mask, group_size=8, max_new_tokens=MAX_NEW, temperature=0.7, key=jax.random.key(1),
+                 step=3, pad_id=PAD_ID, decode_segments=segments)
+  for field in ("tokens", "response_mask", "lengths", "truncated"):
+    np.testing.assert_array_equal(np.asarray(getattr(out, field)), np.asarray(getattr(sampled_rollouts, field)))
+  np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(sampled_rollouts.logprobs), atol=LOGPROB_TOL, rtol=0)
+  stops = _choose_stop_tokens(np.asarray(sampled_rollouts.tokens))
+  stopped = [generate(llama, ids, mask, group_size=8, max_new_tokens=MAX_NEW, temperature=0.7, key=jax.random.key(1),
+                      step=3, pad_id=PAD_ID, stop_token_ids=stops, decode_segments=n) for n in (1, segments)]
+  np.testing.assert_array_equal(np.asarray(stopped[1].tokens), np.asarray(stopped[0].tokens))
+  assert (np.asarray(stopped[0].lengths) < MAX_NEW).any()  # not vacuous: some rows stop early
+
+  program, settings = generate_program(group_size=8, max_new_tokens=MAX_NEW, temperature=0.7, top_p=1.0, top_k=0,
+                                       stop_token_ids=(), pad_id=PAD_ID, decode_segments=segments)
+  graphdef, state = nnx.split(llama)
+  jaxpr = jax.make_jaxpr(lambda *args: program(graphdef, *args))(state, ids, mask, jax.random.key(0), *settings)
+  loops = [eqn for eqn in jaxpr.jaxpr.eqns[0].params["jaxpr"].jaxpr.eqns if eqn.primitive.name == "while"]
+  assert len(loops) == segments
+  # Each loop's attention reads the prompt's slots and the response slots filled by its end.
+  ends, prompt = [-(-MAX_NEW * j // segments) for j in range(1, segments + 1)], ids.shape[1]  # unbucketed here
+  for loop, end in zip(loops, ends):
+    widths = {v.aval.shape[-1] for eqn in _eqns(loop.params["body_jaxpr"].jaxpr) if eqn.primitive.name == "dot_general"
+              for v in eqn.outvars if len(v.aval.shape) == 4}
+    assert prompt + end in widths, (end, widths)  # the scores [B, K, G·T, S] over the visible slots
+    assert prompt + MAX_NEW not in widths or end == MAX_NEW, (end, widths)
+
+
+def _eqns(jaxpr):
+  """Every equation of a jaxpr and of the jaxprs nested in it."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else (param,):
+        inner = getattr(sub, "jaxpr", None)
+        if inner is not None:
+          yield from _eqns(inner if hasattr(inner, "eqns") else inner.jaxpr)

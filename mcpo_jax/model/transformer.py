@@ -2,8 +2,9 @@
 
 One forward serves training and sampling. Without a cache it is a teacher-forced pass over
 [B, T] tokens. With a cache it writes the new keys/values at slots [cache.index, cache.index + T)
-and attends to every filled slot at or before each query's slot: prefill is a call with the
-(left-padded) prompt, decode is a call with one token per row. With a `prefix` (the keys/values of
+and attends to every filled slot at or before each query's slot (reading only the first
+`cache.visible` slots when that is set): prefill is a call with the (left-padded) prompt, decode is
+a call with one token per row. With a `prefix` (the keys/values of
 a prompt, returned by a `return_kv=True` call and expanded to one copy per row) it is a
 teacher-forced pass whose tokens also attend to that prompt: the training forward of G responses
 that share one prompt encodes the prompt once. Positions come from the attention mask (count of
@@ -62,6 +63,9 @@ class KVCache:
   values: tuple[jax.Array, ...]  # per layer [B, K, S, D]
   key_mask: jax.Array  # [B, S] bool: the slot holds a real (non-padding) token
   index: jax.Array  # [] int32: the next slot to write
+  # Attention reads slots [0, visible) only (None: all S); static, so each value is its own program. The
+  # sampler's decode segments set it to the slots filled by the segment's end (sampling.decode_segment_ends).
+  visible: int | None = flax.struct.field(pytree_node=False, default=None)
 
   @property
   def max_length(self) -> int:
@@ -182,8 +186,10 @@ class Attention(nnx.Module):
       out = self._causal(q, k_all, v_all, key_mask, prefix_keys.shape[2])
     elif layer_keys is None:  # teacher-forced (training): blockwise, memory linear in T
       out = self._causal(q, k.astype(self.dtype), v.astype(self.dtype), key_mask)
-    else:
-      out = cached_attention(q, k.astype(self.dtype), v.astype(self.dtype), query_slots, key_mask)
+    else:  # over the slots key_mask covers: the cache's first `visible` (KVCache.visible)
+      visible = key_mask.shape[1]
+      out = cached_attention(q, k[:, :, :visible].astype(self.dtype), v[:, :, :visible].astype(self.dtype),
+                             query_slots, key_mask)
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)  # [B, K, G, T, D] -> [B, T, H, D]
     out = constrain(out, self.mesh, ("batch", "length", "heads", "head_dim"))
     if "o_proj" in self.lora_targets:
@@ -309,19 +315,21 @@ class Transformer(nnx.Module):
 
     x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)  # [B, T, E]
     x = constrain(x, self.mesh, ("batch", "length", None))
+    attend_mask = key_mask if cache is None or cache.visible is None else key_mask[:, :cache.visible]
     new_keys, new_values = [], []
     for i, layer in enumerate(self.layers):
       layer_keys = None if cache is None else cache.keys[i]
       layer_values = None if cache is None else cache.values[i]
       layer_prefix = () if prefix is None else (prefix.keys[i], prefix.values[i])
-      x, k, v = self._apply_layer(layer, x, cos, sin, query_slots, key_mask, layer_keys, layer_values, write_index,
+      x, k, v = self._apply_layer(layer, x, cos, sin, query_slots, attend_mask, layer_keys, layer_values, write_index,
                                   *layer_prefix)
       new_keys.append(k)
       new_values.append(v)
     hidden = self.final_norm(x)  # [B, T, E]
 
     new_cache = None if cache is None and not return_kv else KVCache(
-        keys=tuple(new_keys), values=tuple(new_values), key_mask=key_mask, index=write_index + t)
+        keys=tuple(new_keys), values=tuple(new_values), key_mask=key_mask, index=write_index + t,
+        visible=None if cache is None else cache.visible)
     logits = self.logits_from_hidden(hidden) if return_logits else None
     return ModelOutput(logits=logits, hidden=hidden, cache=new_cache)
 
