@@ -181,8 +181,8 @@ def test_gathered_weights_take_the_decode_loop_off_the_links(run):
 @needs_libtpu
 def test_decode_segments_read_only_the_filled_cache(run):
   """v5e:2x2, 256 new tokens: with rollout.decode_segments=4 each decode loop attends over the slots filled by
-  its end, and XLA:TPU reads that prefix of the cache in place: the rollout's HBM traffic falls by at least
-  half of the cache reads the segments skip (computed from the shapes)."""
+  its end: the rollout's HBM traffic falls by the cache reads the segments skip (computed from the shapes),
+  within 10%."""
   run = dataclasses.replace(run, rollout=dataclasses.replace(run.rollout, max_new_tokens=256))
   config, mesh = aot.model_config(run.model.name), make_mesh(1, -1, 1, devices=aot.topology_devices("v5e:2x2"))
   reports = {}
@@ -196,7 +196,7 @@ def test_decode_segments_read_only_the_filled_cache(run):
   slot_bytes = rows * config.num_layers * 2 * config.num_kv_heads * config.head_dim * 2 / mesh.devices.size  # bf16 k, v
   skipped = sum(64 * (256 - 64 * j) for j in range(1, 4)) * slot_bytes  # loop j (of 4, 64 steps each) skips 256 - 64j
   saved = reports[1].hbm_traffic - reports[4].hbm_traffic
-  assert saved > 0.5 * skipped, (saved, skipped)
+  assert 0.9 * skipped < saved < 1.1 * skipped, (saved, skipped)  # measured 0.97: the extra loop bodies count once
 
 
 @needs_libtpu
