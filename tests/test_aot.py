@@ -15,7 +15,6 @@ from conftest import tiny_pod_run
 from mcpo_jax import aot
 from mcpo_jax import config as config_lib
 from mcpo_jax.mesh import make_mesh
-from mcpo_jax.sampling import prompt_bucket
 from configs.multi_domain import get_config
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -192,7 +191,7 @@ def test_decode_segments_read_only_the_filled_cache(run):
     assert len(rollout.decode) == segments
     with jax.default_matmul_precision("default"):
       reports[segments] = aot.analyze(rollout, mesh.devices.size)
-  rows, slots = run.data.prompts_per_step * run.rollout.group_size, prompt_bucket(run.data.max_prompt_tokens) + 256
+  rows = run.data.prompts_per_step * run.rollout.group_size
   slot_bytes = rows * config.num_layers * 2 * config.num_kv_heads * config.head_dim * 2 / mesh.devices.size  # bf16 k, v
   skipped = sum(64 * (256 - 64 * j) for j in range(1, 4)) * slot_bytes  # loop j (of 4, 64 steps each) skips 256 - 64j
   saved = reports[1].hbm_traffic - reports[4].hbm_traffic
