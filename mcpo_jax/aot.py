@@ -44,12 +44,13 @@ from ml_collections import config_flags
 from mcpo_jax import config as config_lib
 from mcpo_jax.batch import TrainBatch
 from mcpo_jax.diagnostics import gradient_cosines_program
-from mcpo_jax.mesh import make_mesh, named_sharding
+from mcpo_jax.mesh import axis_rules, make_mesh, named_sharding
 from mcpo_jax.model.config import ModelConfig
 from mcpo_jax.model.transformer import KVCache
 from mcpo_jax.model.weights import abstract_transformer, host_read_shares
 from mcpo_jax.tpu_flags import set_tpu_flags
-from mcpo_jax.sampling import DECODE_GATHERED, decode_segment_ends, generate_program, next_power_of_two, prompt_bucket
+from mcpo_jax.sampling import (DECODE_GATHERED, decode_rules, decode_segment_ends, generate_program, next_power_of_two,
+                               prompt_bucket)
 from mcpo_jax.train import TrainState, jit_reference_logprobs, jit_update_step, make_optimizer
 
 GB = 1e9
@@ -183,10 +184,12 @@ def programs(run: config_lib.RunConfig, config: ModelConfig, mesh: Mesh) -> list
   graphdef, params = abstract_model(config, mesh, run)
   compute = jnp.dtype(run.model.dtype)
   reference = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, compute, sharding=s.sharding), params)
-  decode_params = jax.tree.map(  # what the decode loop reads with rollout.gather_weights (sampling.decode_weights)
-      lambda v: v.replace(jax.ShapeDtypeStruct(v.shape, compute, sharding=named_sharding(
-          mesh, v.logical_axes, v.shape, replicated=DECODE_GATHERED))),
-      params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  rules = decode_rules(run.rollout.mlp_over_fsdp)
+  with axis_rules(rules):  # what the decode loop reads with rollout.gather_weights (sampling.decode_weights)
+    decode_params = jax.tree.map(
+        lambda v: v.replace(jax.ShapeDtypeStruct(v.shape, compute, sharding=named_sharding(
+            mesh, v.logical_axes, v.shape, replicated=DECODE_GATHERED))),
+        params, is_leaf=lambda x: isinstance(x, nnx.Variable))
   optimizer = make_optimizer(run.optim)
   state = abstract_train_state(params, optimizer, mesh, config.hidden_size, run.objective.proj_dim)
   update_config = run.update
@@ -200,7 +203,8 @@ def programs(run: config_lib.RunConfig, config: ModelConfig, mesh: Mesh) -> list
     program, settings = generate_program(group_size=group, max_new_tokens=new_tokens, temperature=temperature,
                                          top_p=run.rollout.top_p, top_k=run.rollout.top_k, stop_token_ids=(0,),
                                          pad_id=0, gather_weights=run.rollout.gather_weights,
-                                         decode_segments=run.rollout.decode_segments)
+                                         decode_segments=run.rollout.decode_segments,
+                                         mlp_over_fsdp=run.rollout.mlp_over_fsdp)
     tokens = abstract((prompts, p), jnp.int32, mesh, ("batch", "length"))
     n = prompts * group
 
@@ -216,7 +220,8 @@ def programs(run: config_lib.RunConfig, config: ModelConfig, mesh: Mesh) -> list
         out = model(token, jnp.ones_like(token), cache=cache, return_logits=False)
         return model.logits_from_hidden(out.hidden), out.cache
       weights = decode_params if run.rollout.gather_weights else params
-      return jax.jit(step, donate_argnums=2).lower(weights, abstract((n, 1), jnp.int32, mesh, ("batch", None)), cache)
+      return jax.jit(axis_rules(rules)(step), donate_argnums=2).lower(
+          weights, abstract((n, 1), jnp.int32, mesh, ("batch", None)), cache)
 
     ends = decode_segment_ends(next_power_of_two(new_tokens), run.rollout.decode_segments)
     segments = [(start, min(end, new_tokens), p + end) for start, end in zip([0, *ends], ends) if start < new_tokens]

@@ -72,6 +72,7 @@ class RolloutSettings:
   max_rows_per_call: int = 0  # rows (prompts × G) per sampler call, bounding its KV cache; 0 = the whole batch
   gather_weights: bool = False  # decode from weights gathered once per call (sampling.decode_weights), not per token
   decode_segments: int = 1  # decode in this many loops, each attending over the cache filled so far (sampling.py)
+  mlp_over_fsdp: bool = False  # with gather_weights: decode with the MLP split over fsdp × tensor (sampling.MLP_OVER_FSDP)
 
   @property
   def prompts_per_call(self) -> int | None:
@@ -337,6 +338,9 @@ def build(config: ml_collections.ConfigDict) -> RunConfig:
   if run.rollout.max_rows_per_call % run.rollout.group_size:
     raise ConfigError(f"--config.rollout.max_rows_per_call={run.rollout.max_rows_per_call} is not a multiple of "
                       f"--config.rollout.group_size={run.rollout.group_size}; a call holds whole prompt groups.")
+  if run.rollout.mlp_over_fsdp and not run.rollout.gather_weights:
+    raise ConfigError("--config.rollout.mlp_over_fsdp=true splits the weights the sampler gathers; set "
+                      "--config.rollout.gather_weights=true too.")
   if run.rewards.overlong_buffer >= run.rollout.max_new_tokens:
     raise ConfigError(f"--config.rewards.overlong_buffer={run.rewards.overlong_buffer} is not below "
                       f"--config.rollout.max_new_tokens={run.rollout.max_new_tokens}; the buffer is the end of the budget.")

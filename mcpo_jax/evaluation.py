@@ -129,7 +129,7 @@ def top_answer_share(answers: Sequence[str | None]) -> float:
 def evaluate(model: Transformer, tokenizer, eval_set: EvalSet, pool: RewardPool, *, max_new_tokens: int,
              k: int, temperature: float, stop_token_ids: Sequence[int], key: jax.Array, batch_size: int = 64,
              label: str = "eval", gather_weights: bool = False,
-             decode_segments: int = 1) -> tuple[dict[str, float], list[dict]]:
+             decode_segments: int = 1, mlp_over_fsdp: bool = False) -> tuple[dict[str, float], list[dict]]:
   """(summary, per-prompt records) of greedy pass@1 and, for k > 0, mean@k (k samples at `temperature`).
 
   summary: "eval/<domain>/<metric>" and "eval/mean/<metric>" (each domain weighs the same) for pass@1,
@@ -149,7 +149,8 @@ def evaluate(model: Transformer, tokenizer, eval_set: EvalSet, pool: RewardPool,
         continue
       rollouts = generate(model, ids, mask, group_size=group, max_new_tokens=max_new_tokens, temperature=temp,
                           stop_token_ids=stop_token_ids, key=key, step=start, pad_id=tokenizer.pad_token_id,
-                          gather_weights=gather_weights, decode_segments=decode_segments)
+                          gather_weights=gather_weights, decode_segments=decode_segments,
+                          mlp_over_fsdp=mlp_over_fsdp)
       repeated = [example for example in examples for _ in range(group)]
       texts = _decode(tokenizer, rollouts)
       scored = score_held_rows(pool, texts, repeated, [e["verifier"] for e in repeated], rollouts.tokens)

@@ -2,15 +2,18 @@
 
 Parameters and activations name their dimensions logically ("batch", "embed", "heads", ...); the
 table below maps those names to the mesh axes ("data", "fsdp", "tensor"). A new parallelism layout
-is therefore a mesh-shape change, never a model change.
+is therefore a mesh-shape change, never a model change. A program may trace under `axis_rules(overrides)`,
+which remaps some names for that trace only (the sampler's MLP_OVER_FSDP).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
 import os
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -27,6 +30,7 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
     "mlp": ("tensor",),
+    "mlp_rows": ("data", "fsdp"),  # the MLP's activation rows: the batch, unless a trace remaps it (axis_rules)
     "vocab": ("tensor",),
     "length": (),
     "head_dim": (),
@@ -34,6 +38,21 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
 }
 
 LogicalAxes = Sequence[str | None]
+_overrides: contextvars.ContextVar[Mapping[str, tuple[str, ...]]] = contextvars.ContextVar("axis_rules", default={})
+
+
+@contextlib.contextmanager
+def axis_rules(overrides: Mapping[str, tuple[str, ...]]) -> Iterator[None]:
+  """Within the block, the named logical axes map to these mesh axes instead (read while tracing, so a
+  jitted function must enter it inside its own body to keep its cache key honest)."""
+  unknown = set(overrides) - set(LOGICAL_AXIS_RULES)
+  if unknown:
+    raise ValueError(f"axis_rules: unknown logical axes {sorted(unknown)}")
+  token = _overrides.set({**_overrides.get(), **overrides})
+  try:
+    yield
+  finally:
+    _overrides.reset(token)
 
 
 class MeshError(ValueError):
@@ -97,15 +116,16 @@ def logical_to_spec(logical_axes: LogicalAxes, shape: Sequence[int], mesh: Mesh,
   """
   if len(logical_axes) != len(shape):
     raise ValueError(f"logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}")
+  rules = {**LOGICAL_AXIS_RULES, **_overrides.get()}
   spec, used = [], set()
   for name, dim in zip(logical_axes, shape):
     if name is None or name in replicated:
       spec.append(None)
       continue
-    if name not in LOGICAL_AXIS_RULES:
-      raise ValueError(f"unknown logical axis {name!r}; known: {sorted(LOGICAL_AXIS_RULES)}")
+    if name not in rules:
+      raise ValueError(f"unknown logical axis {name!r}; known: {sorted(rules)}")
     kept = []
-    for axis in LOGICAL_AXIS_RULES[name]:
+    for axis in rules[name]:
       size = mesh.shape[axis]
       if size > 1 and axis not in used and dim % (math.prod(mesh.shape[a] for a in kept) * size) == 0:
         kept.append(axis)

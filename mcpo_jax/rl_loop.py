@@ -159,7 +159,8 @@ def train(config: RunConfig) -> dict[str, Any]:
                                   k=config.eval.k, temperature=config.rollout.temperature, stop_token_ids=stops,
                                   key=jax.random.fold_in(key, 1_000_003), label=f"eval at step {step}",
                                   gather_weights=config.rollout.gather_weights,
-                                  decode_segments=config.rollout.decode_segments)
+                                  decode_segments=config.rollout.decode_segments,
+                                  mlp_over_fsdp=config.rollout.mlp_over_fsdp)
       write_eval(workdir, step, summary, records)
       writer.write(step, summary)
       evaluations[label] = summary
@@ -337,7 +338,8 @@ def collect_rollouts(policy, prompts: PromptBatch, config: RunConfig, tokenizer,
                           max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature, top_p=rollout.top_p,
                           top_k=rollout.top_k, stop_token_ids=stops, key=key if call == 0 else jax.random.fold_in(
                               key, call), step=step, pad_id=tokenizer.pad_token_id,
-                          gather_weights=rollout.gather_weights, decode_segments=rollout.decode_segments))
+                          gather_weights=rollout.gather_weights, decode_segments=rollout.decode_segments,
+                          mlp_over_fsdp=rollout.mlp_over_fsdp))
   rollouts = parts[0] if len(parts) == 1 else jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
   return jax.block_until_ready(rollouts)  # dispatch is asynchronous: the rollout's time is spent here, not later
 

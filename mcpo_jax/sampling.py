@@ -24,12 +24,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mcpo_jax.mesh import constrain, from_host, named_sharding
+from mcpo_jax.mesh import axis_rules, constrain, from_host, named_sharding
 from mcpo_jax.model.transformer import Transformer
 
 MAX_STOP_TOKENS = 8  # stop ids are padded to this length so their number never triggers a recompile
 MIN_PROMPT_BUCKET = 16
 DECODE_GATHERED = ("embed",)  # the logical axes (FSDP's) that decode_weights gathers; mcpo_jax.aot lays them out too
+# rollout.mlp_over_fsdp: the sampler traces under these rules. The gathered MLP weights split their hidden
+# dimension over fsdp × tensor (a chip reads 1/(fsdp·tensor) of them per token, not 1/tensor), and the MLP's rows
+# are all-gathered over fsdp before it and reduce-scattered after: activations move instead of weights, which
+# pays while fsdp is small (data × fsdp × tensor with fsdp ~4). Attention and the KV cache keep their layout.
+MLP_OVER_FSDP = {"mlp_rows": ("data",), "mlp": ("fsdp", "tensor")}
 _compiles = 0
 
 
@@ -108,10 +113,11 @@ def decode_weights(state: nnx.State, mesh, dtype) -> nnx.State:
 
 def _sample_program(graphdef, state, prompt_tokens, prompt_mask, key, max_new_tokens, temperature, top_p, stop_ids,
                     *, group_size: int, length_bucket: int, greedy: bool, top_k: int, use_top_p: bool,
-                    pad_id: int, cache_dtype, gather_weights: bool, decode_segments: int):
+                    pad_id: int, cache_dtype, gather_weights: bool, decode_segments: int, mlp_over_fsdp: bool):
   """The jitted generation. prompt_tokens, prompt_mask: [B, P]; returns Rollouts with T = length_bucket."""
   global _compiles
   _compiles += 1  # runs once per trace, i.e. once per compiled program
+  del mlp_over_fsdp  # _jitted traces this under decode_rules(mlp_over_fsdp)
   model: Transformer = nnx.merge(graphdef, state)
   mesh = model.mesh
   if gather_weights:
@@ -180,24 +186,31 @@ def _sample_program(graphdef, state, prompt_tokens, prompt_mask, key, max_new_to
       prompt_tokens=repeat(prompt_tokens), prompt_mask=repeat(prompt_mask))
 
 
+def decode_rules(mlp_over_fsdp: bool) -> dict:
+  """The logical-axis overrides a decode traces under (mcpo_jax.aot lowers its decode steps under them too)."""
+  return MLP_OVER_FSDP if mlp_over_fsdp else {}
+
+
 @functools.lru_cache(maxsize=None)
-def _jitted(group_size, length_bucket, greedy, top_k, use_top_p, pad_id, cache_dtype, gather_weights, decode_segments):
-  return jax.jit(functools.partial(
+def _jitted(group_size, length_bucket, greedy, top_k, use_top_p, pad_id, cache_dtype, gather_weights, decode_segments,
+            mlp_over_fsdp):
+  return jax.jit(axis_rules(decode_rules(mlp_over_fsdp))(functools.partial(
       _sample_program, group_size=group_size, length_bucket=length_bucket, greedy=greedy, top_k=top_k,
       use_top_p=use_top_p, pad_id=pad_id, cache_dtype=cache_dtype, gather_weights=gather_weights,
-      decode_segments=decode_segments), static_argnums=0)
+      decode_segments=decode_segments, mlp_over_fsdp=mlp_over_fsdp)), static_argnums=0)
 
 
 def generate_program(*, group_size: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                      stop_token_ids: Sequence[int], pad_id: int, cache_dtype=None, gather_weights: bool = False,
-                     decode_segments: int = 1):
+                     decode_segments: int = 1, mlp_over_fsdp: bool = False):
   """The jitted program `generate` runs, and its trailing arguments: the program is called as
   program(graphdef, model_state, prompt_tokens, prompt_mask, key, *settings) (mcpo_jax.aot lowers it)."""
   stop_ids = np.full((MAX_STOP_TOKENS,), -1, np.int32)
   stop_ids[:len(stop_token_ids)] = list(stop_token_ids)
   greedy = temperature == 0
   program = _jitted(group_size, next_power_of_two(max_new_tokens), greedy, int(top_k), top_p < 1.0, int(pad_id),
-                    None if cache_dtype is None else jnp.dtype(cache_dtype), bool(gather_weights), int(decode_segments))
+                    None if cache_dtype is None else jnp.dtype(cache_dtype), bool(gather_weights), int(decode_segments),
+                    bool(mlp_over_fsdp))
   settings = (np.int32(max_new_tokens), np.float32(1.0 if greedy else temperature), np.float32(top_p), stop_ids)
   return program, settings
 
@@ -205,13 +218,15 @@ def generate_program(*, group_size: int, max_new_tokens: int, temperature: float
 def generate(model: Transformer, prompt_tokens, prompt_mask, *, group_size: int = 1, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              stop_token_ids: Sequence[int] = (), key: jax.Array, step: int = 0, pad_id: int = 0,
-             cache_dtype=None, gather_weights: bool = False, decode_segments: int = 1) -> Rollouts:
+             cache_dtype=None, gather_weights: bool = False, decode_segments: int = 1,
+             mlp_over_fsdp: bool = False) -> Rollouts:
   """Samples `group_size` responses for each left-padded prompt.
 
   prompt_tokens, prompt_mask: [B, P] (left padding). temperature=0 is greedy. The key is folded with
   `step` and then with each row index, so a new training step draws new samples and every row its
   own. gather_weights: decode from `decode_weights` (FSDP gathered once per call). decode_segments: decode in
   that many loops, each attending over the cache filled so far (the same tokens, fewer cache reads).
+  mlp_over_fsdp (with gather_weights): decode with MLP_OVER_FSDP's layout (the same tokens).
   Returns Rollouts with T = max_new_tokens.
   """
   if max_new_tokens < 1:
@@ -220,6 +235,8 @@ def generate(model: Transformer, prompt_tokens, prompt_mask, *, group_size: int 
     raise ValueError(f"{len(stop_token_ids)} stop tokens; at most {MAX_STOP_TOKENS} are supported.")
   if decode_segments < 1:
     raise ValueError(f"decode_segments={decode_segments}; it must be at least 1.")
+  if mlp_over_fsdp and not gather_weights:
+    raise ValueError("mlp_over_fsdp splits the gathered weights; it needs gather_weights=True.")
   if not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p={top_p}; it must be in (0, 1].")
   prompt_tokens = np.asarray(prompt_tokens, np.int32)
@@ -235,7 +252,7 @@ def generate(model: Transformer, prompt_tokens, prompt_mask, *, group_size: int 
   program, settings = generate_program(group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature,
                                        top_p=top_p, top_k=top_k, stop_token_ids=stop_token_ids, pad_id=pad_id,
                                        cache_dtype=cache_dtype, gather_weights=gather_weights,
-                                       decode_segments=decode_segments)
+                                       decode_segments=decode_segments, mlp_over_fsdp=mlp_over_fsdp)
   graphdef, state = nnx.split(model)
   rollouts = program(graphdef, state, prompt_tokens, prompt_mask, jax.random.fold_in(key, step), *settings)
   trim = lambda x: x[:, :max_new_tokens]

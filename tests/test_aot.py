@@ -199,6 +199,26 @@ def test_decode_segments_read_only_the_filled_cache(run):
 
 
 @needs_libtpu
+def test_mlp_over_fsdp_splits_the_decode_steps_mlp_weights_over_fsdp_and_tensor(run):
+  """v5e:2x2 as fsdp 2 × tensor 2, weights gathered per call: with rollout.mlp_over_fsdp a decode step reads
+  1/4 of the bf16 MLP weights instead of 1/2 (its arguments shrink by exactly the difference), and the whole
+  rollout still compiles for XLA:TPU."""
+  mesh = make_mesh(1, 2, 2, devices=aot.topology_devices("v5e:2x2"))
+  config = aot.model_config(run.model.name)
+  step_bytes = {}
+  for split in (False, True):
+    rollout_settings = dataclasses.replace(run.rollout, gather_weights=True, mlp_over_fsdp=split)
+    rollout = next(p for p in aot.programs(dataclasses.replace(run, rollout=rollout_settings), config, mesh)
+                   if p.name == "rollout")
+    with jax.default_matmul_precision("default"):
+      step_bytes[split] = rollout.decode[0][1]().compile().memory_analysis().argument_size_in_bytes
+      if split:
+        assert rollout.lower().compile().memory_analysis().temp_size_in_bytes > 0
+  mlp_bytes = config.num_layers * 3 * config.hidden_size * config.intermediate_size * 2  # bf16 gate, up, down
+  assert step_bytes[False] - step_bytes[True] == mlp_bytes / 2 - mlp_bytes / 4, (step_bytes, mlp_bytes)
+
+
+@needs_libtpu
 def test_unknown_topology_is_one_clear_error():
   with pytest.raises(aot.AotError, match="--topology='v9z:1x1'"):
     aot.topology_devices("v9z:1x1")

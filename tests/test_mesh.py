@@ -6,7 +6,7 @@ import jax
 import pytest
 from jax.sharding import AxisType, PartitionSpec
 
-from mcpo_jax.mesh import MeshError, logical_to_spec, make_mesh, resolve_mesh_shape
+from mcpo_jax.mesh import MeshError, axis_rules, logical_to_spec, make_mesh, resolve_mesh_shape
 
 
 def test_minus_one_takes_the_remaining_devices():
@@ -68,3 +68,16 @@ def test_meshes_of_the_readme_and_presets_build_on_tpu_topologies(topology, slic
   if slices > 1:
     with pytest.raises(MeshError, match="multiple of 2"):
       make_mesh(1, -1, 1, devices=devices)
+
+
+def test_axis_rules_remap_logical_axes_inside_the_block_only():
+  mesh = make_mesh(2, 2, 2)
+  shape = (8, 4, 16)
+  assert logical_to_spec(("mlp_rows", None, "mlp"), shape, mesh) == PartitionSpec(("data", "fsdp"), None, "tensor")
+  with axis_rules({"mlp_rows": ("data",), "mlp": ("fsdp", "tensor")}):
+    assert logical_to_spec(("mlp_rows", None, "mlp"), shape, mesh) == PartitionSpec("data", None, ("fsdp", "tensor"))
+    assert logical_to_spec(("batch", None, "mlp"), shape, mesh) == PartitionSpec(("data", "fsdp"), None, "tensor")
+  assert logical_to_spec(("mlp_rows", None, "mlp"), shape, mesh) == PartitionSpec(("data", "fsdp"), None, "tensor")
+  with pytest.raises(ValueError, match="unknown logical axes \\['mpl'\\]"):
+    with axis_rules({"mpl": ("fsdp",)}):
+      pass

@@ -45,6 +45,14 @@ def test_every_call_draws_anew():
   assert not np.array_equal(split.tokens[2 * G:], whole.tokens[2 * G:])
 
 
+def test_mlp_over_fsdp_without_gathered_weights_is_one_clear_error():
+  config = defaults()
+  config.rollout.mlp_over_fsdp = True
+  with pytest.raises(ConfigError, match="mlp_over_fsdp=true splits the weights the sampler gathers; set "
+                                        "--config.rollout.gather_weights=true"):
+    build(config)
+
+
 def test_rows_per_call_must_hold_whole_groups():
   config = defaults()
   config.rollout.max_rows_per_call = 7

@@ -15,9 +15,10 @@ import pytest
 from flax import nnx
 from conftest import left_padded_batch, write_tiny_checkpoint
 
-from mcpo_jax.mesh import make_mesh, named_sharding
+from mcpo_jax.mesh import axis_rules, make_mesh, named_sharding
 from mcpo_jax.model import from_pretrained
-from mcpo_jax.sampling import compile_count, filter_logits, generate, generate_program
+from mcpo_jax.sampling import (compile_count, decode_rules, decode_weights, filter_logits, generate,
+                               generate_program)
 
 PAD_ID = 5  # a non-zero pad id, so "pad after the stop token" is not confused with token 0
 BATCH, GROUP, PROMPT_LEN, MAX_NEW = 4, 2, 12, 8  # one shared shape so the greedy program compiles once
@@ -419,8 +420,8 @@ def test_compile_count_reuses_programs(llama, prompts):
   assert compile_count() == before + 1, "a new length bucket should build exactly one program"
 
 
-def _loop_body_ops(hlo_text: str, op: str) -> int:
-  """How many `op` instructions the compiled program's while-loop bodies run (with what they call)."""
+def _loop_body_lines(hlo_text: str) -> list[str]:
+  """The instructions of the compiled program's while-loop bodies (with what they call)."""
   bodies, computations, name = set(), {}, None
   for line in hlo_text.splitlines():
     header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
@@ -430,16 +431,21 @@ def _loop_body_ops(hlo_text: str, op: str) -> int:
     elif name is not None:
       computations[name].append(line)
       bodies.update(re.findall(r"body=%?([\w.\-]+)", line))
-  seen, todo, count = set(), list(bodies), 0
+  seen, todo, lines = set(), list(bodies), []
   while todo:
     current = todo.pop()
     if current in seen or current not in computations:
       continue
     seen.add(current)
+    lines += computations[current]
     for line in computations[current]:
-      count += bool(re.search(rf"= \S+ {op}(-start)?\(", line))
       todo += re.findall(r"(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)", line)
-  return count
+  return lines
+
+
+def _loop_body_ops(hlo_text: str, op: str) -> int:
+  """How many `op` instructions the compiled program's while-loop bodies run."""
+  return sum(bool(re.search(rf"= \S+ {op}(-start)?\(", line)) for line in _loop_body_lines(hlo_text))
 
 
 def test_gathered_weights_decode_the_same_without_per_token_weight_gathers(llama_dir, prompts, greedy_rollouts):
@@ -463,6 +469,42 @@ def test_gathered_weights_decode_the_same_without_per_token_weight_gathers(llama
     hlo = program.lower(graphdef, state, sharded, sharded, jax.random.key(0), *settings).compile().as_text()
     gathers[gather] = _loop_body_ops(hlo, "all-gather")
   assert gathers[False] >= 1 and gathers[True] == 0, gathers  # XLA combines the layers' weight gathers into few ops
+
+
+def _loop_body_gather_sizes(hlo_text: str) -> list[int]:
+  """The element counts of what the while-loop bodies' all-gathers produce."""
+  gathers = [line for line in _loop_body_lines(hlo_text) if re.search(r"= \S+ all-gather(-start)?\(", line)]
+  return [math.prod(int(d) for d in dims.split(",") if d)
+          for line in gathers for dims in re.findall(r"\w+\[([\d,]*)\]", line.split(" all-gather")[0])]
+
+
+def test_mlp_over_fsdp_decodes_the_same_moving_rows_not_weights(llama_dir, prompts, greedy_rollouts):
+  """rollout.mlp_over_fsdp on a data 2 × fsdp 2 × tensor 2 mesh: the same greedy tokens (log-probs within
+  1e-5) as the unsharded model; the gathered MLP weights are split 4 ways (fsdp × tensor) rather than 2, and
+  what the decode loop all-gathers are the MLP's rows (at most N rows × hidden), never a weight."""
+  ids, mask = prompts
+  mesh = make_mesh(2, 2, 2)
+  model = from_pretrained(llama_dir, mesh=mesh)
+  out = generate(model, ids, mask, group_size=GROUP, max_new_tokens=MAX_NEW, temperature=0.0, key=jax.random.key(0),
+                 pad_id=PAD_ID, gather_weights=True, mlp_over_fsdp=True)
+  np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(greedy_rollouts.tokens))
+  np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(greedy_rollouts.logprobs), atol=LOGPROB_TOL, rtol=0)
+
+  graphdef, state = nnx.split(model)
+  with axis_rules(decode_rules(True)):
+    gate = decode_weights(state, mesh, jnp.float32)["layers"][0]["mlp"]["gate_proj"][...]
+  e, f = model.config.hidden_size, model.config.intermediate_size
+  assert gate.sharding.shard_shape(gate.shape) == (e, f // 4)
+  program, settings = generate_program(group_size=GROUP, max_new_tokens=MAX_NEW, temperature=0.0, top_p=1.0, top_k=0,
+                                       stop_token_ids=(), pad_id=PAD_ID, gather_weights=True, mlp_over_fsdp=True)
+  sharded = jax.device_put(ids, named_sharding(mesh, ("batch", "length"), ids.shape))
+  hlo = program.lower(graphdef, state, sharded, sharded, jax.random.key(0), *settings).compile().as_text()
+  assert _loop_body_ops(hlo, "all-gather") >= 1
+  rows = BATCH * GROUP
+  largest = max(_loop_body_gather_sizes(hlo))
+  assert largest <= rows * max(e, model.config.vocab_size) < e * f // 2, largest  # rows or logits, not a weight
+  with pytest.raises(ValueError, match="needs gather_weights"):
+    generate(model, ids, mask, max_new_tokens=MAX_NEW, key=jax.random.key(0), mlp_over_fsdp=True)
 
 
 @pytest.mark.parametrize("segments", [3, MAX_NEW])
