@@ -7,6 +7,7 @@
   transfer              the default on addition in three formats (digits, words, story): known transfer
   qwen2.5-7b-instruct   paper scale on a TPU pod: math + code + logic files on gs://
   qwen3-8b              the same recipe for Qwen3-8B
+A paper preset takes a slice's layout after "@": `qwen3-8b@v6e-256` (SLICE_LAYOUTS; tpu_setup/README.md).
 Plain GRPO is `--config.algorithm=grpo`; single-domain GRPO also sets the domains, e.g.
 `--config.data.domains='{"arithmetic": ...}'` or a preset's subset (see README).
 """
@@ -17,6 +18,17 @@ from mcpo_jax.config import defaults
 from mcpo_jax.data.transfer import transfer_domains
 
 PRESETS = ("default", "tiny", "compare", "transfer", "qwen2.5-7b-instruct", "qwen3-8b")
+PAPER_PRESETS = ("qwen2.5-7b-instruct", "qwen3-8b")
+# What a paper preset changes for a slice, each checked with `python -m mcpo_jax.aot` (tpu_setup/README.md).
+SLICE_LAYOUTS = {
+    "v5e-64": {},  # the preset's own: fsdp 16 × tensor 4, two rollout calls of 1024 rows
+    "v5p-64": {},  # fsdp 8 × tensor 4
+    # 2048 rows over 256 chips leave a decode step bound by its weight reads: keep fsdp small beside a data axis
+    # and split the decode's MLP over fsdp × tensor (rollout.mlp_over_fsdp); one rollout call; a micro-batch of
+    # 64 rows covers the 64 batch shards.
+    "v6e-256": {"mesh.data": 16, "mesh.fsdp": 4, "train.micro_batches": 8, "rollout.max_rows_per_call": 0,
+                "rollout.mlp_over_fsdp": True},
+}
 
 
 def _paper_scale_domains(bucket: str) -> dict:
@@ -35,11 +47,22 @@ def _paper_scale_domains(bucket: str) -> dict:
 
 
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
-  preset = preset or "default"
+  preset, _, slice_name = (preset or "default").partition("@")
   if preset not in PRESETS:
     raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}.")
+  if slice_name and (preset not in PAPER_PRESETS or slice_name not in SLICE_LAYOUTS):
+    raise ValueError(f"unknown slice layout {preset}@{slice_name}; a paper preset ({', '.join(PAPER_PRESETS)}) "
+                     f"takes one of: {', '.join('@' + name for name in SLICE_LAYOUTS)}.")
+  config = _preset(preset)
+  for field, value in SLICE_LAYOUTS.get(slice_name, {}).items():
+    section, name = field.split(".")
+    config[section][name] = value
+  config.preset = f"{preset}@{slice_name}" if slice_name else preset
+  return config
+
+
+def _preset(preset: str) -> ml_collections.ConfigDict:
   config = defaults()  # every field and its default: mcpo_jax/config.py
-  config.preset = preset
   if preset == "tiny":
     config.workdir = "runs/tiny"
     config.data.prompts_per_step = 3
@@ -69,7 +92,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     config.data.domains = transfer_domains()
     config.eval.prompts_per_domain = 150  # no constant answer is right on more than 3% of them
     config.eval.k = 4
-  elif preset in ("qwen2.5-7b-instruct", "qwen3-8b"):
+  elif preset in PAPER_PRESETS:
     bucket = "gs://YOUR_BUCKET"
     config.workdir = f"{bucket}/runs/{preset}-mcpo"
     config.model.name = f"{bucket}/models/" + {"qwen2.5-7b-instruct": "Qwen2.5-7B-Instruct", "qwen3-8b": "Qwen3-8B"}[preset]

@@ -241,3 +241,14 @@ def test_a_micro_batch_that_does_not_cover_the_batch_shards_is_one_clear_error(r
   with pytest.raises(config_lib.ConfigError, match=r"micro_batches=2: a micro-batch of 6 rows .* 4 batch-sharding"):
     config_lib.check_micro_batch_sharding(odd, mesh)
   config_lib.check_micro_batch_sharding(odd, make_mesh(1, -1, 1))  # CPU: replicated, allowed
+
+
+def test_a_paper_preset_takes_a_slice_layout():
+  v6e = get_config("qwen3-8b@v6e-256")
+  assert (v6e.mesh.data, v6e.mesh.fsdp, v6e.mesh.tensor) == (16, 4, 4) and v6e.rollout.mlp_over_fsdp
+  assert v6e.train.micro_batches == 8 and v6e.rollout.max_rows_per_call == 0 and v6e.preset == "qwen3-8b@v6e-256"
+  assert get_config("qwen2.5-7b-instruct@v5p-64").to_dict() == dict(get_config("qwen2.5-7b-instruct").to_dict(),
+                                                                   preset="qwen2.5-7b-instruct@v5p-64")
+  for bad in ("qwen3-8b@v6e-255", "tiny@v6e-256"):
+    with pytest.raises(ValueError, match="takes one of: @v5e-64, @v5p-64, @v6e-256"):
+      get_config(bad)
