@@ -15,10 +15,9 @@ import pytest
 from flax import nnx
 from conftest import left_padded_batch, write_tiny_checkpoint
 
-from mcpo_jax.mesh import axis_rules, make_mesh, named_sharding
+from mcpo_jax.mesh import make_mesh, named_sharding
 from mcpo_jax.model import from_pretrained
-from mcpo_jax.sampling import (compile_count, decode_rules, decode_weights, filter_logits, generate,
-                               generate_program)
+from mcpo_jax.sampling import compile_count, filter_logits, generate, generate_program
 
 PAD_ID = 5  # a non-zero pad id, so "pad after the stop token" is not confused with token 0
 BATCH, GROUP, PROMPT_LEN, MAX_NEW = 4, 2, 12, 8  # one shared shape so the greedy program compiles once
@@ -478,33 +477,36 @@ def _loop_body_gather_sizes(hlo_text: str) -> list[int]:
           for line in gathers for dims in re.findall(r"\w+\[([\d,]*)\]", line.split(" all-gather")[0])]
 
 
-def test_mlp_over_fsdp_decodes_the_same_moving_rows_not_weights(llama_dir, prompts, greedy_rollouts):
+def test_mlp_over_fsdp_decodes_the_same_moving_rows_not_weights(tmp_path, prompts):
   """rollout.mlp_over_fsdp on a data 2 × fsdp 2 × tensor 2 mesh: the same greedy tokens (log-probs within
-  1e-5) as the unsharded model; the gathered MLP weights are split 4 ways (fsdp × tensor) rather than 2, and
-  what the decode loop all-gathers are the MLP's rows (at most N rows × hidden), never a weight."""
+  1e-5) as the unsharded model. The decode loop's MLP matmuls use weight shards of F/4 columns (fsdp × tensor),
+  never the F/2 of a tensor-only split (which XLA could gather once, outside the loop), and what the loop
+  all-gathers are rows (at most N × max(hidden, vocab) elements), never a weight. F = 384 is a width no
+  other weight has, so the shapes name the MLP."""
+  write_tiny_checkpoint("llama", tmp_path, intermediate_size=384)
   ids, mask = prompts
+  settings = dict(group_size=GROUP, max_new_tokens=MAX_NEW, temperature=0.0, key=jax.random.key(0), pad_id=PAD_ID)
+  reference = generate(from_pretrained(tmp_path), ids, mask, **settings)
   mesh = make_mesh(2, 2, 2)
-  model = from_pretrained(llama_dir, mesh=mesh)
-  out = generate(model, ids, mask, group_size=GROUP, max_new_tokens=MAX_NEW, temperature=0.0, key=jax.random.key(0),
-                 pad_id=PAD_ID, gather_weights=True, mlp_over_fsdp=True)
-  np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(greedy_rollouts.tokens))
-  np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(greedy_rollouts.logprobs), atol=LOGPROB_TOL, rtol=0)
+  model = from_pretrained(tmp_path, mesh=mesh)
+  out = generate(model, ids, mask, gather_weights=True, mlp_over_fsdp=True, **settings)
+  np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(reference.tokens))
+  np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(reference.logprobs), atol=LOGPROB_TOL, rtol=0)
 
   graphdef, state = nnx.split(model)
-  with axis_rules(decode_rules(True)):
-    gate = decode_weights(state, mesh, jnp.float32)["layers"][0]["mlp"]["gate_proj"][...]
-  e, f = model.config.hidden_size, model.config.intermediate_size
-  assert gate.sharding.shard_shape(gate.shape) == (e, f // 4)
-  program, settings = generate_program(group_size=GROUP, max_new_tokens=MAX_NEW, temperature=0.0, top_p=1.0, top_k=0,
-                                       stop_token_ids=(), pad_id=PAD_ID, gather_weights=True, mlp_over_fsdp=True)
+  program, constants = generate_program(group_size=GROUP, max_new_tokens=MAX_NEW, temperature=0.0, top_p=1.0,
+                                        top_k=0, stop_token_ids=(), pad_id=PAD_ID, gather_weights=True,
+                                        mlp_over_fsdp=True)
   sharded = jax.device_put(ids, named_sharding(mesh, ("batch", "length"), ids.shape))
-  hlo = program.lower(graphdef, state, sharded, sharded, jax.random.key(0), *settings).compile().as_text()
-  assert _loop_body_ops(hlo, "all-gather") >= 1
-  rows = BATCH * GROUP
-  largest = max(_loop_body_gather_sizes(hlo))
-  assert largest <= rows * max(e, model.config.vocab_size) < e * f // 2, largest  # rows or logits, not a weight
+  hlo = program.lower(graphdef, state, sharded, sharded, jax.random.key(0), *constants).compile().as_text()
+  body = "\n".join(_loop_body_lines(hlo))
+  e, f = model.config.hidden_size, model.config.intermediate_size
+  split, tensor_only = (f"[{e},{f // 4}]", f"[{f // 4},{e}]"), (f"[{e},{f // 2}]", f"[{f // 2},{e}]")
+  assert all(shape in body for shape in split), "the loop does not multiply by the fsdp × tensor MLP shards"
+  assert not any(shape in body for shape in tensor_only), "the loop multiplies by tensor-only MLP weights"
+  assert max(_loop_body_gather_sizes(hlo)) <= BATCH * GROUP * max(e, model.config.vocab_size)
   with pytest.raises(ValueError, match="needs gather_weights"):
-    generate(model, ids, mask, max_new_tokens=MAX_NEW, key=jax.random.key(0), mlp_over_fsdp=True)
+    generate(model, ids, mask, mlp_over_fsdp=True, **settings)
 
 
 @pytest.mark.parametrize("segments", [3, MAX_NEW])
