@@ -24,10 +24,10 @@ SLICE_LAYOUTS = {
     "v5e-64": {},  # the preset's own: fsdp 16 × tensor 4, two rollout calls of 1024 rows
     "v5p-64": {},  # fsdp 8 × tensor 4
     # 2048 rows over 256 chips leave a decode step bound by its weight reads: keep fsdp small beside a data axis
-    # and split the decode's MLP over fsdp × tensor (rollout.mlp_over_fsdp); one rollout call; a micro-batch of
-    # 64 rows covers the 64 batch shards.
+    # and split the decode's MLP over fsdp × tensor (rollout.mlp_over_fsdp); one rollout call and one evaluation
+    # call (768 prompts), so the weights are read once per token; a micro-batch of 64 rows covers the 64 batch shards.
     "v6e-256": {"mesh.data": 16, "mesh.fsdp": 4, "train.micro_batches": 8, "rollout.max_rows_per_call": 0,
-                "rollout.mlp_over_fsdp": True},
+                "rollout.mlp_over_fsdp": True, "eval.prompts_per_call": 768},
 }
 
 

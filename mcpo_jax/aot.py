@@ -240,7 +240,7 @@ def programs(run: config_lib.RunConfig, config: ModelConfig, mesh: Mesh) -> list
   diagnoses = sum(bool(run.diag_every) and (s in (1, run.train.steps) or s % run.diag_every == 0) for s in steps)
   evaluations = sum(bool(run.eval.every) and s % run.eval.every == 0 and s < run.train.steps for s in steps)
   evaluations += run.eval.at_start + run.eval.at_end
-  eval_rows = min(64, run.eval.prompts_per_domain * len(run.data.domains))  # evaluation's batch_size
+  eval_rows = min(run.eval.prompts_per_call, run.eval.prompts_per_domain * len(run.data.domains))
   eval_calls = -(-run.eval.prompts_per_domain * len(run.data.domains) // eval_rows)
   per_call = min(b, run.rollout.prompts_per_call or b)  # rollout.max_rows_per_call: one call's prompts
   calls = -(-b // per_call)

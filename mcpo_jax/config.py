@@ -111,6 +111,7 @@ class EvalSettings:
   prompts_per_domain: int = 8
   k: int = 2  # mean@k with k samples at the rollout temperature (0 = pass@1 only)
   max_new_tokens: int = 48
+  prompts_per_call: int = 64  # prompts per evaluation sampler call (its KV cache); each call reads every weight per token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,6 +260,7 @@ RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("eval.prompts_per_domain", positive, "use at least 1"),
     ("eval.k", at_least(0), "use 0 (greedy pass@1 only) or the samples per prompt for mean@k"),
     ("eval.max_new_tokens", positive, "use at least 1"),
+    ("eval.prompts_per_call", positive, "use at least 1"),
     ("checkpoint.every", at_least(0), "use 0 (only the final one) or a number of steps"),
     ("checkpoint.keep_last", positive, "keep at least 1"),
     ("checkpoint.keep_best", at_least(0), "use 0 or a number of checkpoints"),

@@ -158,6 +158,7 @@ def train(config: RunConfig) -> dict[str, Any]:
       summary, records = evaluate(policy, tokenizer, eval_set, pool, max_new_tokens=config.eval.max_new_tokens,
                                   k=config.eval.k, temperature=config.rollout.temperature, stop_token_ids=stops,
                                   key=jax.random.fold_in(key, 1_000_003), label=f"eval at step {step}",
+                                  batch_size=config.eval.prompts_per_call,
                                   gather_weights=config.rollout.gather_weights,
                                   decode_segments=config.rollout.decode_segments,
                                   mlp_over_fsdp=config.rollout.mlp_over_fsdp)

@@ -247,8 +247,18 @@ def test_a_paper_preset_takes_a_slice_layout():
   v6e = get_config("qwen3-8b@v6e-256")
   assert (v6e.mesh.data, v6e.mesh.fsdp, v6e.mesh.tensor) == (16, 4, 4) and v6e.rollout.mlp_over_fsdp
   assert v6e.train.micro_batches == 8 and v6e.rollout.max_rows_per_call == 0 and v6e.preset == "qwen3-8b@v6e-256"
+  assert v6e.eval.prompts_per_call == 3 * v6e.eval.prompts_per_domain  # the whole evaluation in one call
   assert get_config("qwen2.5-7b-instruct@v5p-64").to_dict() == dict(get_config("qwen2.5-7b-instruct").to_dict(),
                                                                    preset="qwen2.5-7b-instruct@v5p-64")
   for bad in ("qwen3-8b@v6e-255", "tiny@v6e-256"):
     with pytest.raises(ValueError, match="takes one of: @v5e-64, @v5p-64, @v6e-256"):
       get_config(bad)
+
+
+def test_the_evaluation_compiles_in_calls_of_eval_prompts_per_call(run):
+  total = run.eval.prompts_per_domain * len(run.data.domains)
+  for per_call in (1, total):
+    split = dataclasses.replace(run, eval=dataclasses.replace(run.eval, prompts_per_call=per_call))
+    evals = [p for p in aot.programs(split, aot.model_config(run.model.name), make_mesh(1, -1, 1))
+             if p.name.startswith("eval")]
+    assert evals and all(p.calls == -(-total // per_call) for p in evals), [(p.name, p.calls) for p in evals]
