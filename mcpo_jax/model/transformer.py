@@ -215,9 +215,10 @@ class MLP(nnx.Module):
     return lora_einsum("bti,io->bto", x, weight) if name in self.lora_targets else linear(x, weight)
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, E] -> [B, T, E]
-    x = constrain(x, self.mesh, ("mlp_rows", "length", None))  # rows the batch's way, unless remapped (sampling.py)
     gate, up = self._matmul(x, "gate_proj"), self._matmul(x, "up_proj")
-    inner = constrain(jax.nn.silu(gate) * up, self.mesh, ("mlp_rows", "length", "mlp"))  # [B, T, F]
+    # [B, T, F]; "mlp_rows" is the batch unless a decode remaps it (sampling.MLP_OVER_FSDP): then XLA gathers
+    # the rows to meet the split weights, rather than gathering the weights.
+    inner = constrain(jax.nn.silu(gate) * up, self.mesh, ("mlp_rows", "length", "mlp"))
     return self._matmul(inner, "down_proj")
 
 
