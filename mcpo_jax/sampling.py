@@ -113,11 +113,10 @@ def decode_weights(state: nnx.State, mesh, dtype) -> nnx.State:
 
 def _sample_program(graphdef, state, prompt_tokens, prompt_mask, key, max_new_tokens, temperature, top_p, stop_ids,
                     *, group_size: int, length_bucket: int, greedy: bool, top_k: int, use_top_p: bool,
-                    pad_id: int, cache_dtype, gather_weights: bool, decode_segments: int, mlp_over_fsdp: bool):
+                    pad_id: int, cache_dtype, gather_weights: bool, decode_segments: int):
   """The jitted generation. prompt_tokens, prompt_mask: [B, P]; returns Rollouts with T = length_bucket."""
   global _compiles
   _compiles += 1  # runs once per trace, i.e. once per compiled program
-  del mlp_over_fsdp  # _jitted traces this under decode_rules(mlp_over_fsdp)
   model: Transformer = nnx.merge(graphdef, state)
   mesh = model.mesh
   if gather_weights:
@@ -197,7 +196,7 @@ def _jitted(group_size, length_bucket, greedy, top_k, use_top_p, pad_id, cache_d
   return jax.jit(axis_rules(decode_rules(mlp_over_fsdp))(functools.partial(
       _sample_program, group_size=group_size, length_bucket=length_bucket, greedy=greedy, top_k=top_k,
       use_top_p=use_top_p, pad_id=pad_id, cache_dtype=cache_dtype, gather_weights=gather_weights,
-      decode_segments=decode_segments, mlp_over_fsdp=mlp_over_fsdp)), static_argnums=0)
+      decode_segments=decode_segments)), static_argnums=0)  # traced under the decode's axis rules
 
 
 def generate_program(*, group_size: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
