@@ -49,7 +49,7 @@ from mcpo_jax.model.config import ModelConfig
 from mcpo_jax.model.transformer import KVCache
 from mcpo_jax.model.weights import abstract_transformer, host_read_shares
 from mcpo_jax.tpu_flags import set_tpu_flags
-from mcpo_jax.sampling import (DECODE_GATHERED, decode_rules, decode_segment_ends, generate_program, next_power_of_two,
+from mcpo_jax.sampling import (DECODE_GATHERED, DecodePlan, decode_segment_ends, generate_program, next_power_of_two,
                                prompt_bucket)
 from mcpo_jax.train import TrainState, jit_reference_logprobs, jit_update_step, make_optimizer
 
@@ -184,8 +184,8 @@ def programs(run: config_lib.RunConfig, config: ModelConfig, mesh: Mesh) -> list
   graphdef, params = abstract_model(config, mesh, run)
   compute = jnp.dtype(run.model.dtype)
   reference = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, compute, sharding=s.sharding), params)
-  rules = decode_rules(run.rollout.mlp_over_fsdp)
-  with axis_rules(rules):  # what the decode loop reads with rollout.gather_weights (sampling.decode_weights)
+  plan = DecodePlan.of(run.rollout)
+  with axis_rules(plan.rules):  # what the decode loop reads with rollout.gather_weights (sampling.decode_weights)
     decode_params = jax.tree.map(
         lambda v: v.replace(jax.ShapeDtypeStruct(v.shape, compute, sharding=named_sharding(
             mesh, v.logical_axes, v.shape, replicated=DECODE_GATHERED))),
@@ -202,9 +202,7 @@ def programs(run: config_lib.RunConfig, config: ModelConfig, mesh: Mesh) -> list
   def sampler(name, prompts, group, new_tokens, temperature, calls=1, per_step=1.0):
     program, settings = generate_program(group_size=group, max_new_tokens=new_tokens, temperature=temperature,
                                          top_p=run.rollout.top_p, top_k=run.rollout.top_k, stop_token_ids=(0,),
-                                         pad_id=0, gather_weights=run.rollout.gather_weights,
-                                         decode_segments=run.rollout.decode_segments,
-                                         mlp_over_fsdp=run.rollout.mlp_over_fsdp)
+                                         pad_id=0, plan=plan)
     tokens = abstract((prompts, p), jnp.int32, mesh, ("batch", "length"))
     n = prompts * group
 
@@ -219,11 +217,11 @@ def programs(run: config_lib.RunConfig, config: ModelConfig, mesh: Mesh) -> list
         model = nnx.merge(graphdef, params)
         out = model(token, jnp.ones_like(token), cache=cache, return_logits=False)
         return model.logits_from_hidden(out.hidden), out.cache
-      weights = decode_params if run.rollout.gather_weights else params
-      return jax.jit(axis_rules(rules)(step), donate_argnums=2).lower(
+      weights = decode_params if plan.gather_weights else params
+      return jax.jit(axis_rules(plan.rules)(step), donate_argnums=2).lower(
           weights, abstract((n, 1), jnp.int32, mesh, ("batch", None)), cache)
 
-    ends = decode_segment_ends(next_power_of_two(new_tokens), run.rollout.decode_segments)
+    ends = decode_segment_ends(next_power_of_two(new_tokens), plan.segments)
     segments = [(start, min(end, new_tokens), p + end) for start, end in zip([0, *ends], ends) if start < new_tokens]
     loops = tuple((end - start, functools.partial(decode_step, visible)) for start, end, visible in segments)
     flops = calls * (forward_flops(config, prompts, p, p) + sum(

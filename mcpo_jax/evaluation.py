@@ -30,7 +30,7 @@ from mcpo_jax.rewards import RewardPool, score_held_rows
 from mcpo_jax.rewards.choice import chosen_letter
 from mcpo_jax.rewards.exact import normalize
 from mcpo_jax.rewards.extract import final_answer
-from mcpo_jax.sampling import generate
+from mcpo_jax.sampling import DecodePlan, generate
 
 
 @dataclass(frozen=True)
@@ -128,8 +128,7 @@ def top_answer_share(answers: Sequence[str | None]) -> float:
 
 def evaluate(model: Transformer, tokenizer, eval_set: EvalSet, pool: RewardPool, *, max_new_tokens: int,
              k: int, temperature: float, stop_token_ids: Sequence[int], key: jax.Array, batch_size: int = 64,
-             label: str = "eval", gather_weights: bool = False,
-             decode_segments: int = 1, mlp_over_fsdp: bool = False) -> tuple[dict[str, float], list[dict]]:
+             label: str = "eval", plan: DecodePlan = DecodePlan()) -> tuple[dict[str, float], list[dict]]:
   """(summary, per-prompt records) of greedy pass@1 and, for k > 0, mean@k (k samples at `temperature`).
 
   summary: "eval/<domain>/<metric>" and "eval/mean/<metric>" (each domain weighs the same) for pass@1,
@@ -149,8 +148,7 @@ def evaluate(model: Transformer, tokenizer, eval_set: EvalSet, pool: RewardPool,
         continue
       rollouts = generate(model, ids, mask, group_size=group, max_new_tokens=max_new_tokens, temperature=temp,
                           stop_token_ids=stop_token_ids, key=key, step=start, pad_id=tokenizer.pad_token_id,
-                          gather_weights=gather_weights, decode_segments=decode_segments,
-                          mlp_over_fsdp=mlp_over_fsdp)
+                          plan=plan)
       repeated = [example for example in examples for _ in range(group)]
       texts = _decode(tokenizer, rollouts)
       scored = score_held_rows(pool, texts, repeated, [e["verifier"] for e in repeated], rollouts.tokens)

@@ -33,7 +33,7 @@ from mcpo_jax.model import apply_lora, frozen_params, from_pretrained, load_toke
 from mcpo_jax.objectives import grpo_advantages
 from mcpo_jax.rewards import RewardPool, ScoreResult, score_held_rows
 from mcpo_jax.rewards.overlong import overlong_penalty
-from mcpo_jax.sampling import Rollouts, generate
+from mcpo_jax.sampling import DecodePlan, Rollouts, generate
 from mcpo_jax.train import (deal_minibatches, init_train_state, jit_update_step, make_optimizer, merge_policy,
                             jit_reference_logprobs, shard_batch, take_rows)
 
@@ -159,9 +159,7 @@ def train(config: RunConfig) -> dict[str, Any]:
                                   k=config.eval.k, temperature=config.rollout.temperature, stop_token_ids=stops,
                                   key=jax.random.fold_in(key, 1_000_003), label=f"eval at step {step}",
                                   batch_size=config.eval.prompts_per_call,
-                                  gather_weights=config.rollout.gather_weights,
-                                  decode_segments=config.rollout.decode_segments,
-                                  mlp_over_fsdp=config.rollout.mlp_over_fsdp)
+                                  plan=DecodePlan.of(config.rollout))
       write_eval(workdir, step, summary, records)
       writer.write(step, summary)
       evaluations[label] = summary
@@ -339,8 +337,7 @@ def collect_rollouts(policy, prompts: PromptBatch, config: RunConfig, tokenizer,
                           max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature, top_p=rollout.top_p,
                           top_k=rollout.top_k, stop_token_ids=stops, key=key if call == 0 else jax.random.fold_in(
                               key, call), step=step, pad_id=tokenizer.pad_token_id,
-                          gather_weights=rollout.gather_weights, decode_segments=rollout.decode_segments,
-                          mlp_over_fsdp=rollout.mlp_over_fsdp))
+                          plan=DecodePlan.of(rollout)))
   rollouts = parts[0] if len(parts) == 1 else jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
   return jax.block_until_ready(rollouts)  # dispatch is asynchronous: the rollout's time is spent here, not later
 

@@ -3,7 +3,7 @@
 The whole generation is one jitted program: prefill, the G-fold cache copy, and a `lax.while_loop`
 that samples a token per row, feeds it back through the model, and exits as soon as every row has
 stopped. The cache is created inside the program, so XLA updates it in place; only the current
-step's [N, V] logits ever exist. With `decode_segments` = n the loop is n loops in a row, each
+step's [N, V] logits ever exist. With `DecodePlan.segments` = n the loop is n loops in a row, each
 attending only over the cache slots filled by its end (the prompt's and the first j·T/n response
 slots): the decode reads (P + T(n+1)/2n) / (P + T) of the cache one loop reads, for n loop bodies'
 compile time. Generation lengths are bucketed to powers of two and prompt lengths to 2^k or 1.5·2^k
@@ -15,6 +15,7 @@ Shapes: B prompts, G rollouts per prompt, N = B·G rows, P prompt length, T new 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -49,6 +50,37 @@ class Rollouts:
   truncated: jax.Array  # [N] bool, the row hit max_new_tokens without a stop token
   prompt_tokens: jax.Array  # [N, P] int32 left-padded prompt of each row
   prompt_mask: jax.Array  # [N, P] int32
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePlan:
+  """How the sampler runs its decode; every plan samples the same tokens (config: rollout.gather_weights,
+  rollout.decode_segments, rollout.mlp_over_fsdp).
+
+  gather_weights: decode from `decode_weights` (FSDP's shards gathered once per call, not at every token).
+  segments: decode in that many loops, each attending over the cache filled so far (fewer cache reads).
+  mlp_over_fsdp (with gather_weights): trace under MLP_OVER_FSDP's axis rules.
+  """
+
+  gather_weights: bool = False
+  segments: int = 1
+  mlp_over_fsdp: bool = False
+
+  def __post_init__(self):
+    if self.segments < 1:
+      raise ValueError(f"decode segments={self.segments}; it must be at least 1.")
+    if self.mlp_over_fsdp and not self.gather_weights:
+      raise ValueError("mlp_over_fsdp splits the gathered weights; it needs gather_weights=True.")
+
+  @classmethod
+  def of(cls, rollout) -> DecodePlan:
+    """The plan a run's `config.RolloutConfig` asks for."""
+    return cls(bool(rollout.gather_weights), int(rollout.decode_segments), bool(rollout.mlp_over_fsdp))
+
+  @property
+  def rules(self) -> dict:
+    """The logical-axis overrides the decode traces under (mcpo_jax.aot lowers its decode steps under them too)."""
+    return MLP_OVER_FSDP if self.mlp_over_fsdp else {}
 
 
 def compile_count() -> int:
@@ -113,13 +145,13 @@ def decode_weights(state: nnx.State, mesh, dtype) -> nnx.State:
 
 def _sample_program(graphdef, state, prompt_tokens, prompt_mask, key, max_new_tokens, temperature, top_p, stop_ids,
                     *, group_size: int, length_bucket: int, greedy: bool, top_k: int, use_top_p: bool,
-                    pad_id: int, cache_dtype, gather_weights: bool, decode_segments: int):
+                    pad_id: int, cache_dtype, plan: DecodePlan):
   """The jitted generation. prompt_tokens, prompt_mask: [B, P]; returns Rollouts with T = length_bucket."""
   global _compiles
   _compiles += 1  # runs once per trace, i.e. once per compiled program
   model: Transformer = nnx.merge(graphdef, state)
   mesh = model.mesh
-  if gather_weights:
+  if plan.gather_weights:
     state = decode_weights(state, mesh, model.dtype)
     model = nnx.merge(graphdef, state)
   b, p = prompt_tokens.shape
@@ -175,7 +207,7 @@ def _sample_program(graphdef, state, prompt_tokens, prompt_mask, key, max_new_to
     return out
 
   final = state0
-  for end in decode_segment_ends(length_bucket, decode_segments):  # slots [0, p + end) hold every token by `end`
+  for end in decode_segment_ends(length_bucket, plan.segments):  # slots [0, p + end) hold every token by `end`
     final = dict(final, cache=final["cache"].replace(visible=p + end))
     final = jax.lax.while_loop(lambda s, end=end: keep_going(s) & (s["t"] < end), step, final)
   lengths = jnp.sum(final["mask"], axis=-1)
@@ -185,31 +217,23 @@ def _sample_program(graphdef, state, prompt_tokens, prompt_mask, key, max_new_to
       prompt_tokens=repeat(prompt_tokens), prompt_mask=repeat(prompt_mask))
 
 
-def decode_rules(mlp_over_fsdp: bool) -> dict:
-  """The logical-axis overrides a decode traces under (mcpo_jax.aot lowers its decode steps under them too)."""
-  return MLP_OVER_FSDP if mlp_over_fsdp else {}
-
-
 @functools.lru_cache(maxsize=None)
-def _jitted(group_size, length_bucket, greedy, top_k, use_top_p, pad_id, cache_dtype, gather_weights, decode_segments,
-            mlp_over_fsdp):
-  return jax.jit(axis_rules(decode_rules(mlp_over_fsdp))(functools.partial(
+def _jitted(group_size, length_bucket, greedy, top_k, use_top_p, pad_id, cache_dtype, plan):
+  return jax.jit(axis_rules(plan.rules)(functools.partial(
       _sample_program, group_size=group_size, length_bucket=length_bucket, greedy=greedy, top_k=top_k,
-      use_top_p=use_top_p, pad_id=pad_id, cache_dtype=cache_dtype, gather_weights=gather_weights,
-      decode_segments=decode_segments)), static_argnums=0)  # traced under the decode's axis rules
+      use_top_p=use_top_p, pad_id=pad_id, cache_dtype=cache_dtype, plan=plan)),
+      static_argnums=0)  # traced under the decode's axis rules
 
 
 def generate_program(*, group_size: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-                     stop_token_ids: Sequence[int], pad_id: int, cache_dtype=None, gather_weights: bool = False,
-                     decode_segments: int = 1, mlp_over_fsdp: bool = False):
+                     stop_token_ids: Sequence[int], pad_id: int, cache_dtype=None, plan: DecodePlan = DecodePlan()):
   """The jitted program `generate` runs, and its trailing arguments: the program is called as
   program(graphdef, model_state, prompt_tokens, prompt_mask, key, *settings) (mcpo_jax.aot lowers it)."""
   stop_ids = np.full((MAX_STOP_TOKENS,), -1, np.int32)
   stop_ids[:len(stop_token_ids)] = list(stop_token_ids)
   greedy = temperature == 0
   program = _jitted(group_size, next_power_of_two(max_new_tokens), greedy, int(top_k), top_p < 1.0, int(pad_id),
-                    None if cache_dtype is None else jnp.dtype(cache_dtype), bool(gather_weights), int(decode_segments),
-                    bool(mlp_over_fsdp))
+                    None if cache_dtype is None else jnp.dtype(cache_dtype), plan)
   settings = (np.int32(max_new_tokens), np.float32(1.0 if greedy else temperature), np.float32(top_p), stop_ids)
   return program, settings
 
@@ -217,25 +241,18 @@ def generate_program(*, group_size: int, max_new_tokens: int, temperature: float
 def generate(model: Transformer, prompt_tokens, prompt_mask, *, group_size: int = 1, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              stop_token_ids: Sequence[int] = (), key: jax.Array, step: int = 0, pad_id: int = 0,
-             cache_dtype=None, gather_weights: bool = False, decode_segments: int = 1,
-             mlp_over_fsdp: bool = False) -> Rollouts:
+             cache_dtype=None, plan: DecodePlan = DecodePlan()) -> Rollouts:
   """Samples `group_size` responses for each left-padded prompt.
 
   prompt_tokens, prompt_mask: [B, P] (left padding). temperature=0 is greedy. The key is folded with
   `step` and then with each row index, so a new training step draws new samples and every row its
-  own. gather_weights: decode from `decode_weights` (FSDP gathered once per call). decode_segments: decode in
-  that many loops, each attending over the cache filled so far (the same tokens, fewer cache reads).
-  mlp_over_fsdp (with gather_weights): decode with MLP_OVER_FSDP's layout (the same tokens).
+  own. plan: how the decode runs (DecodePlan; the same tokens under every plan).
   Returns Rollouts with T = max_new_tokens.
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens}; it must be at least 1.")
   if len(stop_token_ids) > MAX_STOP_TOKENS:
     raise ValueError(f"{len(stop_token_ids)} stop tokens; at most {MAX_STOP_TOKENS} are supported.")
-  if decode_segments < 1:
-    raise ValueError(f"decode_segments={decode_segments}; it must be at least 1.")
-  if mlp_over_fsdp and not gather_weights:
-    raise ValueError("mlp_over_fsdp splits the gathered weights; it needs gather_weights=True.")
   if not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p={top_p}; it must be in (0, 1].")
   prompt_tokens = np.asarray(prompt_tokens, np.int32)
@@ -250,8 +267,7 @@ def generate(model: Transformer, prompt_tokens, prompt_mask, *, group_size: int 
     prompt_tokens, prompt_mask = from_host(prompt_tokens, sharding), from_host(prompt_mask, sharding)
   program, settings = generate_program(group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature,
                                        top_p=top_p, top_k=top_k, stop_token_ids=stop_token_ids, pad_id=pad_id,
-                                       cache_dtype=cache_dtype, gather_weights=gather_weights,
-                                       decode_segments=decode_segments, mlp_over_fsdp=mlp_over_fsdp)
+                                       cache_dtype=cache_dtype, plan=plan)
   graphdef, state = nnx.split(model)
   rollouts = program(graphdef, state, prompt_tokens, prompt_mask, jax.random.fold_in(key, step), *settings)
   trim = lambda x: x[:, :max_new_tokens]

@@ -17,7 +17,7 @@ from conftest import left_padded_batch, write_tiny_checkpoint
 
 from mcpo_jax.mesh import make_mesh, named_sharding
 from mcpo_jax.model import from_pretrained
-from mcpo_jax.sampling import compile_count, filter_logits, generate, generate_program
+from mcpo_jax.sampling import DecodePlan, compile_count, filter_logits, generate, generate_program
 
 PAD_ID = 5  # a non-zero pad id, so "pad after the stop token" is not confused with token 0
 BATCH, GROUP, PROMPT_LEN, MAX_NEW = 4, 2, 12, 8  # one shared shape so the greedy program compiles once
@@ -457,12 +457,13 @@ def test_gathered_weights_decode_the_same_without_per_token_weight_gathers(llama
   gathers = {}
   for gather in (False, True):
     out = generate(model, ids, mask, group_size=GROUP, max_new_tokens=MAX_NEW, temperature=0.0,
-                   key=jax.random.key(0), pad_id=PAD_ID, gather_weights=gather)
+                   key=jax.random.key(0), pad_id=PAD_ID, plan=DecodePlan(gather_weights=gather))
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(greedy_rollouts.tokens))
     np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(greedy_rollouts.logprobs), atol=LOGPROB_TOL,
                                rtol=0)
     program, settings = generate_program(group_size=GROUP, max_new_tokens=MAX_NEW, temperature=0.0, top_p=1.0,
-                                         top_k=0, stop_token_ids=(), pad_id=PAD_ID, gather_weights=gather)
+                                         top_k=0, stop_token_ids=(), pad_id=PAD_ID,
+                                         plan=DecodePlan(gather_weights=gather))
     graphdef, state = nnx.split(model)
     sharded = jax.device_put(ids, named_sharding(mesh, ("batch", "length"), ids.shape))
     hlo = program.lower(graphdef, state, sharded, sharded, jax.random.key(0), *settings).compile().as_text()
@@ -489,14 +490,14 @@ def test_mlp_over_fsdp_decodes_the_same_moving_rows_not_weights(tmp_path, prompt
   reference = generate(from_pretrained(tmp_path), ids, mask, **settings)
   mesh = make_mesh(2, 2, 2)
   model = from_pretrained(tmp_path, mesh=mesh)
-  out = generate(model, ids, mask, gather_weights=True, mlp_over_fsdp=True, **settings)
+  split_mlp = DecodePlan(gather_weights=True, mlp_over_fsdp=True)
+  out = generate(model, ids, mask, plan=split_mlp, **settings)
   np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(reference.tokens))
   np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(reference.logprobs), atol=LOGPROB_TOL, rtol=0)
 
   graphdef, state = nnx.split(model)
   program, constants = generate_program(group_size=GROUP, max_new_tokens=MAX_NEW, temperature=0.0, top_p=1.0,
-                                        top_k=0, stop_token_ids=(), pad_id=PAD_ID, gather_weights=True,
-                                        mlp_over_fsdp=True)
+                                        top_k=0, stop_token_ids=(), pad_id=PAD_ID, plan=split_mlp)
   sharded = jax.device_put(ids, named_sharding(mesh, ("batch", "length"), ids.shape))
   hlo = program.lower(graphdef, state, sharded, sharded, jax.random.key(0), *constants).compile().as_text()
   body = "\n".join(_loop_body_lines(hlo))
@@ -506,7 +507,7 @@ def test_mlp_over_fsdp_decodes_the_same_moving_rows_not_weights(tmp_path, prompt
   assert not any(shape in body for shape in tensor_only), "the loop multiplies by tensor-only MLP weights"
   assert max(_loop_body_gather_sizes(hlo)) <= BATCH * GROUP * max(e, model.config.vocab_size)
   with pytest.raises(ValueError, match="needs gather_weights"):
-    generate(model, ids, mask, mlp_over_fsdp=True, **settings)
+    DecodePlan(mlp_over_fsdp=True)
 
 
 @pytest.mark.parametrize("segments", [3, MAX_NEW])
@@ -516,18 +517,20 @@ def test_decode_segments_sample_the_same_rows_over_fewer_cache_slots(llama, prom
   the 8 steps; 8 is one loop per token). A row that stops mid-segment stays stopped in the next."""
   ids, mask = prompts
   out = generate(llama, ids, mask, group_size=8, max_new_tokens=MAX_NEW, temperature=0.7, key=jax.random.key(1),
-                 step=3, pad_id=PAD_ID, decode_segments=segments)
+                 step=3, pad_id=PAD_ID, plan=DecodePlan(segments=segments))
   for field in ("tokens", "response_mask", "lengths", "truncated"):
     np.testing.assert_array_equal(np.asarray(getattr(out, field)), np.asarray(getattr(sampled_rollouts, field)))
   np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(sampled_rollouts.logprobs), atol=LOGPROB_TOL, rtol=0)
   stops = _choose_stop_tokens(np.asarray(sampled_rollouts.tokens))
   stopped = [generate(llama, ids, mask, group_size=8, max_new_tokens=MAX_NEW, temperature=0.7, key=jax.random.key(1),
-                      step=3, pad_id=PAD_ID, stop_token_ids=stops, decode_segments=n) for n in (1, segments)]
+                      step=3, pad_id=PAD_ID, stop_token_ids=stops, plan=DecodePlan(segments=n))
+             for n in (1, segments)]
   np.testing.assert_array_equal(np.asarray(stopped[1].tokens), np.asarray(stopped[0].tokens))
   assert (np.asarray(stopped[0].lengths) < MAX_NEW).any()  # not vacuous: some rows stop early
 
   program, settings = generate_program(group_size=8, max_new_tokens=MAX_NEW, temperature=0.7, top_p=1.0, top_k=0,
-                                       stop_token_ids=(), pad_id=PAD_ID, decode_segments=segments)
+                                       stop_token_ids=(), pad_id=PAD_ID,
+                                       plan=DecodePlan(segments=segments))
   graphdef, state = nnx.split(llama)
   jaxpr = jax.make_jaxpr(lambda *args: program(graphdef, *args))(state, ids, mask, jax.random.key(0), *settings)
   loops = [eqn for eqn in jaxpr.jaxpr.eqns[0].params["jaxpr"].jaxpr.eqns if eqn.primitive.name == "while"]
