@@ -148,6 +148,17 @@ def test_statistics_flags_collapse_and_calls_only_what_the_interval_shows():
   assert "| constant-answer baseline (best single answer) | 0.500 | 0.100 | 0.300 |" in report
   assert "- a: MCPO − mixed GRPO = " in report and "better, CI [" in report
 
+  # A direct pair, MCPO − the collapsed arm: +0.15 on a (called better), −0.15 on b (called worse), each the
+  # bootstrap of the per-(seed, prompt) differences themselves.
+  paired = statistics(tables, baselines, pairs=[("MCPO", "collapsed arm")], draws=1000)["paired"]
+  versus = paired["MCPO − collapsed arm"]
+  for column in ("a", "b"):
+    assert versus[column]["estimate"] == pytest.approx(
+        np.mean(tables["MCPO"][column] - tables["collapsed arm"][column]))
+  assert versus["a"]["verdict"].startswith("better") and versus["b"]["verdict"].startswith("worse")
+  assert "### pass@1: MCPO − collapsed arm, paired by seed and prompt" in format_report(
+      {**stats, "paired": paired}, "pass@1", baselines, {}, [0, 1])
+
 
 def test_noise_floor_runs_on_a_real_evaluation(learnable_task, tmp_path):
   out = tmp_path / "floor.json"

@@ -244,28 +244,31 @@ def score_tables(runs: dict[tuple[str, int], dict], arm_list: Sequence[Arm], dom
   return {START: start, **_with_specialists(rows, arm_list, domains)}
 
 
-def statistics(tables: dict[str, dict[str, np.ndarray]], baselines: dict[str, float], *, draws: int = 2000
-               ) -> dict[str, dict]:
-  """Per row: accuracy intervals with collapse flags; per arm: the paired difference to mixed GRPO and its verdict.
+def statistics(tables: dict[str, dict[str, np.ndarray]], baselines: dict[str, float], *,
+               pairs: Sequence[tuple[str, str]] = (), draws: int = 2000) -> dict[str, dict]:
+  """Per row: accuracy intervals with collapse flags; per arm: the paired difference to mixed GRPO and its verdict;
+  per (row, other row) of `pairs`: their paired difference ("paired", keyed "row − other row").
 
   An arm whose accuracy is at or below the constant-answer baseline of a column is collapsed there, and
   its difference is never called better. The bootstrap seed is fixed, so the report is reproducible.
   """
   columns = list(next(iter(tables.values())))
   baseline = {**baselines, "average": float(np.mean([baselines[d] for d in columns]))} if baselines else {}
-  result = {"accuracy": {}, "difference": {}}
+  result = {"accuracy": {}, "difference": {}, "paired": {}}
+
+  def difference(label: str, other: str) -> dict[str, dict]:
+    intervals = cluster_bootstrap({d: tables[label][d] - tables[other][d] for d in columns}, draws=draws)
+    return {column: {**asdict(interval), "detectable": interval.detectable,
+                     "verdict": verdict(interval, result["accuracy"][label][column]["collapsed"])}
+            for column, interval in intervals.items()}
+
   for label, table in tables.items():
     intervals = cluster_bootstrap(table, draws=draws)
     result["accuracy"][label] = {
         column: {**asdict(interval), "collapsed": bool(column in baseline and interval.estimate <= baseline[column])}
         for column, interval in intervals.items()}
-    if label in (START, MIXED):
-      continue
-    difference = cluster_bootstrap({d: table[d] - tables[MIXED][d] for d in columns}, draws=draws)
-    result["difference"][label] = {
-        column: {**asdict(interval), "detectable": interval.detectable,
-                 "verdict": verdict(interval, result["accuracy"][label][column]["collapsed"])}
-        for column, interval in difference.items()}
+  result["difference"] = {label: difference(label, MIXED) for label in tables if label not in (START, MIXED)}
+  result["paired"] = {f"{label} − {other}": difference(label, other) for label, other in pairs}
   return result
 
 
@@ -302,6 +305,9 @@ def format_report(stats: dict[str, dict], metric: str, baselines: dict[str, floa
     lines.append("| smallest detectable difference (2.8 SE of MCPO − mixed GRPO: 80% power at 5%) | " +
                  " | ".join(f"{mcpo[c]['detectable']:.3f}" for c in columns) + " |")
     lines += ["", *[f"- {c}: MCPO − mixed GRPO = {mcpo[c]['estimate']:+.3f}: {mcpo[c]['verdict']}." for c in columns]]
+  for label, row in stats.get("paired", {}).items():
+    lines += ["", f"### {metric}: {label}, paired by seed and prompt", "", *header("difference"),
+              f"| {label} | " + " | ".join(f"{_ci(row[c], True)}: {_short(row[c]['verdict'])}" for c in columns) + " |"]
   if shares and metric == "pass@1":
     lines += ["", "### Share of the most common greedy answer (mean over seeds; 1.0 = one answer to everything)", "",
               *header("arm")]
@@ -435,7 +441,10 @@ def compare(base: ml_collections.ConfigDict, seeds: Sequence[int], runs_dir: str
   end = end[max(end)]
   baselines = {d: end[f"eval/{d}/constant_baseline"] for d in domains if f"eval/{d}/constant_baseline" in end}
   metrics = ["pass@1", *([f"mean@{base.eval.k}"] if base.eval.k > 0 else [])]
-  stats = {metric: statistics(score_tables(runs, arm_list, domains, seeds, metric), baselines) for metric in metrics}
+  # MCPO against each single-domain arm directly: does MCPO carry a format's training to the others further?
+  pairs = [("MCPO", arm.label) for arm in arm_list if arm.domain] if any(a.name == "mcpo" for a in arm_list) else []
+  stats = {metric: statistics(score_tables(runs, arm_list, domains, seeds, metric), baselines, pairs=pairs)
+           for metric in metrics}
   shares = answer_shares(runs, arm_list, domains, seeds)
   out_dir.mkdir(parents=True, exist_ok=True)
   prefix = "" if stem == "compare" else f"{stem}_"
