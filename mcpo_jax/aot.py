@@ -13,9 +13,10 @@ does not fit with --headroom to spare.
 
 FLOPs are counted from the model's shapes, not from XLA's cost analysis: the cost analysis counts a
 loop body once (a fori_loop of 10 matmuls reports the FLOPs of one), and the sampler's decode loop and
-the update's micro-batch scan are loops. A decode step is compiled on its own, against a cache of the
-slots its loop attends over (rollout.decode_segments), and counted once per step: its collective bytes,
-and as HBM traffic the bytes of its arguments, the weights and cache slots every token must read. Not
+the update's micro-batch scan are loops. A decode step is compiled on its own, against its prompts' keys
+(one copy per prompt) and the response slots its loop attends over (rollout.decode_segments), and counted
+once per step: its collective bytes, and as HBM traffic the bytes of its arguments, the weights and cache
+slots every token must read. Not
 XLA's "bytes accessed" for it: on TPU that also counts the buffers XLA stages through on-chip VMEM
 (the 7B preset's decode step on v6e-256: 9.8 GB, about twice its 5.0 GB of arguments), which is not
 HBM traffic, and the bound must stay a lower bound.
@@ -206,26 +207,27 @@ def programs(run: config_lib.RunConfig, config: ModelConfig, mesh: Mesh) -> list
     tokens = abstract((prompts, p), jnp.int32, mesh, ("batch", "length"))
     n = prompts * group
 
-    def decode_step(visible):  # one token per row against the `visible` cache slots a decode loop attends over
-      kv = abstract((n, config.num_kv_heads, visible, config.head_dim), compute, mesh,
+    def kv_cache(rows, slots):  # [rows, K, slots, D] per layer
+      kv = abstract((rows, config.num_kv_heads, slots, config.head_dim), compute, mesh,
                     ("batch", "kv_heads", "length", "head_dim"))
-      cache = KVCache(keys=(kv,) * config.num_layers, values=(kv,) * config.num_layers,
-                      key_mask=abstract((n, visible), jnp.bool_, mesh, ("batch", "length")),
-                      index=abstract((), jnp.int32, mesh, ()))
+      return KVCache(keys=(kv,) * config.num_layers, values=(kv,) * config.num_layers,
+                     key_mask=abstract((rows, slots), jnp.bool_, mesh, ("batch", "length")),
+                     index=abstract((), jnp.int32, mesh, ()))
 
-      def step(params, token, cache):
+    def decode_step(visible):  # one token per row against its prompt's keys and the `visible` response slots
+      def step(params, token, cache, prompt):
         model = nnx.merge(graphdef, params)
-        out = model(token, jnp.ones_like(token), cache=cache, return_logits=False)
+        out = model(token, jnp.ones_like(token), cache=cache, prefix=prompt, return_logits=False)
         return model.logits_from_hidden(out.hidden), out.cache
       weights = decode_params if plan.gather_weights else params
       return jax.jit(axis_rules(plan.rules)(step), donate_argnums=2).lower(
-          weights, abstract((n, 1), jnp.int32, mesh, ("batch", None)), cache)
+          weights, abstract((n, 1), jnp.int32, mesh, ("batch", None)), kv_cache(n, visible), kv_cache(prompts, p))
 
     ends = decode_segment_ends(next_power_of_two(new_tokens), plan.segments)
-    segments = [(start, min(end, new_tokens), p + end) for start, end in zip([0, *ends], ends) if start < new_tokens]
+    segments = [(start, min(end, new_tokens), end) for start, end in zip([0, *ends], ends) if start < new_tokens]
     loops = tuple((end - start, functools.partial(decode_step, visible)) for start, end, visible in segments)
-    flops = calls * (forward_flops(config, prompts, p, p) + sum(
-        forward_flops(config, n, end - start, visible) for start, end, visible in segments))
+    flops = calls * (forward_flops(config, prompts, p, p) + sum(  # a decode token attends to p + visible keys
+        forward_flops(config, n, end - start, p + visible) for start, end, visible in segments))
     return Program(name, lambda: program.lower(graphdef, params, tokens, tokens, key, *settings), flops,
                    loops, calls, per_step)
 

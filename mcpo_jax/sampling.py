@@ -1,14 +1,15 @@
-"""Grouped rollout sampler: prefill each prompt once, copy its KV cache G times, decode in one loop.
+"""Grouped rollout sampler: prefill each prompt once, decode its G rows against that one copy, in one loop.
 
-The whole generation is one jitted program: prefill, the G-fold cache copy, and a `lax.while_loop`
-that samples a token per row, feeds it back through the model, and exits as soon as every row has
-stopped. The cache is created inside the program, so XLA updates it in place; only the current
-step's [N, V] logits ever exist. With `DecodePlan.segments` = n the loop is n loops in a row, each
-attending only over the cache slots filled by its end (the prompt's and the first j·T/n response
-slots): the decode reads (P + T(n+1)/2n) / (P + T) of the cache one loop reads, for n loop bodies'
-compile time. Generation lengths are bucketed to powers of two and prompt lengths to 2^k or 1.5·2^k
-(a 90-token prompt runs at 96, not 128), so the compiled programs are few and reused
-(`compile_count()` tells how many were built).
+The whole generation is one jitted program: the prefill, and a `lax.while_loop` that samples a token per
+row, feeds it back through the model, and exits as soon as every row has stopped. A prompt's keys and
+values are held once, [B, K, P, D] per layer, and its G rows read them there at every step; each row's
+cache holds only its own T response slots (created inside the program, so XLA updates it in place). A
+decode step thus reads B·P + N·T cache slots, not N·(P + T), and only the current step's [N, V] logits
+ever exist. With `DecodePlan.segments` = n the loop is n loops in a row, each attending only over the
+response slots filled by its end (the first j·T/n): the decode reads (T(n+1)/2n) / T of the response slots
+one loop reads, for n loop bodies' compile time. Generation lengths are bucketed to powers of two and
+prompt lengths to 2^k or 1.5·2^k (a 90-token prompt runs at 96, not 128), so the compiled programs are
+few and reused (`compile_count()` tells how many were built).
 
 Shapes: B prompts, G rollouts per prompt, N = B·G rows, P prompt length, T new tokens, V vocabulary.
 """
@@ -157,11 +158,14 @@ def _sample_program(graphdef, state, prompt_tokens, prompt_mask, key, max_new_to
   b, p = prompt_tokens.shape
   n = b * group_size
 
-  # Prefill once per prompt, then give each of the G rows its own copy of the prompt's cache.
-  cache = model.init_cache(b, p + length_bucket, cache_dtype)
-  prefill = model(prompt_tokens, prompt_mask, cache=cache, return_logits=False, fresh_cache=True)
+  # Prefill once per prompt. The prompt's keys stay one copy per prompt, which its G rows read at every step
+  # (model: `prefix` with a cache); a row's cache holds its own response slots only.
+  prefill = model(prompt_tokens, prompt_mask, return_logits=False, return_kv=True)
+  stored = lambda x: constrain(x.astype(cache_dtype or x.dtype), mesh, ("batch", "kv_heads", "length", "head_dim"))
+  prompt = prefill.cache.replace(keys=tuple(map(stored, prefill.cache.keys)),
+                                 values=tuple(map(stored, prefill.cache.values)))  # [B, K, P, D] per layer
+  cache = model.init_cache(n, length_bucket, cache_dtype)  # [N, K, T, D] per layer
   repeat = lambda x: jnp.repeat(x, group_size, axis=0) if x.ndim else x
-  cache = jax.tree.map(repeat, prefill.cache)
   logits = repeat(model.logits_from_hidden(prefill.hidden[:, -1:])[:, 0])  # [N, V]
 
   row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(n))  # [N] keys
@@ -200,15 +204,15 @@ def _sample_program(graphdef, state, prompt_tokens, prompt_mask, key, max_new_to
     # Feed the token back; the final iteration's forward is wasted but keeps the loop branch-free. The model
     # is merged inside the loop's trace: a module may not be mutated across traces, and qwix's LoRA einsum
     # records a string on its module at every call (model/lora.py).
-    fed = nnx.merge(graphdef, state)(token[:, None], jnp.ones((n, 1), jnp.int32), cache=s["cache"],
+    fed = nnx.merge(graphdef, state)(token[:, None], jnp.ones((n, 1), jnp.int32), cache=s["cache"], prefix=prompt,
                                      return_logits=False)
     out["cache"] = fed.cache
     out["logits"] = constrain(model.logits_from_hidden(fed.hidden)[:, 0], mesh, ("batch", "vocab"))
     return out
 
   final = state0
-  for end in decode_segment_ends(length_bucket, plan.segments):  # slots [0, p + end) hold every token by `end`
-    final = dict(final, cache=final["cache"].replace(visible=p + end))
+  for end in decode_segment_ends(length_bucket, plan.segments):  # slots [0, end) hold every token by `end`
+    final = dict(final, cache=final["cache"].replace(visible=end))
     final = jax.lax.while_loop(lambda s, end=end: keep_going(s) & (s["t"] < end), step, final)
   lengths = jnp.sum(final["mask"], axis=-1)
   return Rollouts(

@@ -5,6 +5,7 @@ v5p:2x2x1 with XLA:TPU on this CPU host; without it those tests skip with the re
 test of the same code still runs.
 """
 
+import collections
 import dataclasses
 import importlib.util
 
@@ -15,6 +16,7 @@ from conftest import tiny_pod_run
 from mcpo_jax import aot
 from mcpo_jax import config as config_lib
 from mcpo_jax.mesh import make_mesh
+from mcpo_jax.sampling import next_power_of_two, prompt_bucket
 from configs.multi_domain import get_config
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -179,10 +181,10 @@ def test_gathered_weights_take_the_decode_loop_off_the_links(run):
 
 @needs_libtpu
 def test_decode_segments_read_only_the_filled_cache(run):
-  """v5e:2x2, 256 new tokens: with rollout.decode_segments=4 each decode loop attends over the slots filled by
-  its end: the rollout's HBM traffic falls by the cache reads the segments skip (computed from the shapes),
-  within 10%."""
-  run = dataclasses.replace(run, rollout=dataclasses.replace(run.rollout, max_new_tokens=256))
+  """v5e:2x2, 1024 new tokens: with rollout.decode_segments=4 each decode loop attends over the response slots
+  filled by its end: the rollout's HBM traffic falls by the cache reads the segments skip (computed from the
+  shapes), within 10%. (Loops of 256 slots: XLA:TPU pads this model's cache slots to multiples of 128.)"""
+  run = dataclasses.replace(run, rollout=dataclasses.replace(run.rollout, max_new_tokens=1024))
   config, mesh = aot.model_config(run.model.name), make_mesh(1, -1, 1, devices=aot.topology_devices("v5e:2x2"))
   reports = {}
   for segments in (1, 4):
@@ -193,9 +195,23 @@ def test_decode_segments_read_only_the_filled_cache(run):
       reports[segments] = aot.analyze(rollout, mesh.devices.size)
   rows = run.data.prompts_per_step * run.rollout.group_size
   slot_bytes = rows * config.num_layers * 2 * config.num_kv_heads * config.head_dim * 2 / mesh.devices.size  # bf16 k, v
-  skipped = sum(64 * (256 - 64 * j) for j in range(1, 4)) * slot_bytes  # loop j (of 4, 64 steps each) skips 256 - 64j
+  skipped = sum(256 * (1024 - 256 * j) for j in range(1, 4)) * slot_bytes  # loop j (of 4, 256 steps) skips 1024 - 256j
   saved = reports[1].hbm_traffic - reports[4].hbm_traffic
   assert 0.9 * skipped < saved < 1.1 * skipped, (saved, skipped)  # measured 0.97: the extra loop bodies count once
+
+
+@needs_libtpu
+def test_a_decode_step_reads_each_prompts_keys_once_not_once_per_row(run):
+  """v5e:2x2: the decode step the tool compiles takes the prompts' keys as [prompts, K, P, D] per layer and the
+  rows' own slots as [rows, K, T, D]; no argument holds a row's copy of its prompt ([rows, K, P + T, D])."""
+  config, mesh = aot.model_config(run.model.name), make_mesh(1, -1, 1, devices=aot.topology_devices("v5e:2x2"))
+  rollout = next(p for p in aot.programs(run, config, mesh) if p.name == "rollout")
+  prompts, rows = run.data.prompts_per_step, run.data.prompts_per_step * run.rollout.group_size
+  p, t = prompt_bucket(run.data.max_prompt_tokens), next_power_of_two(run.rollout.max_new_tokens)
+  k, d = config.num_kv_heads, config.head_dim
+  shapes = collections.Counter(leaf.shape for leaf in jax.tree.leaves(rollout.decode[0][1]().in_avals))
+  assert shapes[(prompts, k, p, d)] == shapes[(rows, k, t, d)] == 2 * config.num_layers, shapes
+  assert (rows, k, p + t, d) not in shapes
 
 
 @needs_libtpu

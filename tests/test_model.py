@@ -77,6 +77,32 @@ def test_prefill_then_decode_matches_full_forward(tiny_checkpoints, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_rows_decoding_against_their_shared_prompt_match_the_full_forward(tiny_checkpoints, family):
+  """The sampler's interface: 2 left-padded prompts prefilled once (return_kv), then 3 rows per prompt, each
+  with its own tokens, decoded one token at a time against their prompt's one copy of keys (prefix with a
+  cache) and their own slots: each row's logits equal the full pass over its prompt + tokens (1e-5)."""
+  directory, hf_model = tiny_checkpoints[family]
+  model = from_pretrained(directory, mesh=_mesh((1, 2, 4)))
+  rng, rows, prompt_len, new = np.random.default_rng(4), 3, 7, 5
+  prompt_ids, prompt_mask = left_padded_batch(rng, 2, prompt_len, hf_model.config.vocab_size)
+  own = rng.integers(0, hf_model.config.vocab_size, (2 * rows, new))  # [N, T]: every row its own tokens
+  ids = np.concatenate([np.repeat(prompt_ids, rows, axis=0), own], axis=1)
+  mask = np.concatenate([np.repeat(prompt_mask, rows, axis=0), np.ones_like(own)], axis=1)
+  full = np.asarray(model(ids, mask).logits)  # [N, P + T, V]
+
+  prompt = model(prompt_ids, prompt_mask, return_logits=False, return_kv=True).cache
+  decode = jax.jit(lambda m, token, c, p: m(token, jnp.ones_like(token), cache=c, prefix=p))
+  cache = model.init_cache(2 * rows, 8)
+  for t in range(new - 1):
+    out = decode(model, own[:, t:t + 1], cache, prompt)
+    cache = out.cache
+    np.testing.assert_allclose(out.logits[:, 0], full[:, prompt_len + t], atol=1e-5)
+  assert int(cache.index) == new - 1
+  with pytest.raises(ValueError, match="cannot continue 2 prompts"):
+    model(own[:3, :1], cache=model.init_cache(3, 8), prefix=prompt)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_save_pretrained_round_trips_through_transformers(tiny_checkpoints, tmp_path, family):
   directory, hf_model = tiny_checkpoints[family]
   model = from_pretrained(directory, mesh=_mesh((1, 2, 4)))

@@ -535,13 +535,15 @@ def test_decode_segments_sample_the_same_rows_over_fewer_cache_slots(llama, prom
   jaxpr = jax.make_jaxpr(lambda *args: program(graphdef, *args))(state, ids, mask, jax.random.key(0), *settings)
   loops = [eqn for eqn in jaxpr.jaxpr.eqns[0].params["jaxpr"].jaxpr.eqns if eqn.primitive.name == "while"]
   assert len(loops) == segments
-  # Each loop's attention reads the prompt's slots and the response slots filled by its end.
+  # Each loop's attention reads the prompt's slots (held once per prompt) and the response slots filled by its end.
   ends, prompt = [-(-MAX_NEW * j // segments) for j in range(1, segments + 1)], ids.shape[1]  # unbucketed here
   for loop, end in zip(loops, ends):
-    widths = {v.aval.shape[-1] for eqn in _eqns(loop.params["body_jaxpr"].jaxpr) if eqn.primitive.name == "dot_general"
-              for v in eqn.outvars if len(v.aval.shape) == 4}
-    assert prompt + end in widths, (end, widths)  # the scores [B, K, G·T, S] over the visible slots
-    assert prompt + MAX_NEW not in widths or end == MAX_NEW, (end, widths)
+    shapes = lambda rank: {v.aval.shape for eqn in _eqns(loop.params["body_jaxpr"].jaxpr)
+                           if eqn.primitive.name == "dot_general" for v in eqn.outvars if len(v.aval.shape) == rank}
+    widths = {shape[-1] for shape in shapes(4)}
+    assert end in widths, (end, widths)  # a row's scores [N, K, G·T, S] over its visible response slots
+    assert MAX_NEW not in widths or end == MAX_NEW, (end, widths)
+    assert any(prompt in shape for shape in shapes(5)), shapes(5)  # a prompt's rows' scores over its P keys
 
 
 def _eqns(jaxpr):

@@ -83,18 +83,18 @@ def test_splash_equals_the_blockwise_core_values_and_gradients(first_slot, lengt
 
 
 def _forward_and_prefill(model, ids, mask, prompt_len):
-  """Logits of a full pass, of a shared-prefix pass, of a prefill into a fresh cache, and the prefill's cache."""
+  """Logits of a full pass, of a shared-prefix pass, of the sampler's prefill, and the keys it returns."""
   full = model(ids, mask).logits
   prompt = model(ids[:2, :prompt_len], mask[:2, :prompt_len], return_logits=False, return_kv=True).cache
   prefix = jax.tree.map(lambda x: jnp.repeat(x, 2, axis=0) if x.ndim else x, prompt)
   after_prefix = model(ids[:, prompt_len:], mask[:, prompt_len:], prefix=prefix).logits
-  prefill = model(ids[:, :prompt_len], mask[:, :prompt_len], cache=model.init_cache(4, 16), fresh_cache=True)
+  prefill = model(ids[:, :prompt_len], mask[:, :prompt_len], return_kv=True)
   return full, after_prefix, prefill.logits, prefill.cache
 
 
 def test_the_model_on_the_splash_path_equals_the_xla_path_on_the_cpu_mesh():
   """attention="splash" (interpreted, under the (1, 4, 2) mesh: rows over fsdp, KV heads over tensor) against
-  "xla": full pass, shared-prefix pass, fresh-cache prefill (its logits and the cache it leaves), and gradients."""
+  "xla": full pass, shared-prefix pass, the sampler's prefill (its logits and the keys it returns), and gradients."""
   mesh = make_mesh(1, 4, 2, devices=jax.devices()[:8])
   models = {name: init_model(CONFIG, mesh=mesh, seed=1, attention=name) for name in ("xla", "splash")}
   rng = np.random.default_rng(0)

@@ -1,4 +1,5 @@
-"""Attention cores: dense over a KV cache (sampling), blockwise causal with a recomputing VJP (training).
+"""Attention cores: dense over a KV cache (sampling; rows of one prompt read its keys once, not a copy each),
+blockwise causal with a recomputing VJP (training).
 
 Both take queries grouped by KV head, so each product is a plain batched matmul over (B, K) with no
 copy of the keys: q [B, K, G, T, D] (G = H / K query heads per KV head), k, v [B, K, S, D].
@@ -47,6 +48,28 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, query_slots: jax.
   scores, _ = _masked_scores(q.reshape(b, kv, g * t, d), k, query_slots, key_mask, g)
   probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
   return jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(b, kv, g, t, d)
+
+
+def grouped_cached_attention(q: jax.Array, prompt_k: jax.Array, prompt_v: jax.Array, prompt_mask: jax.Array,
+                             k: jax.Array, v: jax.Array, query_slots: jax.Array, key_mask: jax.Array) -> jax.Array:
+  """cached_attention of rows that continue a shared prompt: each row's queries see its prompt's keys (held once
+  per prompt, not copied into every row) and then its own cache slots, under one softmax.
+
+  q: [N, K, G, T, D] with N = B·R rows, rows r·R .. r·R + R − 1 continuing prompt r; prompt_k, prompt_v:
+  [B, K, P, D]; prompt_mask: [B, P] bool; k, v: [N, K, S, D]; query_slots: [T] int (each query's own-cache
+  slot); key_mask: [N, S] bool. Returns [N, K, G, T, D].
+  """
+  n, kv, g, t, d = q.shape
+  b, p = prompt_k.shape[0], prompt_k.shape[2]
+  own, _ = _masked_scores(q.reshape(n, kv, g * t, d), k, query_slots, key_mask, g)  # [N, K, G·T, S]
+  by_prompt = q.reshape(b, n // b, kv, g * t, d)  # [B, R, K, G·T, D]: a prompt's rows share its keys
+  shared = jnp.einsum("brkqd,bksd->brkqs", by_prompt, prompt_k, preferred_element_type=jnp.float32) * (d ** -0.5)
+  shared = jnp.where(prompt_mask[:, None, None, None, :], shared, _MASKED).reshape(n, kv, g * t, p)
+  probs = jax.nn.softmax(jnp.concatenate([shared, own], axis=-1), axis=-1).astype(q.dtype)  # [N, K, G·T, P + S]
+  from_prompt = jnp.einsum("brkqs,bksd->brkqd", probs[..., :p].reshape(b, n // b, kv, g * t, p), prompt_v,
+                           preferred_element_type=jnp.float32).reshape(n, kv, g * t, d)
+  from_own = jnp.einsum("bkqs,bksd->bkqd", probs[..., p:], v, preferred_element_type=jnp.float32)
+  return (from_prompt + from_own).astype(q.dtype).reshape(n, kv, g, t, d)
 
 
 def _to_blocks(x: jax.Array, block: int) -> jax.Array:

@@ -3,14 +3,15 @@
 One forward serves training and sampling. Without a cache it is a teacher-forced pass over
 [B, T] tokens. With a cache it writes the new keys/values at slots [cache.index, cache.index + T)
 and attends to every filled slot at or before each query's slot (reading only the first
-`cache.visible` slots when that is set): prefill is a call with the (left-padded) prompt, decode is
-a call with one token per row. With a `prefix` (the keys/values of
-a prompt, returned by a `return_kv=True` call and expanded to one copy per row) it is a
-teacher-forced pass whose tokens also attend to that prompt: the training forward of G responses
-that share one prompt encodes the prompt once. Positions come from the attention mask (count of
-real tokens so far), so left padding never shifts RoPE.
+`cache.visible` slots when that is set). A `prefix` is the keys/values of prompts, returned by a
+`return_kv=True` call. Without a cache, the tokens follow it in a teacher-forced pass (the prefix
+expanded to one copy per row): the training forward of G responses that share one prompt encodes the
+prompt once. With a cache, its rows continue the prefix's prompts, R consecutive rows per prompt: the
+sampler prefills each prompt once (a cache-less `return_kv` call) and decodes its G rows against that one
+copy of the prompt's keys and their own response slots. Positions come from the attention mask (count
+of real tokens so far), so left padding never shifts RoPE.
 
-The causal (cache-less) attention and the prefill run the splash kernel on TPU (model/splash.py) and
+The causal (cache-less) attention, hence the prefill, runs the splash kernel on TPU (model/splash.py) and
 the blockwise XLA core elsewhere (model/attention.py); `attention` ("auto" | "xla" | "splash") chooses.
 
 Shapes: B batch, T new tokens, S cache slots, E hidden, H query heads, K KV heads, D head dim,
@@ -28,7 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from mcpo_jax.mesh import constrain
-from mcpo_jax.model.attention import cached_attention, causal_attention
+from mcpo_jax.model.attention import cached_attention, causal_attention, grouped_cached_attention
 from mcpo_jax.model.config import ModelConfig, inverse_frequencies
 from mcpo_jax.model.linear import linear
 
@@ -153,9 +154,10 @@ class Attention(nnx.Module):
     return out
 
   def __call__(self, x, cos, sin, query_slots, key_mask, layer_keys, layer_values, write_index,
-               prefix_keys=None, prefix_values=None):
+               prefix_keys=None, prefix_values=None, prefix_mask=None):
     """x: [B, T, E]; query_slots: [T]; key_mask: [B, S]; layer_keys/values: [B, K, S, D] or None (a cache);
-    prefix_keys/values: [B, K, P, D] or None (a shared prompt's, S = P + T).
+    prefix_keys/values: [B, K, P, D] or None (a shared prompt's, S = P + T); with a cache: [B/R, K, P, D], the
+    prompts that the cache's rows continue, R rows each, with prefix_mask [B/R, P] (sampling).
 
     Returns the attention output [B, T, E] and the layer's keys and values ([B, K, S, D] with a cache,
     else this call's [B, K, T, D]).
@@ -180,7 +182,12 @@ class Attention(nnx.Module):
     b, t, h, d = q.shape
     kv_heads, groups = cfg.num_kv_heads, h // cfg.num_kv_heads
     q = q.reshape(b, t, kv_heads, groups, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
-    if prefix_keys is not None:  # teacher-forced after a shared prompt: keys [prompt; own tokens]
+    if prefix_keys is not None and layer_keys is not None:  # decoding rows that continue shared prompts
+      visible = key_mask.shape[1]
+      out = grouped_cached_attention(q, prefix_keys.astype(self.dtype), prefix_values.astype(self.dtype), prefix_mask,
+                                     k[:, :, :visible].astype(self.dtype), v[:, :, :visible].astype(self.dtype),
+                                     query_slots, key_mask)
+    elif prefix_keys is not None:  # teacher-forced after a shared prompt: keys [prompt; own tokens]
       k_all = jnp.concatenate([prefix_keys.astype(self.dtype), k.astype(self.dtype)], axis=2)  # [B, K, P + T, D]
       v_all = jnp.concatenate([prefix_values.astype(self.dtype), v.astype(self.dtype)], axis=2)
       out = self._causal(q, k_all, v_all, key_mask, prefix_keys.shape[2])
@@ -233,9 +240,9 @@ class Block(nnx.Module):
     self.mesh = mesh
 
   def __call__(self, x, cos, sin, query_slots, key_mask, layer_keys, layer_values, write_index,
-               prefix_keys=None, prefix_values=None):
+               prefix_keys=None, prefix_values=None, prefix_mask=None):
     attn_out, new_keys, new_values = self.attn(self.input_norm(x), cos, sin, query_slots, key_mask, layer_keys,
-                                               layer_values, write_index, prefix_keys, prefix_values)
+                                               layer_values, write_index, prefix_keys, prefix_values, prefix_mask)
     x = constrain(x + attn_out, self.mesh, ("batch", "length", None))
     x = constrain(x + self.mlp(self.post_attention_norm(x)), self.mesh, ("batch", "length", None))
     return x, new_keys, new_values
@@ -279,25 +286,29 @@ class Transformer(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                cache: KVCache | None = None, prefix: KVCache | None = None, return_logits: bool = True,
-               return_kv: bool = False, fresh_cache: bool = False) -> ModelOutput:
+               return_kv: bool = False) -> ModelOutput:
     """input_ids, attention_mask: int [B, T] (mask 1 = real token, 0 = padding).
 
     cache: a KV cache to write into and attend over (sampling). prefix: keys/values [B, K, P, D] of a
-    prompt these tokens follow (training with a shared prompt). return_kv: without a cache, return
-    this call's keys/values as `cache` (a prompt to be used as a prefix). fresh_cache: the cache holds
-    nothing yet (init_cache's, index 0), so this prefill attends to its own keys alone; on the splash
-    path it then runs as a cache-less call whose keys are written into the cache (the XLA path ignores it).
+    prompt these tokens follow (training with a shared prompt); with a cache, the B/R prompts that the
+    cache's B rows continue, R consecutive rows each (sampling: each prompt's keys are held and read once
+    for its R rows). return_kv: without a cache, return this call's keys/values as `cache` (a prompt to
+    be used as a prefix; the sampler's prefill).
     """
-    if cache is not None and fresh_cache and splash_selected(self.attention_kernel, self.mesh):
-      out = self(input_ids, attention_mask, return_logits=return_logits, return_kv=True)
-      return out.replace(cache=_write_prompt(cache, out.cache, self.mesh))
     b, t = input_ids.shape
     if attention_mask is None:
       attention_mask = jnp.ones((b, t), jnp.int32)
     attention_mask = attention_mask.astype(bool)
-    if prefix is not None and (cache is not None or return_kv):
-      raise ValueError("a prefix call (training after a shared prompt) takes no cache and returns no keys/values.")
-    if prefix is not None:
+    if prefix is not None and return_kv:
+      raise ValueError("a prefix call (tokens after a shared prompt) returns no keys/values of its own.")
+    if prefix is not None and cache is not None:  # rows continuing their prompts: own slots from 0
+      if b % prefix.key_mask.shape[0]:
+        raise ValueError(f"{b} rows cannot continue {prefix.key_mask.shape[0]} prompts in equal groups.")
+      write_index = cache.index
+      key_mask = jax.lax.dynamic_update_slice_in_dim(cache.key_mask, attention_mask, write_index, axis=1)
+      prompt_tokens = jnp.repeat(jnp.sum(prefix.key_mask, axis=1), b // prefix.key_mask.shape[0])  # [B]
+      tokens_before = prompt_tokens[:, None] + jnp.sum(cache.key_mask, axis=1, keepdims=True)  # [B, 1]
+    elif prefix is not None:
       write_index = jnp.asarray(prefix.max_length, jnp.int32)
       key_mask = jnp.concatenate([prefix.key_mask, attention_mask], axis=1)  # [B, P + T]
       tokens_before = jnp.sum(prefix.key_mask, axis=1, keepdims=True)  # [B, 1]
@@ -322,7 +333,7 @@ class Transformer(nnx.Module):
     for i, layer in enumerate(self.layers):
       layer_keys = None if cache is None else cache.keys[i]
       layer_values = None if cache is None else cache.values[i]
-      layer_prefix = () if prefix is None else (prefix.keys[i], prefix.values[i])
+      layer_prefix = () if prefix is None else (prefix.keys[i], prefix.values[i], prefix.key_mask)
       x, k, v = self._apply_layer(layer, x, cos, sin, query_slots, attend_mask, layer_keys, layer_values, write_index,
                                   *layer_prefix)
       new_keys.append(k)
@@ -343,16 +354,6 @@ class Transformer(nnx.Module):
     graphdef, state = nnx.split(layer)
     apply = lambda state, *args: nnx.merge(graphdef, state)(*args)
     return jax.checkpoint(apply, policy=REMAT_POLICIES[self.remat])(state, *args)
-
-
-def _write_prompt(cache: KVCache, prompt: KVCache, mesh: Mesh | None) -> KVCache:
-  """An empty cache (index 0) with a cache-less call's keys/values [B, K, T, D] and mask written at slots [0, T)."""
-  def write(slots, new):  # [B, K, S, D] <- [B, K, T, D]
-    slots = jax.lax.dynamic_update_slice_in_dim(slots, new.astype(slots.dtype), 0, axis=2)
-    return constrain(slots, mesh, ("batch", "kv_heads", "length", "head_dim"))
-  return KVCache(keys=tuple(map(write, cache.keys, prompt.keys)), values=tuple(map(write, cache.values, prompt.values)),
-                 key_mask=jax.lax.dynamic_update_slice_in_dim(cache.key_mask, prompt.key_mask, 0, axis=1),
-                 index=prompt.index)
 
 
 def init_model(config: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None, **kwargs) -> Transformer:
