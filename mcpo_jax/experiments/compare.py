@@ -305,7 +305,7 @@ def format_report(stats: dict[str, dict], metric: str, baselines: dict[str, floa
     lines.append("| smallest detectable difference (2.8 SE of MCPO − mixed GRPO: 80% power at 5%) | " +
                  " | ".join(f"{mcpo[c]['detectable']:.3f}" for c in columns) + " |")
     lines += ["", *[f"- {c}: MCPO − mixed GRPO = {mcpo[c]['estimate']:+.3f}: {mcpo[c]['verdict']}." for c in columns]]
-  for label, row in stats.get("paired", {}).items():
+  for label, row in stats["paired"].items():
     lines += ["", f"### {metric}: {label}, paired by seed and prompt", "", *header("difference"),
               f"| {label} | " + " | ".join(f"{_ci(row[c], True)}: {_short(row[c]['verdict'])}" for c in columns) + " |"]
   if shares and metric == "pass@1":

@@ -182,21 +182,20 @@ class Attention(nnx.Module):
     b, t, h, d = q.shape
     kv_heads, groups = cfg.num_kv_heads, h // cfg.num_kv_heads
     q = q.reshape(b, t, kv_heads, groups, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
-    if prefix_keys is not None and layer_keys is not None:  # decoding rows that continue shared prompts
+    if layer_keys is not None:  # over the slots key_mask covers: the cache's first `visible` (KVCache.visible)
       visible = key_mask.shape[1]
-      out = grouped_cached_attention(q, prefix_keys.astype(self.dtype), prefix_values.astype(self.dtype), prefix_mask,
-                                     k[:, :, :visible].astype(self.dtype), v[:, :, :visible].astype(self.dtype),
-                                     query_slots, key_mask)
+      own_keys, own_values = k[:, :, :visible].astype(self.dtype), v[:, :, :visible].astype(self.dtype)
+      if prefix_keys is None:
+        out = cached_attention(q, own_keys, own_values, query_slots, key_mask)
+      else:  # rows that continue shared prompts: each prompt's keys once, then the row's own slots
+        out = grouped_cached_attention(q, prefix_keys.astype(self.dtype), prefix_values.astype(self.dtype),
+                                       prefix_mask, own_keys, own_values, query_slots, key_mask)
     elif prefix_keys is not None:  # teacher-forced after a shared prompt: keys [prompt; own tokens]
       k_all = jnp.concatenate([prefix_keys.astype(self.dtype), k.astype(self.dtype)], axis=2)  # [B, K, P + T, D]
       v_all = jnp.concatenate([prefix_values.astype(self.dtype), v.astype(self.dtype)], axis=2)
       out = self._causal(q, k_all, v_all, key_mask, prefix_keys.shape[2])
-    elif layer_keys is None:  # teacher-forced (training): blockwise, memory linear in T
+    else:  # teacher-forced (training): blockwise, memory linear in T
       out = self._causal(q, k.astype(self.dtype), v.astype(self.dtype), key_mask)
-    else:  # over the slots key_mask covers: the cache's first `visible` (KVCache.visible)
-      visible = key_mask.shape[1]
-      out = cached_attention(q, k[:, :, :visible].astype(self.dtype), v[:, :, :visible].astype(self.dtype),
-                             query_slots, key_mask)
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)  # [B, K, G, T, D] -> [B, T, H, D]
     out = constrain(out, self.mesh, ("batch", "length", "heads", "head_dim"))
     if "o_proj" in self.lora_targets:
@@ -301,23 +300,21 @@ class Transformer(nnx.Module):
     attention_mask = attention_mask.astype(bool)
     if prefix is not None and return_kv:
       raise ValueError("a prefix call (tokens after a shared prompt) returns no keys/values of its own.")
-    if prefix is not None and cache is not None:  # rows continuing their prompts: own slots from 0
-      if b % prefix.key_mask.shape[0]:
-        raise ValueError(f"{b} rows cannot continue {prefix.key_mask.shape[0]} prompts in equal groups.")
+    if cache is not None:
       write_index = cache.index
       key_mask = jax.lax.dynamic_update_slice_in_dim(cache.key_mask, attention_mask, write_index, axis=1)
-      prompt_tokens = jnp.repeat(jnp.sum(prefix.key_mask, axis=1), b // prefix.key_mask.shape[0])  # [B]
-      tokens_before = prompt_tokens[:, None] + jnp.sum(cache.key_mask, axis=1, keepdims=True)  # [B, 1]
+      tokens_before = jnp.sum(cache.key_mask, axis=1, keepdims=True)  # [B, 1]
+      if prefix is not None:  # rows continuing their prompts (own slots from 0): the prompt's tokens come first
+        prompts = prefix.key_mask.shape[0]
+        if b % prompts:
+          raise ValueError(f"{b} rows cannot continue {prompts} prompts in equal groups.")
+        tokens_before = tokens_before + jnp.repeat(jnp.sum(prefix.key_mask, axis=1), b // prompts)[:, None]
     elif prefix is not None:
       write_index = jnp.asarray(prefix.max_length, jnp.int32)
       key_mask = jnp.concatenate([prefix.key_mask, attention_mask], axis=1)  # [B, P + T]
       tokens_before = jnp.sum(prefix.key_mask, axis=1, keepdims=True)  # [B, 1]
-    elif cache is None:
-      write_index, key_mask, tokens_before = jnp.zeros((), jnp.int32), attention_mask, 0
     else:
-      write_index = cache.index
-      key_mask = jax.lax.dynamic_update_slice_in_dim(cache.key_mask, attention_mask, write_index, axis=1)
-      tokens_before = jnp.sum(cache.key_mask, axis=1, keepdims=True)  # [B, 1]
+      write_index, key_mask, tokens_before = jnp.zeros((), jnp.int32), attention_mask, 0
     # A token's position is the number of real tokens before it in its row.
     positions = tokens_before + jnp.cumsum(attention_mask, axis=1) - 1  # [B, T]
     inv_freq = inverse_frequencies(self.config)  # [D/2] float32, a compile-time constant
