@@ -3,7 +3,7 @@
   python -m mcpo_jax.aot --config=configs/multi_domain.py:qwen2.5-7b-instruct --topology=v5e:8x8
 
 libtpu (requirements-tpu.txt) describes a pod's chips without owning one; XLA:TPU then compiles the
-rollout, the reference log-probs, the update, the diagnostics and the evaluation exactly as the run
+rollout, the reference (and recomputed old) log-probs, the update, the diagnostics and the evaluation as the run
 would jit them, on a mesh of the topology's devices, from abstract shapes (no weights are read or made).
 Per program it prints the per-chip memory XLA plans (arguments, outputs, temporaries; donated buffers
 counted once) against the chip's HBM, the model FLOPs per chip, the bytes its collectives move per chip,
@@ -47,12 +47,12 @@ from mcpo_jax.batch import TrainBatch
 from mcpo_jax.diagnostics import gradient_cosines_program
 from mcpo_jax.mesh import axis_rules, make_mesh, named_sharding
 from mcpo_jax.model.config import ModelConfig
-from mcpo_jax.model.transformer import KVCache
+from mcpo_jax.model.transformer import KVCache, LayerKV
 from mcpo_jax.model.weights import abstract_transformer, host_read_shares
 from mcpo_jax.tpu_flags import set_tpu_flags
 from mcpo_jax.sampling import (DECODE_GATHERED, DecodePlan, decode_segment_ends, generate_program, next_power_of_two,
                                prompt_bucket)
-from mcpo_jax.train import TrainState, jit_reference_logprobs, jit_update_step, make_optimizer
+from mcpo_jax.train import TrainState, jit_sequence_logprobs, jit_update_step, make_optimizer
 
 GB = 1e9
 
@@ -200,17 +200,18 @@ def programs(run: config_lib.RunConfig, config: ModelConfig, mesh: Mesh) -> list
   key = jax.eval_shape(lambda: jax.random.key(0))
   transfer = np.ones((len(run.data.domains),) * 2, np.float32)
 
-  def sampler(name, prompts, group, new_tokens, temperature, calls=1, per_step=1.0):
+  def sampler(name, prompts, group, new_tokens, temperature, plan, calls=1, per_step=1.0):
     program, settings = generate_program(group_size=group, max_new_tokens=new_tokens, temperature=temperature,
                                          top_p=run.rollout.top_p, top_k=run.rollout.top_k, stop_token_ids=(0,),
                                          pad_id=0, plan=plan)
     tokens = abstract((prompts, p), jnp.int32, mesh, ("batch", "length"))
     n = prompts * group
 
-    def kv_cache(rows, slots):  # [rows, K, slots, D] per layer
-      kv = abstract((rows, config.num_kv_heads, slots, config.head_dim), compute, mesh,
-                    ("batch", "kv_heads", "length", "head_dim"))
-      return KVCache(keys=(kv,) * config.num_layers, values=(kv,) * config.num_layers,
+    def kv_cache(rows, slots, dtype=compute):  # [rows, K, slots, D] per layer (int8: and [rows, K, slots] scales)
+      shape = (rows, config.num_kv_heads, slots, config.head_dim)
+      kv = abstract(shape, dtype, mesh, ("batch", "kv_heads", "length", "head_dim"))
+      scales = abstract(shape[:3], jnp.float32, mesh, ("batch", "kv_heads", "length")) if dtype == jnp.int8 else None
+      return KVCache(layers=(LayerKV(kv, kv, scales, scales),) * config.num_layers,
                      key_mask=abstract((rows, slots), jnp.bool_, mesh, ("batch", "length")),
                      index=abstract((), jnp.int32, mesh, ()))
 
@@ -221,7 +222,8 @@ def programs(run: config_lib.RunConfig, config: ModelConfig, mesh: Mesh) -> list
         return model.logits_from_hidden(out.hidden), out.cache
       weights = decode_params if plan.gather_weights else params
       return jax.jit(axis_rules(plan.rules)(step), donate_argnums=2).lower(
-          weights, abstract((n, 1), jnp.int32, mesh, ("batch", None)), kv_cache(n, visible), kv_cache(prompts, p))
+          weights, abstract((n, 1), jnp.int32, mesh, ("batch", None)),
+          kv_cache(n, visible, jnp.int8 if plan.int8_cache else compute), kv_cache(prompts, p))
 
     ends = decode_segment_ends(next_power_of_two(new_tokens), plan.segments)
     segments = [(start, min(end, new_tokens), end) for start, end in zip([0, *ends], ends) if start < new_tokens]
@@ -233,7 +235,7 @@ def programs(run: config_lib.RunConfig, config: ModelConfig, mesh: Mesh) -> list
 
   train_tokens = p + t  # a row's prompt and response, each forward
   remat = {"none": 1.0, "save_dots": 1.0, "full": 4 / 3}[run.model.remat]  # full: a second forward per backward
-  logprobs = jit_reference_logprobs(graphdef, update_config, run.train.minibatches)
+  logprobs = jit_sequence_logprobs(graphdef, update_config, run.train.minibatches)
   update = jit_update_step(graphdef, optimizer, update_config, state)
   updates = run.train.minibatches * run.train.epochs
   steps = range(1, run.train.steps + 1)  # rl_loop's schedules: which steps run the diagnostics and evaluations
@@ -245,9 +247,12 @@ def programs(run: config_lib.RunConfig, config: ModelConfig, mesh: Mesh) -> list
   per_call = min(b, run.rollout.prompts_per_call or b)  # rollout.max_rows_per_call: one call's prompts
   calls = -(-b // per_call)
   out = [sampler("rollout" if calls == 1 else f"rollout ({calls} calls of {per_call * g} rows)", per_call, g, t,
-                 run.rollout.temperature, calls)]
+                 run.rollout.temperature, plan, calls)]
   if run.objective.kl_coef > 0:
     out.append(Program("reference log-probs", lambda: logprobs.lower(reference, abstract_batch(rows, p, t, mesh)),
+                       forward_flops(config, rows, train_tokens, train_tokens)))
+  if run.train.recompute_old_logp:  # the same pass over the policy's (master) parameters
+    out.append(Program("old log-probs", lambda: logprobs.lower(params, abstract_batch(rows, p, t, mesh)),
                        forward_flops(config, rows, train_tokens, train_tokens)))
   out.append(Program("update (one minibatch)", lambda: update.lower(state, abstract_batch(minibatch, p, t, mesh),
                                                                       transfer),
@@ -259,10 +264,10 @@ def programs(run: config_lib.RunConfig, config: ModelConfig, mesh: Mesh) -> list
                        per_step=diagnoses / run.train.steps))
   # An evaluation is eval_calls sampler calls of eval_rows prompts; the run makes `evaluations` of them.
   per_eval = dict(calls=eval_calls, per_step=evaluations / run.train.steps)
-  out.append(sampler("eval (greedy)", eval_rows, 1, run.eval.max_new_tokens, 0.0, **per_eval))
+  out.append(sampler("eval (greedy)", eval_rows, 1, run.eval.max_new_tokens, 0.0, plan.exact(), **per_eval))
   if run.eval.k > 0:
     out.append(sampler(f"eval (k={run.eval.k})", eval_rows, run.eval.k, run.eval.max_new_tokens,
-                       run.rollout.temperature, **per_eval))
+                       run.rollout.temperature, plan.exact(), **per_eval))
   return out
 
 

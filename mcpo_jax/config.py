@@ -73,6 +73,7 @@ class RolloutSettings:
   gather_weights: bool = False  # decode from weights gathered once per call (sampling.decode_weights), not per token
   decode_segments: int = 1  # decode in this many loops, each attending over the cache filled so far (sampling.py)
   mlp_over_fsdp: bool = False  # with gather_weights: decode with the MLP split over fsdp × tensor (sampling.MLP_OVER_FSDP)
+  kv_cache: str = "compute"  # "int8": the decode reads half the cache bytes (sampling.DecodePlan.int8_cache)
 
   @property
   def prompts_per_call(self) -> int | None:
@@ -99,6 +100,7 @@ class TrainSettings:
   micro_batches: int = 1  # gradient accumulation within a minibatch
   logit_chunk: int = 64
   shared_prefix: bool = True  # encode each group's prompt once in the update and the reference pass
+  recompute_old_logp: bool = False  # π_old from a teacher-forced pass, not the sampler's log-probs (needed with int8)
   max_nonfinite_steps: int = 3
 
 
@@ -274,7 +276,7 @@ RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
 CHOICES = {
     "mode": ("train", "chat"), "algorithm": ("mcpo", "grpo"), "resume": ("auto", "none"),
     "model.dtype": DTYPES, "model.param_dtype": DTYPES, "model.remat": tuple(REMAT_POLICIES),
-    "model.attention": ATTENTION_KERNELS,
+    "model.attention": ATTENTION_KERNELS, "rollout.kv_cache": ("compute", "int8"),
     "model.lora.export": EXPORTS,
     "rewards.sandbox": ("bwrap", "unsafe"),
     "optim.schedule": SCHEDULES, "eval.split": SPLITS,
@@ -343,6 +345,9 @@ def build(config: ml_collections.ConfigDict) -> RunConfig:
   if run.rollout.mlp_over_fsdp and not run.rollout.gather_weights:
     raise ConfigError("--config.rollout.mlp_over_fsdp=true splits the weights the sampler gathers; set "
                       "--config.rollout.gather_weights=true too.")
+  if run.rollout.kv_cache == "int8" and not run.train.recompute_old_logp:
+    raise ConfigError("--config.rollout.kv_cache='int8' samples from an approximation of the policy, so its "
+                      "log-probs are not π_old's; set --config.train.recompute_old_logp=true too.")
   if run.rewards.overlong_buffer >= run.rollout.max_new_tokens:
     raise ConfigError(f"--config.rewards.overlong_buffer={run.rewards.overlong_buffer} is not below "
                       f"--config.rollout.max_new_tokens={run.rollout.max_new_tokens}; the buffer is the end of the budget.")

@@ -35,7 +35,7 @@ from mcpo_jax.rewards import RewardPool, ScoreResult, score_held_rows
 from mcpo_jax.rewards.overlong import overlong_penalty
 from mcpo_jax.sampling import DecodePlan, Rollouts, generate
 from mcpo_jax.train import (deal_minibatches, init_train_state, jit_update_step, make_optimizer, merge_policy,
-                            jit_reference_logprobs, shard_batch, take_rows)
+                            jit_sequence_logprobs, shard_batch, take_rows)
 
 PROGRESS_KEYS = ("reward", "accuracy", "loss", "contrastive", "kl", "response_length")  # and the phase times
 
@@ -124,7 +124,8 @@ def train(config: RunConfig) -> dict[str, Any]:
       frozen if reference_graphdef is not None else
       jax.tree.map(lambda x: jnp.copy(x).astype(compute), state.params["lm"]))
   update = jit_update_step(graphdef, optimizer, update_config, state)
-  logprobs = jit_reference_logprobs(reference_graphdef or graphdef, update_config, config.train.minibatches)
+  logprobs = jit_sequence_logprobs(reference_graphdef or graphdef, update_config, config.train.minibatches)
+  policy_logprobs = jit_sequence_logprobs(graphdef, update_config, config.train.minibatches)  # π_old recomputed
 
   checkpointer = open_checkpoints(config)
   start_step = 0
@@ -159,7 +160,7 @@ def train(config: RunConfig) -> dict[str, Any]:
                                   k=config.eval.k, temperature=config.rollout.temperature, stop_token_ids=stops,
                                   key=jax.random.fold_in(key, 1_000_003), label=f"eval at step {step}",
                                   batch_size=config.eval.prompts_per_call,
-                                  plan=DecodePlan.of(config.rollout))
+                                  plan=DecodePlan.of(config.rollout).exact())
       write_eval(workdir, step, summary, records)
       writer.write(step, summary)
       evaluations[label] = summary
@@ -216,6 +217,10 @@ def train(config: RunConfig) -> dict[str, Any]:
         rollouts, rewards, correct, domain_ids, trained, sampling = (only.rollouts, only.rewards, only.scored.correct,
                                                                      only.domain_ids, None, {})
       batch = train_batch(rollouts, rewards, correct, domain_ids, config, mesh, trained_groups=trained)
+      if config.train.recompute_old_logp:  # π_old as the update's own forward computes it, not as sampled
+        sampled_logp, batch = batch.old_logp, batch.replace(old_logp=policy_logprobs(state.params["lm"], batch, frozen))
+        sampling["sampling/logp_gap"] = float(jnp.sum(jnp.abs(batch.old_logp - sampled_logp) * batch.mask) /
+                                             jnp.maximum(jnp.sum(batch.mask), 1))
       if reference is not None:
         batch = batch.replace(ref_logp=logprobs(reference, batch))
       state, update_metrics = update_policy(state, batch, domain_ids, functools.partial(update, frozen=frozen),

@@ -55,17 +55,22 @@ class Rollouts:
 
 @dataclasses.dataclass(frozen=True)
 class DecodePlan:
-  """How the sampler runs its decode; every plan samples the same tokens (config: rollout.gather_weights,
-  rollout.decode_segments, rollout.mlp_over_fsdp).
+  """How the sampler runs its decode; every plan but int8_cache samples the same tokens (config:
+  rollout.gather_weights, rollout.decode_segments, rollout.mlp_over_fsdp, rollout.kv_cache).
 
   gather_weights: decode from `decode_weights` (FSDP's shards gathered once per call, not at every token).
   segments: decode in that many loops, each attending over the cache filled so far (fewer cache reads).
   mlp_over_fsdp (with gather_weights): trace under MLP_OVER_FSDP's axis rules.
+  int8_cache: hold the rows' response slots as int8 with a scale per slot and head (model.LayerKV): a decode step
+    reads half the cache bytes. Not the same tokens: the logits move by the quantization error, so the sampler's
+    log-probs are no longer π_old's (rl_loop recomputes them: train.recompute_old_logp). The prompts' keys, read
+    once per prompt, stay in the compute dtype.
   """
 
   gather_weights: bool = False
   segments: int = 1
   mlp_over_fsdp: bool = False
+  int8_cache: bool = False
 
   def __post_init__(self):
     if self.segments < 1:
@@ -75,8 +80,13 @@ class DecodePlan:
 
   @classmethod
   def of(cls, rollout) -> DecodePlan:
-    """The plan a run's `config.RolloutConfig` asks for."""
-    return cls(bool(rollout.gather_weights), int(rollout.decode_segments), bool(rollout.mlp_over_fsdp))
+    """The plan a run's `config.RolloutSettings` asks for."""
+    return cls(bool(rollout.gather_weights), int(rollout.decode_segments), bool(rollout.mlp_over_fsdp),
+               rollout.kv_cache == "int8")
+
+  def exact(self) -> DecodePlan:
+    """This plan with the cache in the compute dtype: what evaluation decodes with (it measures the policy)."""
+    return dataclasses.replace(self, int8_cache=False)
 
   @property
   def rules(self) -> dict:
@@ -146,7 +156,7 @@ def decode_weights(state: nnx.State, mesh, dtype) -> nnx.State:
 
 def _sample_program(graphdef, state, prompt_tokens, prompt_mask, key, max_new_tokens, temperature, top_p, stop_ids,
                     *, group_size: int, length_bucket: int, greedy: bool, top_k: int, use_top_p: bool,
-                    pad_id: int, cache_dtype, plan: DecodePlan):
+                    pad_id: int, plan: DecodePlan):
   """The jitted generation. prompt_tokens, prompt_mask: [B, P]; returns Rollouts with T = length_bucket."""
   global _compiles
   _compiles += 1  # runs once per trace, i.e. once per compiled program
@@ -161,10 +171,9 @@ def _sample_program(graphdef, state, prompt_tokens, prompt_mask, key, max_new_to
   # Prefill once per prompt. The prompt's keys stay one copy per prompt, which its G rows read at every step
   # (model: `prefix` with a cache); a row's cache holds its own response slots only.
   prefill = model(prompt_tokens, prompt_mask, return_logits=False, return_kv=True)
-  stored = lambda x: constrain(x.astype(cache_dtype or x.dtype), mesh, ("batch", "kv_heads", "length", "head_dim"))
-  prompt = prefill.cache.replace(keys=tuple(map(stored, prefill.cache.keys)),
-                                 values=tuple(map(stored, prefill.cache.values)))  # [B, K, P, D] per layer
-  cache = model.init_cache(n, length_bucket, cache_dtype)  # [N, K, T, D] per layer
+  stored = lambda x: constrain(x, mesh, ("batch", "kv_heads", "length", "head_dim"))
+  prompt = prefill.cache.replace(layers=jax.tree.map(stored, prefill.cache.layers))  # [B, K, P, D] per layer
+  cache = model.init_cache(n, length_bucket, jnp.int8 if plan.int8_cache else None)  # [N, K, T, D] per layer
   repeat = lambda x: jnp.repeat(x, group_size, axis=0) if x.ndim else x
   logits = repeat(model.logits_from_hidden(prefill.hidden[:, -1:])[:, 0])  # [N, V]
 
@@ -222,22 +231,21 @@ def _sample_program(graphdef, state, prompt_tokens, prompt_mask, key, max_new_to
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(group_size, length_bucket, greedy, top_k, use_top_p, pad_id, cache_dtype, plan):
+def _jitted(group_size, length_bucket, greedy, top_k, use_top_p, pad_id, plan):
   return jax.jit(axis_rules(plan.rules)(functools.partial(
       _sample_program, group_size=group_size, length_bucket=length_bucket, greedy=greedy, top_k=top_k,
-      use_top_p=use_top_p, pad_id=pad_id, cache_dtype=cache_dtype, plan=plan)),
+      use_top_p=use_top_p, pad_id=pad_id, plan=plan)),
       static_argnums=0)  # traced under the decode's axis rules
 
 
 def generate_program(*, group_size: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-                     stop_token_ids: Sequence[int], pad_id: int, cache_dtype=None, plan: DecodePlan = DecodePlan()):
+                     stop_token_ids: Sequence[int], pad_id: int, plan: DecodePlan = DecodePlan()):
   """The jitted program `generate` runs, and its trailing arguments: the program is called as
   program(graphdef, model_state, prompt_tokens, prompt_mask, key, *settings) (mcpo_jax.aot lowers it)."""
   stop_ids = np.full((MAX_STOP_TOKENS,), -1, np.int32)
   stop_ids[:len(stop_token_ids)] = list(stop_token_ids)
   greedy = temperature == 0
-  program = _jitted(group_size, next_power_of_two(max_new_tokens), greedy, int(top_k), top_p < 1.0, int(pad_id),
-                    None if cache_dtype is None else jnp.dtype(cache_dtype), plan)
+  program = _jitted(group_size, next_power_of_two(max_new_tokens), greedy, int(top_k), top_p < 1.0, int(pad_id), plan)
   settings = (np.int32(max_new_tokens), np.float32(1.0 if greedy else temperature), np.float32(top_p), stop_ids)
   return program, settings
 
@@ -245,12 +253,12 @@ def generate_program(*, group_size: int, max_new_tokens: int, temperature: float
 def generate(model: Transformer, prompt_tokens, prompt_mask, *, group_size: int = 1, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              stop_token_ids: Sequence[int] = (), key: jax.Array, step: int = 0, pad_id: int = 0,
-             cache_dtype=None, plan: DecodePlan = DecodePlan()) -> Rollouts:
+             plan: DecodePlan = DecodePlan()) -> Rollouts:
   """Samples `group_size` responses for each left-padded prompt.
 
   prompt_tokens, prompt_mask: [B, P] (left padding). temperature=0 is greedy. The key is folded with
   `step` and then with each row index, so a new training step draws new samples and every row its
-  own. plan: how the decode runs (DecodePlan; the same tokens under every plan).
+  own. plan: how the decode runs (DecodePlan; the same tokens under every plan but an int8 cache).
   Returns Rollouts with T = max_new_tokens.
   """
   if max_new_tokens < 1:
@@ -271,7 +279,7 @@ def generate(model: Transformer, prompt_tokens, prompt_mask, *, group_size: int 
     prompt_tokens, prompt_mask = from_host(prompt_tokens, sharding), from_host(prompt_mask, sharding)
   program, settings = generate_program(group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature,
                                        top_p=top_p, top_k=top_k, stop_token_ids=stop_token_ids, pad_id=pad_id,
-                                       cache_dtype=cache_dtype, plan=plan)
+                                       plan=plan)
   graphdef, state = nnx.split(model)
   rollouts = program(graphdef, state, prompt_tokens, prompt_mask, jax.random.fold_in(key, step), *settings)
   trim = lambda x: x[:, :max_new_tokens]

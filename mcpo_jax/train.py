@@ -190,8 +190,7 @@ def response_states(model: Transformer, prompt_tokens: jax.Array, prompt_mask: j
   expand = lambda x: jnp.repeat(x, prompt_group, axis=0)  # [N/G, ...] -> [N, ...]
   prompt = model(prompt_tokens[::prompt_group], prompt_mask[::prompt_group],
                  return_logits=False, return_kv=True)  # hidden [N/G, P, E]
-  prefix = prompt.cache.replace(keys=tuple(map(expand, prompt.cache.keys)),
-                                values=tuple(map(expand, prompt.cache.values)),
+  prefix = prompt.cache.replace(layers=jax.tree.map(expand, prompt.cache.layers),
                                 key_mask=expand(prompt.cache.key_mask))  # [N, K, P, D] per layer
   response_hidden = model(tokens, mask, prefix=prefix, return_logits=False).hidden  # [N, T, E]
   # The last prompt state predicts the first response token; response states predict the rest.
@@ -207,19 +206,21 @@ def forward_rollouts(model: Transformer, batch: TrainBatch, temperature: float, 
   return logp, entropy, pool_response(response_hidden, batch.mask)
 
 
-def sequence_logprobs(graphdef: nnx.GraphDef, lm_params, batch: TrainBatch, *, temperature: float,
+def sequence_logprobs(graphdef: nnx.GraphDef, lm_params, batch: TrainBatch, frozen=None, *, temperature: float,
                       chunk: int = 64, prompt_group: int = 1, micro_batches: int = 1) -> jax.Array:
-  """Log-probs [N, T] of the rollouts under `lm_params` (the frozen reference, or π_old recomputed), one
-  micro-batch of N / micro_batches rows (whole prompt groups, strided as the update's) at a time."""
-  model = nnx.merge(graphdef, lm_params)
+  """Log-probs [N, T] of the rollouts under `lm_params` (+ a LoRA model's `frozen` base): the frozen reference's,
+  or π_old's recomputed. One micro-batch of N / micro_batches rows (whole prompt groups, strided as the update's)
+  at a time."""
+  model = merge_policy(graphdef, lm_params, frozen)
   micro = jax.tree.map(lambda x: _split_micro(x, micro_batches, prompt_group), batch)  # [M, N/M, ...]
   logp = jax.lax.map(lambda mb: forward_rollouts(model, mb, temperature, chunk, prompt_group)[0], micro)
   return _merge_micro(logp, prompt_group)  # [N, T]
 
 
-def jit_reference_logprobs(graphdef: nnx.GraphDef, config: UpdateConfig, minibatches: int):
-  """The jitted reference pass over a step's whole batch (its `minibatches` × the update's micro-batches):
-  (lm_params, batch) -> log-probs [N, T], one update-sized micro-batch at a time."""
+def jit_sequence_logprobs(graphdef: nnx.GraphDef, config: UpdateConfig, minibatches: int):
+  """The jitted teacher-forced pass over a step's whole batch (its `minibatches` × the update's micro-batches):
+  (lm_params, batch[, frozen]) -> log-probs [N, T], one update-sized micro-batch at a time. rl_loop runs it for
+  the KL reference and, with train.recompute_old_logp, for π_old."""
   return jax.jit(functools.partial(sequence_logprobs, graphdef, temperature=config.temperature,
                                    chunk=config.logit_chunk, prompt_group=config.prompt_group,
                                    micro_batches=minibatches * config.micro_batches))

@@ -215,6 +215,36 @@ def test_a_decode_step_reads_each_prompts_keys_once_not_once_per_row(run):
 
 
 @needs_libtpu
+def test_an_int8_cache_halves_the_cache_bytes_a_decode_step_reads(run):
+  """v5e:2x2, rollout.kv_cache="int8": the decode step's own slots are int8 [rows, K, T, D] with float32 scales
+  [rows, K, T] (its arguments shrink by exactly D − 4 bytes per slot and head of keys and of values, per layer; per
+  chip, XLA:TPU pads this tiny model's arrays to its tiles, so there they only shrink), it compiles for XLA:TPU, the evaluation still decodes from the compute-dtype cache, and the step gains the
+  teacher-forced π_old pass."""
+  mesh = make_mesh(1, -1, 1, devices=aot.topology_devices("v5e:2x2"))
+  config = aot.model_config(run.model.name)
+  rows, t = run.data.prompts_per_step * run.rollout.group_size, next_power_of_two(run.rollout.max_new_tokens)
+  step_bytes, names = {}, {}
+  for cache in ("compute", "int8"):
+    settings = dataclasses.replace(run, rollout=dataclasses.replace(run.rollout, kv_cache=cache),
+                                   train=dataclasses.replace(run.train, recompute_old_logp=cache == "int8"))
+    programs = {p.name: p for p in aot.programs(settings, config, mesh)}
+    names[cache] = set(programs)
+    step = programs["rollout"].decode[0][1]()
+    shapes = collections.Counter((leaf.shape, str(leaf.dtype)) for leaf in jax.tree.leaves(step.in_avals))
+    if cache == "int8":
+      k, d = config.num_kv_heads, config.head_dim
+      assert shapes[((rows, k, t, d), "int8")] == shapes[((rows, k, t), "float32")] == 2 * config.num_layers, shapes
+      eval_step = programs["eval (greedy)"].decode[0][1]()
+      assert not any(leaf.dtype == jax.numpy.int8 for leaf in jax.tree.leaves(eval_step.in_avals))
+    logical = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(step.in_avals))
+    step_bytes[cache] = logical, step.compile().memory_analysis().argument_size_in_bytes
+  assert names["int8"] - names["compute"] == {"old log-probs"}
+  saved = 2 * config.num_layers * rows * config.num_kv_heads * t * (config.head_dim * 2 - (config.head_dim + 4))
+  assert step_bytes["compute"][0] - step_bytes["int8"][0] == saved, (step_bytes, saved)
+  assert step_bytes["int8"][1] < step_bytes["compute"][1]  # per chip, in XLA:TPU's tiled layouts
+
+
+@needs_libtpu
 def test_mlp_over_fsdp_splits_the_decode_steps_mlp_weights_over_fsdp_and_tensor(run):
   """v5e:2x2 as fsdp 2 × tensor 2, weights gathered per call: with rollout.mlp_over_fsdp a decode step reads
   1/4 of the bf16 MLP weights instead of 1/2 (its arguments shrink by exactly the difference), and the whole
@@ -264,6 +294,9 @@ def test_a_paper_preset_takes_a_slice_layout():
   assert (v6e.mesh.data, v6e.mesh.fsdp, v6e.mesh.tensor) == (16, 4, 4) and v6e.rollout.mlp_over_fsdp
   assert v6e.train.micro_batches == 8 and v6e.rollout.max_rows_per_call == 0 and v6e.preset == "qwen3-8b@v6e-256"
   assert v6e.eval.prompts_per_call == 3 * v6e.eval.prompts_per_domain  # the whole evaluation in one call
+  assert v6e.rollout.kv_cache == "int8" and v6e.train.recompute_old_logp  # Qwen3-8B's own addition there
+  assert get_config("qwen2.5-7b-instruct@v6e-256").rollout.kv_cache == "compute"
+  config_lib.build(v6e)  # a valid run
   assert get_config("qwen2.5-7b-instruct@v5p-64").to_dict() == dict(get_config("qwen2.5-7b-instruct").to_dict(),
                                                                    preset="qwen2.5-7b-instruct@v5p-64")
   for bad in ("qwen3-8b@v6e-255", "tiny@v6e-256"):

@@ -1,5 +1,5 @@
-"""Attention cores: dense over a KV cache (sampling; rows of one prompt read its keys once, not a copy each),
-blockwise causal with a recomputing VJP (training).
+"""Attention cores: dense over a KV cache (sampling; rows of one prompt read its keys once, not a copy each; the
+cache in the compute dtype or int8 with a scale per slot), blockwise causal with a recomputing VJP (training).
 
 Both take queries grouped by KV head, so each product is a plain batched matmul over (B, K) with no
 copy of the keys: q [B, K, G, T, D] (G = H / K query heads per KV head), k, v [B, K, S, D].
@@ -24,51 +24,73 @@ import jax.numpy as jnp
 _MASKED = jnp.finfo(jnp.float32).min  # a finite fill, so a row with no visible key stays finite
 
 
-def _masked_scores(q: jax.Array, k: jax.Array, query_slots: jax.Array, key_mask: jax.Array, groups: int):
+def quantize_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Symmetric int8 with one scale per vector: x [..., D] ≈ int8 [..., D] · scale [..., None], scale float32 [...]
+  = max |x| / 127 (an all-zero vector gets scale 0). Each entry is off by at most scale / 2."""
+  scale = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1) / 127.0
+  steps = jnp.round(x.astype(jnp.float32) / jnp.where(scale > 0, scale, 1.0)[..., None])
+  return jnp.clip(steps, -127, 127).astype(jnp.int8), scale
+
+
+def _masked_scores(q: jax.Array, k: jax.Array, query_slots: jax.Array, key_mask: jax.Array, groups: int,
+                   key_scales: jax.Array | None = None):
   """Scores [B, K, G·Q, S] float32 with the keys a query may not see filled, and that mask [B, 1, G·Q, S].
 
   q: [B, K, G·Q, D] (group-major); k: [B, K, S, D]; query_slots: [Q] int; key_mask: [B, S] bool.
+  key_scales: [B, K, S] float32 when k holds int8 steps (quantize_int8): a key's scale multiplies its scores.
   A query sees the real slots at or before its own.
   """
   d = q.shape[-1]
   scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+  if key_scales is not None:
+    scores = scores * key_scales[:, :, None, :]
   allowed = (jnp.arange(k.shape[2])[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :]  # [B, Q, S]
   allowed = jnp.tile(allowed, (1, groups, 1))[:, None]  # [B, 1, G·Q, S]
   return jnp.where(allowed, scores, _MASKED), allowed
 
 
-def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, query_slots: jax.Array,
-                     key_mask: jax.Array) -> jax.Array:
+def _weighted(probs: jax.Array, value_scales: jax.Array | None, dtype) -> jax.Array:
+  """Attention weights [B, K, Q, S] for values held as int8 steps: each times its value's scale [B, K, S]."""
+  return (probs if value_scales is None else probs * value_scales[:, :, None, :]).astype(dtype)
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, query_slots: jax.Array, key_mask: jax.Array,
+                     key_scales: jax.Array | None = None, value_scales: jax.Array | None = None) -> jax.Array:
   """Dense attention of T queries over S cache slots.
 
   q: [B, K, G, T, D]; k, v: [B, K, S, D]; query_slots: [T] int (slot of each query); key_mask: [B, S]
-  bool. A query sees the real slots at or before its own. Returns [B, K, G, T, D].
+  bool. A query sees the real slots at or before its own. key_scales, value_scales: [B, K, S] float32 when k, v
+  hold an int8 cache's steps (in q's dtype): slot s's key is k[..., s, :] · key_scales[..., s], so its scores are
+  scaled after the product and its value's weight before the second one. Returns [B, K, G, T, D].
   """
   b, kv, g, t, d = q.shape
-  scores, _ = _masked_scores(q.reshape(b, kv, g * t, d), k, query_slots, key_mask, g)
-  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  scores, _ = _masked_scores(q.reshape(b, kv, g * t, d), k, query_slots, key_mask, g, key_scales)
+  probs = _weighted(jax.nn.softmax(scores, axis=-1), value_scales, q.dtype)
   return jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(b, kv, g, t, d)
 
 
 def grouped_cached_attention(q: jax.Array, prompt_k: jax.Array, prompt_v: jax.Array, prompt_mask: jax.Array,
-                             k: jax.Array, v: jax.Array, query_slots: jax.Array, key_mask: jax.Array) -> jax.Array:
+                             k: jax.Array, v: jax.Array, query_slots: jax.Array, key_mask: jax.Array,
+                             key_scales: jax.Array | None = None, value_scales: jax.Array | None = None) -> jax.Array:
   """cached_attention of rows that continue a shared prompt: each row's queries see its prompt's keys (held once
   per prompt, not copied into every row) and then its own cache slots, under one softmax.
 
   q: [N, K, G, T, D] with N = B·R rows, rows r·R .. r·R + R − 1 continuing prompt r; prompt_k, prompt_v:
   [B, K, P, D]; prompt_mask: [B, P] bool; k, v: [N, K, S, D]; query_slots: [T] int (each query's own-cache
-  slot); key_mask: [N, S] bool. Returns [N, K, G, T, D].
+  slot); key_mask: [N, S] bool; key_scales, value_scales: [N, K, S] for an int8 own cache (as cached_attention's;
+  the prompts' keys stay in q's dtype). Returns [N, K, G, T, D].
   """
   n, kv, g, t, d = q.shape
   b, p = prompt_k.shape[0], prompt_k.shape[2]
-  own, _ = _masked_scores(q.reshape(n, kv, g * t, d), k, query_slots, key_mask, g)  # [N, K, G·T, S]
+  own, _ = _masked_scores(q.reshape(n, kv, g * t, d), k, query_slots, key_mask, g, key_scales)  # [N, K, G·T, S]
   by_prompt = q.reshape(b, n // b, kv, g * t, d)  # [B, R, K, G·T, D]: a prompt's rows share its keys
   shared = jnp.einsum("brkqd,bksd->brkqs", by_prompt, prompt_k, preferred_element_type=jnp.float32) * (d ** -0.5)
   shared = jnp.where(prompt_mask[:, None, None, None, :], shared, _MASKED).reshape(n, kv, g * t, p)
-  probs = jax.nn.softmax(jnp.concatenate([shared, own], axis=-1), axis=-1).astype(q.dtype)  # [N, K, G·T, P + S]
-  from_prompt = jnp.einsum("brkqs,bksd->brkqd", probs[..., :p].reshape(b, n // b, kv, g * t, p), prompt_v,
-                           preferred_element_type=jnp.float32).reshape(n, kv, g * t, d)
-  from_own = jnp.einsum("bkqs,bksd->bkqd", probs[..., p:], v, preferred_element_type=jnp.float32)
+  probs = jax.nn.softmax(jnp.concatenate([shared, own], axis=-1), axis=-1)  # [N, K, G·T, P + S] float32
+  from_prompt = jnp.einsum("brkqs,bksd->brkqd", probs[..., :p].astype(q.dtype).reshape(b, n // b, kv, g * t, p),
+                           prompt_v, preferred_element_type=jnp.float32).reshape(n, kv, g * t, d)
+  from_own = jnp.einsum("bkqs,bksd->bkqd", _weighted(probs[..., p:], value_scales, q.dtype), v,
+                        preferred_element_type=jnp.float32)
   return (from_prompt + from_own).astype(q.dtype).reshape(n, kv, g, t, d)
 
 

@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from mcpo_jax.mesh import constrain
-from mcpo_jax.model.attention import cached_attention, causal_attention, grouped_cached_attention
+from mcpo_jax.model.attention import cached_attention, causal_attention, grouped_cached_attention, quantize_int8
 from mcpo_jax.model.config import ModelConfig, inverse_frequencies
 from mcpo_jax.model.linear import linear
 
@@ -55,13 +55,27 @@ def splash_selected(kernel: str, mesh: Mesh | None) -> bool:
 
 
 @flax.struct.dataclass
+class LayerKV:
+  """One layer's keys and values. In [B, K, S, D], the layout both attention matmuls read directly, so decoding
+  never transposes the cache (in [B, S, K, D] XLA:CPU copied every layer's whole cache, twice, at every step).
+  An int8 cache (the sampler's `DecodePlan.int8_cache`) stores each slot's D numbers as int8 times one float32
+  scale per slot and head (attention.quantize_int8): half the bytes a decode step reads, at ~0.4% error."""
+
+  keys: jax.Array  # [B, K, S, D] compute dtype, or int8
+  values: jax.Array  # [B, K, S, D]
+  key_scales: jax.Array | None = None  # [B, K, S] float32 with an int8 cache, else None
+  value_scales: jax.Array | None = None
+
+  @property
+  def quantized(self) -> bool:
+    return self.key_scales is not None
+
+
+@flax.struct.dataclass
 class KVCache:
   """Preallocated keys and values of every layer; a pytree the sampler carries through its loop."""
 
-  # [B, K, S, D]: the layout both attention matmuls read directly, so decoding never transposes the
-  # cache (in [B, S, K, D] XLA:CPU copied every layer's whole cache, twice, at every step).
-  keys: tuple[jax.Array, ...]  # per layer [B, K, S, D]
-  values: tuple[jax.Array, ...]  # per layer [B, K, S, D]
+  layers: tuple[LayerKV, ...]
   key_mask: jax.Array  # [B, S] bool: the slot holds a real (non-padding) token
   index: jax.Array  # [] int32: the next slot to write
   # Attention reads slots [0, visible) only (None: all S); static, so each value is its own program. The
@@ -153,14 +167,14 @@ class Attention(nnx.Module):
       out = out + getattr(self, f"{name}_bias")[...].astype(self.dtype)
     return out
 
-  def __call__(self, x, cos, sin, query_slots, key_mask, layer_keys, layer_values, write_index,
-               prefix_keys=None, prefix_values=None, prefix_mask=None):
-    """x: [B, T, E]; query_slots: [T]; key_mask: [B, S]; layer_keys/values: [B, K, S, D] or None (a cache);
-    prefix_keys/values: [B, K, P, D] or None (a shared prompt's, S = P + T); with a cache: [B/R, K, P, D], the
-    prompts that the cache's rows continue, R rows each, with prefix_mask [B/R, P] (sampling).
+  def __call__(self, x, cos, sin, query_slots, key_mask, write_index, cache: LayerKV | None = None,
+               prefix: LayerKV | None = None, prefix_mask=None):
+    """x: [B, T, E]; query_slots: [T]; key_mask: [B, S]; cache: this layer's [B, K, S, D] or None;
+    prefix: a shared prompt's [B, K, P, D] or None (S = P + T); with a cache: [B/R, K, P, D], the prompts that the
+    cache's rows continue, R rows each, with prefix_mask [B/R, P] (sampling).
 
-    Returns the attention output [B, T, E] and the layer's keys and values ([B, K, S, D] with a cache,
-    else this call's [B, K, T, D]).
+    Returns the attention output [B, T, E] and the layer's keys and values (the cache with this call's written
+    in, or else this call's [B, K, T, D]).
     """
     cfg = self.config
     q = self._project(x, "q")  # [B, T, H, D]
@@ -171,38 +185,46 @@ class Attention(nnx.Module):
     q = rotate_half_rope(q, cos, sin)
     k = rotate_half_rope(k, cos, sin).transpose(0, 2, 1, 3)  # [B, K, T, D]
     v = v.transpose(0, 2, 1, 3)  # [B, K, T, D]
-    if layer_keys is not None:  # write this call's keys/values into the cache slots
-      k = jax.lax.dynamic_update_slice_in_dim(layer_keys, k.astype(layer_keys.dtype), write_index, axis=2)
-      v = jax.lax.dynamic_update_slice_in_dim(layer_values, v.astype(layer_values.dtype), write_index, axis=2)
-      k = constrain(k, self.mesh, ("batch", "kv_heads", "length", "head_dim"))
-      v = constrain(v, self.mesh, ("batch", "kv_heads", "length", "head_dim"))
-    new_keys, new_values = k, v
+    new_kv = LayerKV(k, v) if cache is None else _written(cache, k, v, write_index, self.mesh)
 
     # Queries grouped by KV head, so both attention products are plain batched matmuls over (B, K).
     b, t, h, d = q.shape
     kv_heads, groups = cfg.num_kv_heads, h // cfg.num_kv_heads
     q = q.reshape(b, t, kv_heads, groups, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
-    if layer_keys is not None:  # over the slots key_mask covers: the cache's first `visible` (KVCache.visible)
-      visible = key_mask.shape[1]
-      own_keys, own_values = k[:, :, :visible].astype(self.dtype), v[:, :, :visible].astype(self.dtype)
-      if prefix_keys is None:
-        out = cached_attention(q, own_keys, own_values, query_slots, key_mask)
+    if cache is not None:  # over the slots key_mask covers: the cache's first `visible` (KVCache.visible)
+      own = jax.tree.map(lambda x: x[:, :, :key_mask.shape[1]], new_kv)  # int8 slots convert exactly
+      own_keys, own_values = own.keys.astype(self.dtype), own.values.astype(self.dtype)
+      if prefix is None:
+        out = cached_attention(q, own_keys, own_values, query_slots, key_mask, own.key_scales, own.value_scales)
       else:  # rows that continue shared prompts: each prompt's keys once, then the row's own slots
-        out = grouped_cached_attention(q, prefix_keys.astype(self.dtype), prefix_values.astype(self.dtype),
-                                       prefix_mask, own_keys, own_values, query_slots, key_mask)
-    elif prefix_keys is not None:  # teacher-forced after a shared prompt: keys [prompt; own tokens]
-      k_all = jnp.concatenate([prefix_keys.astype(self.dtype), k.astype(self.dtype)], axis=2)  # [B, K, P + T, D]
-      v_all = jnp.concatenate([prefix_values.astype(self.dtype), v.astype(self.dtype)], axis=2)
-      out = self._causal(q, k_all, v_all, key_mask, prefix_keys.shape[2])
+        out = grouped_cached_attention(q, prefix.keys.astype(self.dtype), prefix.values.astype(self.dtype),
+                                       prefix_mask, own_keys, own_values, query_slots, key_mask, own.key_scales,
+                                       own.value_scales)
+    elif prefix is not None:  # teacher-forced after a shared prompt: keys [prompt; own tokens]
+      k_all = jnp.concatenate([prefix.keys.astype(self.dtype), k.astype(self.dtype)], axis=2)  # [B, K, P + T, D]
+      v_all = jnp.concatenate([prefix.values.astype(self.dtype), v.astype(self.dtype)], axis=2)
+      out = self._causal(q, k_all, v_all, key_mask, prefix.keys.shape[2])
     else:  # teacher-forced (training): blockwise, memory linear in T
       out = self._causal(q, k.astype(self.dtype), v.astype(self.dtype), key_mask)
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)  # [B, K, G, T, D] -> [B, T, H, D]
     out = constrain(out, self.mesh, ("batch", "length", "heads", "head_dim"))
     if "o_proj" in self.lora_targets:
-      return lora_einsum("bthd,hde->bte", out, self.o_proj[...].astype(self.dtype)), new_keys, new_values
+      return lora_einsum("bthd,hde->bte", out, self.o_proj[...].astype(self.dtype)), new_kv
     # One [B·T, H·D]·[H·D, E] matmul: einsum would contract (d, h) in letter order and transpose both sides.
     o_proj = self.o_proj[...].astype(self.dtype).reshape(h * d, -1)
-    return linear(out.reshape(b, t, h * d), o_proj), new_keys, new_values
+    return linear(out.reshape(b, t, h * d), o_proj), new_kv
+
+
+def _written(cache: LayerKV, k: jax.Array, v: jax.Array, index: jax.Array, mesh: Mesh | None) -> LayerKV:
+  """The layer's cache with this call's keys and values k, v [B, K, T, D] in slots [index, index + T)."""
+  def write(store, x):  # store [B, K, S(, D)], x [B, K, T(, D)]
+    store = jax.lax.dynamic_update_slice_in_dim(store, x.astype(store.dtype), index, axis=2)
+    return constrain(store, mesh, ("batch", "kv_heads", "length", "head_dim")[:store.ndim])
+  if not cache.quantized:
+    return cache.replace(keys=write(cache.keys, k), values=write(cache.values, v))
+  (k, key_scales), (v, value_scales) = quantize_int8(k), quantize_int8(v)
+  return LayerKV(write(cache.keys, k), write(cache.values, v), write(cache.key_scales, key_scales),
+                 write(cache.value_scales, value_scales))
 
 
 class MLP(nnx.Module):
@@ -238,13 +260,12 @@ class Block(nnx.Module):
     self.mlp = MLP(config, **kw)
     self.mesh = mesh
 
-  def __call__(self, x, cos, sin, query_slots, key_mask, layer_keys, layer_values, write_index,
-               prefix_keys=None, prefix_values=None, prefix_mask=None):
-    attn_out, new_keys, new_values = self.attn(self.input_norm(x), cos, sin, query_slots, key_mask, layer_keys,
-                                               layer_values, write_index, prefix_keys, prefix_values, prefix_mask)
+  def __call__(self, x, cos, sin, query_slots, key_mask, write_index, cache=None, prefix=None, prefix_mask=None):
+    attn_out, new_kv = self.attn(self.input_norm(x), cos, sin, query_slots, key_mask, write_index, cache, prefix,
+                                 prefix_mask)
     x = constrain(x + attn_out, self.mesh, ("batch", "length", None))
     x = constrain(x + self.mlp(self.post_attention_norm(x)), self.mesh, ("batch", "length", None))
-    return x, new_keys, new_values
+    return x, new_kv
 
 
 class Transformer(nnx.Module):
@@ -266,16 +287,16 @@ class Transformer(nnx.Module):
     self.attention_kernel = attention
 
   def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
-    """An empty cache of `max_length` slots (dtype defaults to the compute dtype)."""
+    """An empty cache of `max_length` slots, in `dtype` (default: the compute dtype; int8: quantized, LayerKV)."""
     cfg = self.config
+    dtype = jnp.dtype(dtype or self.dtype)
     shape = (batch_size, cfg.num_kv_heads, max_length, cfg.head_dim)
-    zeros = lambda: constrain(jnp.zeros(shape, dtype or self.dtype), self.mesh,
-                              ("batch", "kv_heads", "length", "head_dim"))
-    return KVCache(
-        keys=tuple(zeros() for _ in range(cfg.num_layers)),
-        values=tuple(zeros() for _ in range(cfg.num_layers)),
-        key_mask=jnp.zeros((batch_size, max_length), bool),
-        index=jnp.zeros((), jnp.int32))
+    zeros = lambda shape, dtype: constrain(jnp.zeros(shape, dtype), self.mesh,
+                                           ("batch", "kv_heads", "length", "head_dim")[:len(shape)])
+    scales = lambda: zeros(shape[:3], jnp.float32) if dtype == jnp.int8 else None
+    layer = lambda: LayerKV(zeros(shape, dtype), zeros(shape, dtype), scales(), scales())
+    return KVCache(layers=tuple(layer() for _ in range(cfg.num_layers)),
+                   key_mask=jnp.zeros((batch_size, max_length), bool), index=jnp.zeros((), jnp.int32))
 
   def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
     """LM head in float32: [B, T, E] -> [B, T, V]. Separate so a trainer can chunk over T."""
@@ -326,19 +347,16 @@ class Transformer(nnx.Module):
     x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)  # [B, T, E]
     x = constrain(x, self.mesh, ("batch", "length", None))
     attend_mask = key_mask if cache is None or cache.visible is None else key_mask[:, :cache.visible]
-    new_keys, new_values = [], []
+    new_layers = []
     for i, layer in enumerate(self.layers):
-      layer_keys = None if cache is None else cache.keys[i]
-      layer_values = None if cache is None else cache.values[i]
-      layer_prefix = () if prefix is None else (prefix.keys[i], prefix.values[i], prefix.key_mask)
-      x, k, v = self._apply_layer(layer, x, cos, sin, query_slots, attend_mask, layer_keys, layer_values, write_index,
-                                  *layer_prefix)
-      new_keys.append(k)
-      new_values.append(v)
+      x, kv = self._apply_layer(layer, x, cos, sin, query_slots, attend_mask, write_index,
+                                None if cache is None else cache.layers[i], None if prefix is None else prefix.layers[i],
+                                None if prefix is None else prefix.key_mask)
+      new_layers.append(kv)
     hidden = self.final_norm(x)  # [B, T, E]
 
     new_cache = None if cache is None and not return_kv else KVCache(
-        keys=tuple(new_keys), values=tuple(new_values), key_mask=key_mask, index=write_index + t,
+        layers=tuple(new_layers), key_mask=key_mask, index=write_index + t,
         visible=None if cache is None else cache.visible)
     logits = self.logits_from_hidden(hidden) if return_logits else None
     return ModelOutput(logits=logits, hidden=hidden, cache=new_cache)
