@@ -196,3 +196,21 @@ def test_every_arm_of_both_grids_builds_a_valid_config_that_differs_from_mixed_g
     assert spec.stem in ("compare", "sweep", "learning_rate")
   rates = [build(run_config(base, arm, 0, str(tmp_path))).optim.learning_rate for arm in GRIDS["learning_rate"].arms([])]
   assert rates == [base.optim.learning_rate, base.optim.learning_rate / 2, base.optim.learning_rate * 2]
+
+
+def test_a_first_seed_whose_mixed_run_has_no_start_evaluation_is_one_clear_error_before_any_training(tmp_path,
+                                                                                                    monkeypatch):
+  """--seeds=3 over kept runs trained in a 0..3 grid: mixed GRPO seed 3 made no step-0 evaluation, so the report's
+  start row cannot exist; compare says so before training anything (it used to train, then fail with KeyError)."""
+  from configs.multi_domain import get_config
+  from mcpo_jax import rl_loop
+  from mcpo_jax.experiments.compare import compare
+  kept = tmp_path / "out" / "runs" / "runs" / "grpo-mixed" / "seed3"
+  (kept / "eval").mkdir(parents=True)
+  (kept / "eval" / "step_000040.json").write_text("{}")
+  (kept / "evaluations.json").write_text(json.dumps({"end": {}}))
+  monkeypatch.setattr(rl_loop, "train", lambda config: pytest.fail("trained before checking the start row"))
+  with pytest.raises(ValueError, match="start row is the step-0 evaluation of grpo-mixed seed 3, and its finished "
+                                       "run in .* has none.*--seeds=0"):
+    compare(get_config("compare"), [3], str(tmp_path / "runs"), str(tmp_path / "out"), ["grpo-mixed", "mcpo"],
+            "command")

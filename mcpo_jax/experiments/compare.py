@@ -424,6 +424,14 @@ def compare(base: ml_collections.ConfigDict, seeds: Sequence[int], runs_dir: str
   # without training the finished ones again.
   kept = lambda arm, seed: out_dir / "runs" / Path(runs_dir).name / arm.name / f"seed{seed}"
   workdir = lambda arm, seed: Path(run_config(base, arm, seed, runs_dir).workdir)
+  # The start row is the step-0 evaluation of mixed GRPO's first seed; a finished run that did not make one (it was
+  # not the first seed of its grid) cannot give it, and no later step should find that out after hours of training.
+  mixed = next(arm for arm in arm_list if arm.name == "grpo-mixed")
+  finished = [place(mixed, seeds[0]) for place in (workdir, kept) if is_complete(place(mixed, seeds[0]))]
+  if finished and not (finished[0] / "eval" / "step_000000.json").exists():
+    raise ValueError(f"--seeds={','.join(map(str, seeds))}: the report's start row is the step-0 evaluation of "
+                     f"grpo-mixed seed {seeds[0]}, and its finished run in {finished[0]} has none (it was not the "
+                     "first seed of its grid); put first a seed whose mixed-GRPO run has it, e.g. --seeds=0,...")
   for i, (arm, seed) in enumerate(todo):
     # The start row: mixed GRPO's first seed evaluates the initial policy, which every arm starts from.
     config = run_config(base, arm, seed, runs_dir, start_eval=(arm.name, seed) == ("grpo-mixed", seeds[0]))
