@@ -47,7 +47,7 @@ from mcpo_jax.batch import TrainBatch
 from mcpo_jax.diagnostics import gradient_cosines_program
 from mcpo_jax.mesh import axis_rules, make_mesh, named_sharding
 from mcpo_jax.model.config import ModelConfig
-from mcpo_jax.model.transformer import KVCache, LayerKV
+from mcpo_jax.model.transformer import CACHE_AXES, KVCache, LayerKV
 from mcpo_jax.model.weights import abstract_transformer, host_read_shares
 from mcpo_jax.tpu_flags import set_tpu_flags
 from mcpo_jax.sampling import (DECODE_GATHERED, DecodePlan, decode_segment_ends, generate_program, next_power_of_two,
@@ -209,8 +209,8 @@ def programs(run: config_lib.RunConfig, config: ModelConfig, mesh: Mesh) -> list
 
     def kv_cache(rows, slots, dtype=compute):  # [rows, K, slots, D] per layer (int8: and [rows, K, slots] scales)
       shape = (rows, config.num_kv_heads, slots, config.head_dim)
-      kv = abstract(shape, dtype, mesh, ("batch", "kv_heads", "length", "head_dim"))
-      scales = abstract(shape[:3], jnp.float32, mesh, ("batch", "kv_heads", "length")) if dtype == jnp.int8 else None
+      kv = abstract(shape, dtype, mesh, CACHE_AXES)
+      scales = abstract(shape[:3], jnp.float32, mesh, CACHE_AXES[:3]) if dtype == jnp.int8 else None
       return KVCache(layers=(LayerKV(kv, kv, scales, scales),) * config.num_layers,
                      key_mask=abstract((rows, slots), jnp.bool_, mesh, ("batch", "length")),
                      index=abstract((), jnp.int32, mesh, ()))

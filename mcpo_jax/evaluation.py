@@ -208,10 +208,14 @@ def write_eval(workdir: str, step: int, summary: dict[str, float], records: Sequ
   directory.mkdir(parents=True, exist_ok=True)
   (directory / f"step_{step:06d}.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
   if records:
-    (directory / f"step_{step:06d}.per_prompt.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    per_prompt_path(workdir, step).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def per_prompt_path(workdir, step: int) -> epath.Path:
+  """Where `write_eval` saves the per-prompt records of `step`."""
+  return epath.Path(workdir) / "eval" / f"step_{step:06d}.per_prompt.jsonl"
 
 
 def read_per_prompt(workdir: str, step: int) -> list[dict]:
   """The per-prompt records `write_eval` saved for `step`."""
-  path = epath.Path(workdir) / "eval" / f"step_{step:06d}.per_prompt.jsonl"
-  return [json.loads(line) for line in path.read_text().splitlines()]
+  return [json.loads(line) for line in per_prompt_path(workdir, step).read_text().splitlines()]

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from mcpo_jax.mesh import axis_rules, constrain, from_host, named_sharding
-from mcpo_jax.model.transformer import Transformer
+from mcpo_jax.model.transformer import CACHE_AXES, Transformer
 
 MAX_STOP_TOKENS = 8  # stop ids are padded to this length so their number never triggers a recompile
 MIN_PROMPT_BUCKET = 16
@@ -171,7 +171,7 @@ def _sample_program(graphdef, state, prompt_tokens, prompt_mask, key, max_new_to
   # Prefill once per prompt. The prompt's keys stay one copy per prompt, which its G rows read at every step
   # (model: `prefix` with a cache); a row's cache holds its own response slots only.
   prefill = model(prompt_tokens, prompt_mask, return_logits=False, return_kv=True)
-  stored = lambda x: constrain(x, mesh, ("batch", "kv_heads", "length", "head_dim"))
+  stored = lambda x: constrain(x, mesh, CACHE_AXES)
   prompt = prefill.cache.replace(layers=jax.tree.map(stored, prefill.cache.layers))  # [B, K, P, D] per layer
   cache = model.init_cache(n, length_bucket, jnp.int8 if plan.int8_cache else None)  # [N, K, T, D] per layer
   repeat = lambda x: jnp.repeat(x, group_size, axis=0) if x.ndim else x

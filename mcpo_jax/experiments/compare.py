@@ -191,12 +191,11 @@ def is_complete(workdir: Path) -> bool:
 
 def read_run(workdir: Path) -> dict:
   """{"curve": {step: {metric: value}}, "records": {step: [per-prompt record]}, "cosines": [(step, D×D)]}."""
-  from mcpo_jax.evaluation import read_per_prompt
+  from mcpo_jax.evaluation import per_prompt_path, read_per_prompt
   from mcpo_jax.metrics import read_metrics
   curve = {int(p.name.split("_")[1].split(".")[0]): json.loads(p.read_text())
            for p in sorted((workdir / "eval").glob("step_*[0-9].json"))}
-  records = {step: read_per_prompt(str(workdir), step) for step in curve
-             if (workdir / "eval" / f"step_{step:06d}.per_prompt.jsonl").exists()}
+  records = {step: read_per_prompt(str(workdir), step) for step in curve if per_prompt_path(workdir, step).exists()}
   cosines = [(s, np.asarray(r["diag/grad_cosine"])) for s, r in sorted(read_metrics(workdir).items())
              if "diag/grad_cosine" in r]
   return {"curve": curve, "records": records, "cosines": cosines}
@@ -403,6 +402,7 @@ def compare(base: ml_collections.ConfigDict, seeds: Sequence[int], runs_dir: str
   """Runs every missing (arm, seed) of the grid, then writes the report; returns the path of <stem>.md."""
   from mcpo_jax.config import build
   from mcpo_jax.data.domains import parse_domains
+  from mcpo_jax.evaluation import per_prompt_path
   from mcpo_jax.rl_loop import train
 
   commit = _commit()  # before this command writes anything: its own report files would read as uncommitted changes
@@ -428,7 +428,7 @@ def compare(base: ml_collections.ConfigDict, seeds: Sequence[int], runs_dir: str
   # not the first seed of its grid) cannot give it, and no later step should find that out after hours of training.
   mixed = next(arm for arm in arm_list if arm.name == "grpo-mixed")
   finished = [place(mixed, seeds[0]) for place in (workdir, kept) if is_complete(place(mixed, seeds[0]))]
-  if finished and not (finished[0] / "eval" / "step_000000.json").exists():
+  if finished and not per_prompt_path(finished[0], 0).exists():
     raise ValueError(f"--seeds={','.join(map(str, seeds))}: the report's start row is the step-0 evaluation of "
                      f"grpo-mixed seed {seeds[0]}, and its finished run in {finished[0]} has none (it was not the "
                      "first seed of its grid); put first a seed whose mixed-GRPO run has it, e.g. --seeds=0,...")

@@ -35,6 +35,7 @@ from mcpo_jax.model.linear import linear
 
 ATTENTION_BLOCK = 64  # query positions per block of the training-path attention (the XLA core)
 ATTENTION_KERNELS = ("auto", "xla", "splash")  # auto: splash on TPU, XLA elsewhere
+CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")  # a cache's logical axes (its int8 scales: the first three)
 
 REMAT_POLICIES = {
     "none": None,
@@ -219,7 +220,7 @@ def _written(cache: LayerKV, k: jax.Array, v: jax.Array, index: jax.Array, mesh:
   """The layer's cache with this call's keys and values k, v [B, K, T, D] in slots [index, index + T)."""
   def write(store, x):  # store [B, K, S(, D)], x [B, K, T(, D)]
     store = jax.lax.dynamic_update_slice_in_dim(store, x.astype(store.dtype), index, axis=2)
-    return constrain(store, mesh, ("batch", "kv_heads", "length", "head_dim")[:store.ndim])
+    return constrain(store, mesh, CACHE_AXES[:store.ndim])
   if not cache.quantized:
     return cache.replace(keys=write(cache.keys, k), values=write(cache.values, v))
   (k, key_scales), (v, value_scales) = quantize_int8(k), quantize_int8(v)
@@ -291,8 +292,7 @@ class Transformer(nnx.Module):
     cfg = self.config
     dtype = jnp.dtype(dtype or self.dtype)
     shape = (batch_size, cfg.num_kv_heads, max_length, cfg.head_dim)
-    zeros = lambda shape, dtype: constrain(jnp.zeros(shape, dtype), self.mesh,
-                                           ("batch", "kv_heads", "length", "head_dim")[:len(shape)])
+    zeros = lambda shape, dtype: constrain(jnp.zeros(shape, dtype), self.mesh, CACHE_AXES[:len(shape)])
     scales = lambda: zeros(shape[:3], jnp.float32) if dtype == jnp.int8 else None
     layer = lambda: LayerKV(zeros(shape, dtype), zeros(shape, dtype), scales(), scales())
     return KVCache(layers=tuple(layer() for _ in range(cfg.num_layers)),
