@@ -1,6 +1,7 @@
 """The embedded SmolLM2-135M-Instruct GGUF: our conversion against transformers' own GGUF loader."""
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import jax
@@ -11,7 +12,7 @@ import torch
 import transformers
 
 from mcpo_jax.model import from_pretrained, load_tokenizer, resolve_checkpoint
-from mcpo_jax.model.gguf_import import undo_rope_permutation
+from mcpo_jax.model.gguf_import import convert_gguf, undo_rope_permutation
 from mcpo_jax.sampling import generate
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -89,3 +90,15 @@ def test_greedy_chat_reply_matches_transformers(reference_model):
   assert np.asarray(rollouts.lengths).max() >= 32  # the long answer compares at least 32 tokens
   reply = tokenizer.decode(got[0], skip_special_tokens=True)
   assert "Paris" in reply, reply
+
+
+def test_a_conversion_that_loses_the_race_to_another_process_keeps_the_winners_directory(wheel_dir, converted_dir,
+                                                                                         tmp_path):
+  """Two runs started side by side on a fresh machine both convert on first use: the one whose rename finds the
+  directory already made keeps that directory and removes its own partial copy."""
+  target = tmp_path / "smollm2"
+  shutil.copytree(converted_dir, target)
+  before = {path.name: path.stat().st_mtime_ns for path in target.iterdir()}
+  assert convert_gguf(wheel_dir / GGUF_NAME, target) == target
+  assert {path.name: path.stat().st_mtime_ns for path in target.iterdir()} == before
+  assert [path.name for path in tmp_path.iterdir()] == ["smollm2"]  # no partial directory left behind

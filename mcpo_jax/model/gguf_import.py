@@ -11,6 +11,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import gguf
@@ -109,12 +111,21 @@ def convert_gguf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike) ->
       weight = undo_rope_permutation(weight, config["num_key_value_heads"])
     tensors[_hf_name(tensor.name)] = np.ascontiguousarray(weight)
   output_dir = Path(output_dir)
-  partial = output_dir.with_name(output_dir.name + ".partial")
-  partial.mkdir(parents=True, exist_ok=True)
-  safetensors.numpy.save_file(tensors, str(partial / "model.safetensors"), metadata={"format": "pt"})
-  (partial / "config.json").write_text(json.dumps(config, indent=2))
-  tokenizer_from_gguf(reader).save_pretrained(str(partial))
-  partial.rename(output_dir)  # atomic: a crash mid-conversion never leaves a half-written cache
+  output_dir.parent.mkdir(parents=True, exist_ok=True)
+  # This process's own partial directory: two jobs converting on first use at once (two runs started side by
+  # side on a fresh machine) must not write into one directory.
+  partial = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=output_dir.name + ".partial-"))
+  try:
+    safetensors.numpy.save_file(tensors, str(partial / "model.safetensors"), metadata={"format": "pt"})
+    (partial / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer_from_gguf(reader).save_pretrained(str(partial))
+    partial.rename(output_dir)  # atomic: a crash mid-conversion never leaves a half-written cache
+  except OSError:
+    if not (output_dir / "model.safetensors").exists():
+      raise
+    # another process finished the same conversion first; its directory is the cache
+  finally:
+    shutil.rmtree(partial, ignore_errors=True)
   return output_dir
 
 
