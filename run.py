@@ -6,6 +6,7 @@ loads the checkpoint onto the mesh and answers `--config.chat.prompt`.
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 
@@ -62,6 +63,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     if message[:1] == message[-1:] == "'":  # KeyError/AttributeError repr quoting
       message = message[1:-1]
     message = message.replace("\\'", "'").replace("\\n", " ").replace("\n", " ")
+    group = re.match(r"flag (--config[\w.]*)=(.*): Failed to parse .* as a ConfigDict", message)
+    if group:  # a whole group of fields (e.g. data.domains) given as one value; ml_collections' own words name no fix
+      flag, value = group.groups()
+      message = (f"{flag}={value}: this field is a group of fields, not one value; set one of them with "
+                 f"{flag}.<name>=<value>, or give the whole group as a Python dict literal")
     print(f"config error: {message}", file=sys.stderr)
     sys.exit(BAD_INPUT_EXIT_CODE)
 

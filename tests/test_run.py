@@ -34,6 +34,8 @@ BAD_CONFIGS = [  # (override, what the one line must say): each a mistake a user
     ("--config.mesh.fsdp=0", r"--config.mesh.fsdp=0; use a positive size or -1"),
     ("--config.data.prompts_per_step=0", r"--config.data.prompts_per_step=0; use at least 1"),
     ("--config.data.max_sampling_rounds=-1", r"--config.data.max_sampling_rounds=-1; use 0 \(no extra rounds\)"),
+    ("--config.data.domains=arithmetic,gcd", r"--config.data.domains=arithmetic,gcd: this field is a group of fields, "
+     r"not one value; set one of them with --config.data.domains.<name>=<value>"),
     ("--config.data.domains.gcd.weight=-1", r"config.data.domains.gcd.weight=-1.0; use a positive number"),
     ("--config.rollout.group_size=1", r"--config.rollout.group_size=1; use at least 2"),
     ("--config.rollout.temperature=0", r"--config.rollout.temperature=0.0; use a positive temperature"),
