@@ -6,7 +6,6 @@ loads the checkpoint onto the mesh and answers `--config.chat.prompt`.
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 
@@ -19,7 +18,6 @@ set_tpu_flags()  # before libtpu loads
 import jax
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
 from mcpo_jax import config as config_lib
 from mcpo_jax.checkpointing import PREEMPTED_EXIT_CODE, Preempted, ResumeError
@@ -27,10 +25,11 @@ from mcpo_jax.mesh import MeshError, make_mesh, maybe_initialize_distributed
 from mcpo_jax.model import CheckpointError, ModelConfigError, from_pretrained, load_tokenizer
 from mcpo_jax.rewards import SandboxUnavailable
 from mcpo_jax.data.errors import DataError
+from mcpo_jax.flag_errors import BAD_INPUT_EXIT_CODE, define_config, parse_flags
 from mcpo_jax.rl_loop import TrainingDiverged, stop_token_ids, train
 from mcpo_jax.sampling import generate
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/multi_domain.py", "Run config file[:preset].")
+_CONFIG = define_config("configs/multi_domain.py", "Run config file[:preset].")
 
 
 def chat(model, tokenizer, config) -> str:
@@ -49,27 +48,6 @@ def chat(model, tokenizer, config) -> str:
 # Found before or at start-up, each one line naming the field, file or path and the fix.
 USER_ERRORS = (config_lib.ConfigError, MeshError, CheckpointError, ModelConfigError, DataError, FileNotFoundError,
                ResumeError, SandboxUnavailable)
-
-
-BAD_INPUT_EXIT_CODE = 2  # as absl's own usage errors: the run never started
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl parsing, with a config typo or bad value reported in one line instead of a traceback."""
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
-    message = str(error)
-    if message[:1] == message[-1:] == "'":  # KeyError/AttributeError repr quoting
-      message = message[1:-1]
-    message = message.replace("\\'", "'").replace("\\n", " ").replace("\n", " ")
-    group = re.match(r"flag (--config[\w.]*)=(.*): Failed to parse .* as a ConfigDict", message)
-    if group:  # a whole group of fields (e.g. data.domains) given as one value; ml_collections' own words name no fix
-      flag, value = group.groups()
-      message = (f"{flag}={value}: this field is a group of fields, not one value; set one of them with "
-                 f"{flag}.<name>=<value>, or give the whole group as a Python dict literal")
-    print(f"config error: {message}", file=sys.stderr)
-    sys.exit(BAD_INPUT_EXIT_CODE)
 
 
 def main(argv) -> None:

@@ -40,11 +40,11 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from ml_collections import config_flags
 
 from mcpo_jax import config as config_lib
 from mcpo_jax.batch import TrainBatch
 from mcpo_jax.diagnostics import gradient_cosines_program
+from mcpo_jax.flag_errors import define_config, parse_flags
 from mcpo_jax.mesh import axis_rules, make_mesh, named_sharding
 from mcpo_jax.model.config import ModelConfig
 from mcpo_jax.model.transformer import CACHE_AXES, KVCache, LayerKV
@@ -433,7 +433,7 @@ def main(argv) -> None:
     sys.exit(f"error: a program leaves less than {options.headroom:.0%} of HBM free; see the table.")
 
 def _define_flags() -> None:  # only when run as a program: importing this module defines no absl flags
-  config_flags.DEFINE_config_file("config", "configs/multi_domain.py", "The run's config (and overrides).")
+  define_config("configs/multi_domain.py", "The run's config (and overrides).")
   flags.DEFINE_string("topology", "v5e:8x8", "TPU topology: v5e:8x8, v5p:2x4x4, v6e:16x16, ...")
   flags.DEFINE_integer("num_slices", 1, "Slices joined by the data-centre network (multi-slice).")
   flags.DEFINE_float("headroom", 0.10, "Share of HBM each program must leave free.")
@@ -449,4 +449,4 @@ def _define_flags() -> None:  # only when run as a program: importing this modul
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -24,7 +24,14 @@ def test_default_run_answers_the_chat_prompt_on_an_8_device_mesh():
 
 
 BAD_CONFIGS = [  # (override, what the one line must say): each a mistake a user makes
-    ("--config.model.dtyp=float32", r"config error: 'dtyp' Did you mean \"dtype\""),
+    ("--config.model.dtyp=float32", r"config error: --config.model.dtyp: 'dtyp' Did you mean \"dtype\""),
+    ("--config.objective.clip_eps=0.2", r"--config.objective.clip_eps: config.objective has no field 'clip_eps'; its "
+     r"fields are agg, .*eps_high, eps_low"),
+    ("--config.train.steps.x=1", r"--config.train.steps.x: config.train.steps is one value, not a group of fields"),
+    ("--config=configs/nosuch.py", r"--config=configs/nosuch.py: \[Errno 2\] No such file or directory: "
+     r"'configs/nosuch.py'; pass a config file and preset"),
+    ("--config=configs/multi_domain.py:nosuch", r"--config=configs/multi_domain.py:nosuch: unknown preset 'nosuch'; "
+     r"presets: default, tiny"),
     ("--config.model.remat=ful", r"--config.model.remat='ful' is not allowed \(did you mean 'full'\?\)"),
     ("--config.chat.max_new_tokens=abc", r"config error: .*max_new_tokens=abc"),
     ("--config.algorithm=ppo", r"--config.algorithm='ppo' is not allowed"),
@@ -70,3 +77,25 @@ def test_bad_input_exits_2_with_one_line_naming_the_field_and_leaves_no_workdir(
     if elapsed > 20:
       slow.append(f"{override}: {elapsed:.1f}s")
   assert not slow, slow  # within 20 s each, the start-up a typo costs
+
+
+BAD_COMMANDS = [  # (command, what the one line must say): other entry points, and run.py with its default --config
+    (["run.py", "--config.trian.steps=1"], r"--config.trian.steps: 'trian' Did you mean \"train\""),
+    (["-m", "mcpo_jax.experiments.compare", "--config.objective.clip_eps=0.1"],
+     r"--config.objective.clip_eps: config.objective has no field 'clip_eps'"),
+    (["-m", "mcpo_jax.aot", "--config=configs/multi_domain.py:nosuch"], r"--config=configs/multi_domain.py:nosuch: unknown preset 'nosuch'"),
+    (["-m", "mcpo_jax.data.inspect"], r"--config is required"),
+]
+
+
+def test_every_entry_point_reports_a_bad_config_flag_in_one_line():
+  """ml_collections applies a default config file's overrides as the flag is defined: with no --config given, a
+  typo raised a traceback at import; flag_errors catches it there too."""
+  import re
+  env = dict(os.environ, HF_HUB_OFFLINE="1")
+  for command, message in BAD_COMMANDS:
+    result = subprocess.run([sys.executable, *command], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, (command, result.stderr[-2000:])
+    assert re.search(r"^config error: " + message, lines[0]), (command, lines[0])

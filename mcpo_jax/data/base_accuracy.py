@@ -17,7 +17,8 @@ from typing import Sequence
 import jax
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
+
+from mcpo_jax.flag_errors import define_config, parse_flags
 
 
 def constant_baseline(answers: Sequence) -> float:
@@ -79,8 +80,8 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":  # flags only when run as a program, so that importing defines none
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config, e.g. configs/multi_domain.py:transfer.")
+  _CONFIG = define_config(None, "Run config, e.g. configs/multi_domain.py:transfer.")
   _SPLIT = flags.DEFINE_string("split", "validation", "Split to measure on.")
   _PROMPTS = flags.DEFINE_integer("prompts", 64, "Prompts per domain.")
   _SAMPLES = flags.DEFINE_integer("samples", 4, "Samples per prompt at the rollout temperature.")
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -12,11 +12,11 @@ import itertools
 from typing import Sequence
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from mcpo_jax.data.domains import Domain, parse_domains
 from mcpo_jax.data.sources import open_source
 from mcpo_jax.data.splits import SPLITS, content_key
+from mcpo_jax.flag_errors import define_config, parse_flags
 
 
 def split_keys(domain: Domain, max_items: int) -> dict[str, tuple[int, set[str]]]:
@@ -59,6 +59,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":  # flags only when run as a program, so that importing defines none
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config, e.g. configs/multi_domain.py:transfer.")
+  _CONFIG = define_config(None, "Run config, e.g. configs/multi_domain.py:transfer.")
   _MAX_ITEMS = flags.DEFINE_integer("max_items", 20_000, "Items read per split at most.")
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -27,12 +27,13 @@ from pathlib import Path
 
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
+
+from mcpo_jax.flag_errors import define_config, parse_flags
 
 
 def _define_flags():
   """The command's flags, defined only when it runs as a program (compare defines --config too)."""
-  return (config_flags.DEFINE_config_file("config", "configs/multi_domain.py:compare", "The comparison's config."),
+  return (define_config("configs/multi_domain.py:compare", "The comparison's config."),
           flags.DEFINE_string("runs_dir", "runs/compare", "The comparison's run directories."),
           flags.DEFINE_list("arms", ["grpo-mixed", "mcpo"], "Arms to measure; the first is the reference."),
           flags.DEFINE_list("seeds", ["0", "1"], "Seeds of every arm."),
@@ -171,4 +172,4 @@ def main(argv, flag_values) -> None:
 
 if __name__ == "__main__":
   _flags = _define_flags()
-  app.run(lambda argv: main(argv, _flags))
+  app.run(lambda argv: main(argv, _flags), flags_parser=parse_flags)

@@ -34,9 +34,9 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
 from mcpo_jax.experiments.stats import cluster_bootstrap, verdict
+from mcpo_jax.flag_errors import define_config, parse_flags
 
 METHOD = (
     "How to read it. Accuracy: the mean over seeds and held-out prompts of the final evaluation, with a 95% "
@@ -48,7 +48,7 @@ METHOD = (
     "large is found 80% of the time by this 5% test. With few seeds, a run-wide shift of one seed is estimated "
     "from few values (see mcpo_jax/experiments/stats.py).")
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/multi_domain.py:compare", "Base run config file[:preset].")
+_CONFIG = define_config("configs/multi_domain.py:compare", "Base run config file[:preset].")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds; every arm runs each of them.")
 _RUNS_DIR = flags.DEFINE_string("runs_dir", "runs/compare", "One run directory per arm and seed goes here.")
 _OUT = flags.DEFINE_string("out", "docs/results", "Where compare.md and the figures are written.")
@@ -493,4 +493,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -18,11 +18,11 @@ import sys
 
 import jax
 from absl import app, flags
-from ml_collections import config_flags
 
 from mcpo_jax.experiments.stats import noise_floor
+from mcpo_jax.flag_errors import define_config, parse_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/multi_domain.py:compare", "Run config file[:preset].")
+_CONFIG = define_config("configs/multi_domain.py:compare", "Run config file[:preset].")
 _SEEDS = flags.DEFINE_integer("seeds", 2, "Seeds per arm of the comparison the floor is scaled to.")
 _OUT = flags.DEFINE_string("out", "", "Also write the numbers to this JSON file.")
 
@@ -73,4 +73,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
