@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from typing import Any
@@ -39,7 +40,8 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run saved its last completed step; 
 
 
 class ResumeError(ValueError):
-  """The workdir's checkpoints cannot be continued (or overwritten) under this config."""
+  """The workdir cannot take this run: it cannot be written, or its checkpoints cannot be continued (or
+  overwritten) under this config."""
 
 
 class Preempted(Exception):
@@ -272,6 +274,7 @@ def prepare_workdir(config: ml_collections.ConfigDict) -> None:
   <workdir>.overwritten-<time> (nothing is deleted) and starts in a fresh one.
   """
   workdir = _absolute(config.workdir)
+  _check_writable(config.workdir)
   if config.resume == "none":
     found = previous_run(workdir) if workdir.exists() else []
     if found and not config.overwrite:
@@ -289,6 +292,21 @@ def prepare_workdir(config: ml_collections.ConfigDict) -> None:
       checkpointer.check_newest_config(config)
     finally:
       checkpointer.close()  # an open manager's threads would print a traceback at exit if the run stops here
+
+
+def _check_writable(workdir: str) -> None:
+  """A local workdir that cannot be made is found now, not after the model has loaded. The probe makes and removes
+  a directory in the nearest existing ancestor (permission bits alone say yes to root on /proc or a read-only
+  mount); nothing is left behind. gs:// paths are checked by their first write."""
+  if "://" in workdir:
+    return
+  path = _absolute(workdir)
+  ancestor = next(p for p in [path, *path.parents] if p.exists())
+  try:
+    os.rmdir(tempfile.mkdtemp(dir=ancestor, prefix=".mcpo-write-probe-"))
+  except OSError as error:
+    raise ResumeError(f"--config.workdir={workdir}: cannot be written ({ancestor}: {error.strerror}); choose a "
+                      "directory this process can create files in.") from None
 
 
 def open_checkpoints(config: ml_collections.ConfigDict) -> Checkpointer:
