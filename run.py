@@ -17,7 +17,7 @@ set_tpu_flags()  # before libtpu loads
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app
 
 from mcpo_jax import config as config_lib
 from mcpo_jax.checkpointing import PREEMPTED_EXIT_CODE, Preempted, ResumeError
