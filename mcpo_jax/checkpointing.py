@@ -274,7 +274,7 @@ def prepare_workdir(config: ml_collections.ConfigDict) -> None:
   <workdir>.overwritten-<time> (nothing is deleted) and starts in a fresh one.
   """
   workdir = _absolute(config.workdir)
-  _check_writable(config.workdir)
+  _check_writable(workdir)
   if config.resume == "none":
     found = previous_run(workdir) if workdir.exists() else []
     if found and not config.overwrite:
@@ -294,14 +294,13 @@ def prepare_workdir(config: ml_collections.ConfigDict) -> None:
       checkpointer.close()  # an open manager's threads would print a traceback at exit if the run stops here
 
 
-def _check_writable(workdir: str) -> None:
+def _check_writable(workdir: epath.Path) -> None:
   """A local workdir that cannot be made is found now, not after the model has loaded. The probe makes and removes
   a directory in the nearest existing ancestor (permission bits alone say yes to root on /proc or a read-only
   mount); nothing is left behind. gs:// paths are checked by their first write."""
-  if "://" in workdir:
+  if "://" in str(workdir):
     return
-  path = _absolute(workdir)
-  ancestor = next(p for p in [path, *path.parents] if p.exists())
+  ancestor = next(p for p in [workdir, *workdir.parents] if p.exists())
   try:
     os.rmdir(tempfile.mkdtemp(dir=ancestor, prefix=".mcpo-write-probe-"))
   except OSError as error:

@@ -9,13 +9,13 @@ a default config file as the flag is defined, so a typo with no `--config=` give
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import sys
 
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
 BAD_INPUT_EXIT_CODE = 2  # as absl's own usage errors: the run never started
 _FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError)
@@ -75,19 +75,10 @@ def flag_error_line(error: Exception, argv: list[str], default: str | None) -> s
   if not config_file:
     return message
   try:  # an override naming no field, and no near name: list its group's fields
-    config = _load_config(config_file)
+    config = ConfigFileFlagParser("config", lock_config=False).parse(config_file)  # as the flag loads it
+    return next(filter(None, (_unknown_field(config, arg) for arg in argv)), message)
   except Exception:  # pylint: disable=broad-except  (only a better message is lost; absl's is still true)
     return message
-  return next(filter(None, (_unknown_field(config, arg) for arg in argv)), message)
-
-
-def _load_config(file_and_preset: str) -> ml_collections.ConfigDict:
-  """The config that `--config=file[:preset]` names, before any override (as ml_collections loads it)."""
-  path, _, preset = file_and_preset.partition(":")
-  spec = importlib.util.spec_from_file_location("run_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset) if preset else module.get_config()
 
 
 def _unknown_field(config: ml_collections.ConfigDict, arg: str) -> str | None:
